@@ -1,0 +1,454 @@
+//! Settings from the environment (and a `.env` file), validated before any I/O.
+//!
+//! The seed's names (`MQTT_BROKER`, `DB_HOST`, …) keep their meaning; every added name has a
+//! default, listed in `.env.example`. A wrong value stops the service with one line that names
+//! the variable. Passwords are [`Secret`]s: they cannot be printed by accident.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::payload::{Rules, parse_sensor_ranges};
+use crate::topic::TopicLayout;
+
+/// A value that must never reach a log line: `Debug` and `Display` print `***`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it (a connection).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+/// A configuration problem, naming the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error: {var}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// What is wrong with it (never its value when it is a secret).
+    pub problem: String,
+}
+
+/// Broker connection and subscription settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttSettings {
+    /// `MQTT_BROKER`: host name or address of the broker.
+    pub broker: String,
+    /// `MQTT_PORT`.
+    pub port: u16,
+    /// `MQTT_USERNAME`: empty means no credentials are sent.
+    pub username: String,
+    /// `MQTT_PASSWORD`.
+    pub password: Secret,
+    /// `MQTT_CLIENT_ID`: stable, because the persistent session is keyed on it.
+    pub client_id: String,
+    /// `MQTT_QOS`: subscription QoS, 0, 1 or 2.
+    pub qos: u8,
+    /// `MQTT_CLEAN_SESSION`: `false` keeps a persistent session (messages queue while we are away).
+    pub clean_session: bool,
+    /// `MQTT_KEEPALIVE_SECS`.
+    pub keepalive: Duration,
+    /// `MQTT_TOPIC_PREFIX`: topics are `PREFIX/{uuid}/data|status|heartbeat`.
+    pub topics: TopicLayout,
+    /// `MQTT_RECONNECT_MIN_SECS`: first wait after a failed connection; doubles each time.
+    pub reconnect_min: Duration,
+    /// `MQTT_RECONNECT_MAX_SECS`: longest wait between connection attempts.
+    pub reconnect_max: Duration,
+}
+
+/// Database connection and pool settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DbSettings {
+    /// `DB_HOST`.
+    pub host: String,
+    /// `DB_PORT`.
+    pub port: u16,
+    /// `DB_NAME`.
+    pub name: String,
+    /// `DB_USER`.
+    pub user: String,
+    /// `DB_PASSWORD`.
+    pub password: Secret,
+    /// `DB_POOL_MIN`: connections kept open (the seed's pool size, 5).
+    pub pool_min: u32,
+    /// `DB_POOL_MAX`: most connections at once (the seed's 5 + 10 overflow).
+    pub pool_max: u32,
+    /// `DB_POOL_RECYCLE_SECS`: a connection older than this is replaced (keep it below the
+    /// server's `wait_timeout`).
+    pub recycle: Duration,
+    /// `DB_CONNECT_TIMEOUT_SECS`: how long to wait for a connection from the pool.
+    pub connect_timeout: Duration,
+    /// `DB_AUTO_MIGRATE`: run the migrations at start-up.
+    pub auto_migrate: bool,
+    /// `DB_RETRY_MAX_SECS`: longest wait between retries of a failed write.
+    pub retry_max: Duration,
+}
+
+/// How validated messages flow into the database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestSettings {
+    /// `INGEST_QUEUE_CAPACITY`: validated messages waiting for the writer.
+    pub queue_capacity: usize,
+    /// `INGEST_BATCH_MAX_MESSAGES`: most messages in one transaction.
+    pub batch_max_messages: usize,
+    /// `INGEST_BATCH_MAX_WAIT_MS`: how long a batch waits to fill before it is written.
+    pub batch_max_wait: Duration,
+    /// `INGEST_REGISTER_UNKNOWN_DEVICES`: create a `device_main` row for an unknown uuid
+    /// instead of rejecting its messages.
+    pub register_unknown_devices: bool,
+    /// `MQTT_MAX_PAYLOAD_BYTES` and `INGEST_SENSOR_RANGES`.
+    pub rules: Rules,
+    /// `SHUTDOWN_TIMEOUT_SECS`: how long a stop may take to commit and acknowledge.
+    pub shutdown_timeout: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// journald when started by systemd, else text.
+    Auto,
+    /// Human-readable lines on stderr.
+    Text,
+    /// One JSON object per line on stderr.
+    Json,
+    /// Native journald fields (falls back to text when there is no journal).
+    Journald,
+}
+
+/// Logging and statistics settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    /// `LOG_LEVEL`: a level or a tracing filter (`info,mqtt_ingest=debug`).
+    pub level: String,
+    /// `LOG_FORMAT`.
+    pub format: LogFormat,
+    /// `STATS_INTERVAL_SECS`: how often the statistics block is logged; 0 turns it off.
+    pub stats_interval: Duration,
+}
+
+/// Everything the service is configured with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Broker side.
+    pub mqtt: MqttSettings,
+    /// Database side.
+    pub db: DbSettings,
+    /// The path between them.
+    pub ingest: IngestSettings,
+    /// Logs and statistics.
+    pub log: LogSettings,
+}
+
+/// Reads variables by name from some source: the process environment or a map in tests.
+struct Vars<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Vars<'_> {
+    fn raw(&self, var: &'static str) -> Option<String> {
+        (self.lookup)(var)
+    }
+
+    fn string(&self, var: &'static str, default: &str) -> String {
+        self.raw(var)
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn non_empty(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
+        let v = self.string(var, default);
+        if v.is_empty() {
+            return Err(ConfigError {
+                var,
+                problem: "must not be empty".into(),
+            });
+        }
+        Ok(v)
+    }
+
+    fn secret(&self, var: &'static str) -> Secret {
+        // Passwords are taken as they are: surrounding spaces may be part of one.
+        Secret::new(self.raw(var).unwrap_or_default())
+    }
+
+    fn number<T>(&self, var: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let raw = self.string(var, "");
+        if raw.is_empty() {
+            return Ok(default);
+        }
+        let bad = || ConfigError {
+            var,
+            problem: format!("must be a whole number from {min} to {max}, got {raw:?}"),
+        };
+        let v: T = raw.parse().map_err(|_| bad())?;
+        if v < min || v > max {
+            return Err(bad());
+        }
+        Ok(v)
+    }
+
+    fn secs(
+        &self,
+        var: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<Duration, ConfigError> {
+        self.number(var, default, min, max).map(Duration::from_secs)
+    }
+
+    fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        let raw = self.string(var, "");
+        match raw.to_ascii_lowercase().as_str() {
+            "" => Ok(default),
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError {
+                var,
+                problem: format!("must be true or false, got {raw:?}"),
+            }),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads the settings from the process environment (after `.env` was loaded into it).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings from a map (tests, tools).
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(&|name| map.get(name).cloned())
+    }
+
+    /// Reads the settings through `lookup`, which returns a variable's value by name.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let v = Vars { lookup };
+        let topics =
+            TopicLayout::new(&v.string("MQTT_TOPIC_PREFIX", "devices")).map_err(|problem| {
+                ConfigError {
+                    var: "MQTT_TOPIC_PREFIX",
+                    problem,
+                }
+            })?;
+        let client_id = v.non_empty("MQTT_CLIENT_ID", "mqtt-ingest")?;
+        if client_id.contains(['+', '#', '/']) || client_id.len() > 65_535 {
+            return Err(ConfigError {
+                var: "MQTT_CLIENT_ID",
+                problem: "must not contain '+', '#' or '/'".into(),
+            });
+        }
+        let reconnect_min = v.secs("MQTT_RECONNECT_MIN_SECS", 2, 1, 3600)?;
+        let reconnect_max = v.secs("MQTT_RECONNECT_MAX_SECS", 300, 1, 86_400)?;
+        if reconnect_max < reconnect_min {
+            return Err(ConfigError {
+                var: "MQTT_RECONNECT_MAX_SECS",
+                problem: "must not be below MQTT_RECONNECT_MIN_SECS".into(),
+            });
+        }
+        let mqtt = MqttSettings {
+            broker: v.non_empty("MQTT_BROKER", "localhost")?,
+            port: v.number("MQTT_PORT", 1883, 1, 65_535)?,
+            username: v.string("MQTT_USERNAME", ""),
+            password: v.secret("MQTT_PASSWORD"),
+            client_id,
+            qos: v.number("MQTT_QOS", 1, 0, 2)?,
+            clean_session: v.boolean("MQTT_CLEAN_SESSION", false)?,
+            keepalive: v.secs("MQTT_KEEPALIVE_SECS", 30, 5, 65_535)?,
+            topics,
+            reconnect_min,
+            reconnect_max,
+        };
+
+        let pool_min = v.number("DB_POOL_MIN", 5, 0, 1000)?;
+        let pool_max = v.number("DB_POOL_MAX", 15, 1, 1000)?;
+        if pool_max < pool_min {
+            return Err(ConfigError {
+                var: "DB_POOL_MAX",
+                problem: format!("must not be below DB_POOL_MIN ({pool_min})"),
+            });
+        }
+        let db = DbSettings {
+            host: v.non_empty("DB_HOST", "localhost")?,
+            port: v.number("DB_PORT", 3306, 1, 65_535)?,
+            name: v.non_empty("DB_NAME", "aiot_admin")?,
+            user: v.non_empty("DB_USER", "root")?,
+            password: v.secret("DB_PASSWORD"),
+            pool_min,
+            pool_max,
+            recycle: v.secs("DB_POOL_RECYCLE_SECS", 3600, 10, 31_536_000)?,
+            connect_timeout: v.secs("DB_CONNECT_TIMEOUT_SECS", 10, 1, 3600)?,
+            auto_migrate: v.boolean("DB_AUTO_MIGRATE", true)?,
+            retry_max: v.secs("DB_RETRY_MAX_SECS", 30, 1, 3600)?,
+        };
+
+        let sensor_ranges =
+            parse_sensor_ranges(&v.string("INGEST_SENSOR_RANGES", "")).map_err(|problem| {
+                ConfigError {
+                    var: "INGEST_SENSOR_RANGES",
+                    problem,
+                }
+            })?;
+        let ingest = IngestSettings {
+            queue_capacity: v.number("INGEST_QUEUE_CAPACITY", 4096, 1, 1_000_000)?,
+            batch_max_messages: v.number("INGEST_BATCH_MAX_MESSAGES", 500, 1, 10_000)?,
+            batch_max_wait: Duration::from_millis(v.number(
+                "INGEST_BATCH_MAX_WAIT_MS",
+                20,
+                0,
+                60_000,
+            )?),
+            register_unknown_devices: v.boolean("INGEST_REGISTER_UNKNOWN_DEVICES", false)?,
+            rules: Rules {
+                // MQTT's own limit on a packet is 256 MiB.
+                max_payload_bytes: v.number("MQTT_MAX_PAYLOAD_BYTES", 262_144, 1, 268_435_455)?,
+                sensor_ranges,
+            },
+            shutdown_timeout: v.secs("SHUTDOWN_TIMEOUT_SECS", 30, 1, 3600)?,
+        };
+
+        let format = match v.string("LOG_FORMAT", "auto").to_ascii_lowercase().as_str() {
+            "auto" => LogFormat::Auto,
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            "journald" => LogFormat::Journald,
+            other => {
+                return Err(ConfigError {
+                    var: "LOG_FORMAT",
+                    problem: format!("must be auto, text, json or journald, got {other:?}"),
+                });
+            }
+        };
+        let level = v.non_empty("LOG_LEVEL", "info")?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            return Err(ConfigError {
+                var: "LOG_LEVEL",
+                problem: format!("is not a level or filter ({e})"),
+            });
+        }
+        let log = LogSettings {
+            level,
+            format,
+            stats_interval: v.secs("STATS_INTERVAL_SECS", 300, 0, 86_400)?,
+        };
+        Ok(Settings {
+            mqtt,
+            db,
+            ingest,
+            log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_map(&map)
+    }
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let s = settings(&[]).unwrap();
+        assert_eq!((s.mqtt.broker.as_str(), s.mqtt.port), ("localhost", 1883));
+        assert_eq!(s.mqtt.qos, 1);
+        assert!(!s.mqtt.clean_session);
+        assert_eq!(s.mqtt.reconnect_min, Duration::from_secs(2));
+        assert_eq!(s.mqtt.reconnect_max, Duration::from_secs(300));
+        assert_eq!(s.db.name, "aiot_admin");
+        assert_eq!((s.db.pool_min, s.db.pool_max), (5, 15));
+        assert_eq!(s.db.recycle, Duration::from_secs(3600));
+        assert_eq!(s.log.stats_interval, Duration::from_secs(300));
+        assert_eq!(s.ingest.rules.max_payload_bytes, 256 * 1024);
+    }
+
+    #[test]
+    fn empty_passwords_and_username_are_valid() {
+        let s = settings(&[
+            ("MQTT_USERNAME", ""),
+            ("MQTT_PASSWORD", ""),
+            ("DB_PASSWORD", ""),
+        ])
+        .unwrap();
+        assert!(s.mqtt.username.is_empty());
+        assert_eq!(s.db.password.expose(), "");
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        for (var, value) in [
+            ("MQTT_PORT", "abc"),
+            ("MQTT_PORT", "70000"),
+            ("MQTT_PORT", "0"),
+            ("MQTT_QOS", "3"),
+            ("MQTT_BROKER", " "),
+            ("MQTT_CLEAN_SESSION", "maybe"),
+            ("MQTT_TOPIC_PREFIX", "a/+/b"),
+            ("MQTT_CLIENT_ID", ""),
+            ("DB_PORT", "-1"),
+            ("DB_NAME", ""),
+            ("DB_POOL_MAX", "0"),
+            ("INGEST_SENSOR_RANGES", "humidity:100..0"),
+            ("LOG_FORMAT", "xml"),
+            ("LOG_LEVEL", "very[loud"),
+            ("MQTT_KEEPALIVE_SECS", "1"),
+        ] {
+            let e = settings(&[(var, value)]).unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("configuration error: {var}: "))
+            );
+        }
+        let e = settings(&[("DB_POOL_MIN", "20"), ("DB_POOL_MAX", "10")]).unwrap_err();
+        assert_eq!(e.var, "DB_POOL_MAX");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = settings(&[("DB_PASSWORD", "hunter2"), ("MQTT_PASSWORD", "s3cret")]).unwrap();
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert_eq!(s.db.password.expose(), "hunter2");
+    }
+
+    #[test]
+    fn booleans_and_ranges() {
+        let s = settings(&[
+            ("DB_AUTO_MIGRATE", "off"),
+            ("INGEST_REGISTER_UNKNOWN_DEVICES", "YES"),
+            ("INGEST_SENSOR_RANGES", "humidity:0..100"),
+        ])
+        .unwrap();
+        assert!(!s.db.auto_migrate);
+        assert!(s.ingest.register_unknown_devices);
+        assert_eq!(s.ingest.rules.sensor_ranges["humidity"], 0.0..=100.0);
+    }
+}

@@ -1,0 +1,27 @@
+//! mqtt-ingest: takes IoT device telemetry from an MQTT broker and keeps each device's state in
+//! MySQL/MariaDB (`device_main`).
+//!
+//! The way a message travels, one module per step:
+//!
+//! * [`config`]: settings from the environment and `.env`, checked before any I/O.
+//! * [`mqtt`]: the event loop: connects, (re)subscribes, hands each message on, acknowledges
+//!   after commit.
+//! * [`topic`] and [`payload`]: pure parsing and validation of topic and bytes into a
+//!   [`model::Update`] or a [`rejection::Rejection`].
+//! * [`writer`]: takes updates from a bounded channel, batches them into transactions through
+//!   [`store`] (the SQL, the pool and the migrations), then acknowledges.
+//! * [`stats`]: counters and the periodic statistics block; [`telemetry`]: log output.
+//! * [`service`]: wires them together and runs until a shutdown token fires.
+
+pub mod backoff;
+pub mod config;
+pub mod model;
+pub mod mqtt;
+pub mod payload;
+pub mod rejection;
+pub mod service;
+pub mod stats;
+pub mod store;
+pub mod telemetry;
+pub mod topic;
+pub mod writer;

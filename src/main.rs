@@ -1,0 +1,197 @@
+//! The `mqtt-ingest` binary: parses the command line, loads settings, sets up logging, and runs
+//! the service until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use mqtt_ingest::config::Settings;
+use mqtt_ingest::service::Service;
+use mqtt_ingest::{mqtt, store, telemetry};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// sysexits' EX_CONFIG: the unit file tells systemd not to restart on it.
+const EXIT_CONFIG: u8 = 78;
+
+const USAGE: &str = "\
+mqtt-ingest: MQTT device telemetry into MySQL/MariaDB (device_main)
+
+Usage: mqtt-ingest [OPTIONS]
+
+Options:
+  --env-file PATH   read settings from PATH instead of ./.env (variables already set win)
+  --check-config    validate the settings, connect to the database and the broker, exit 0 or 1
+  -h, --help        print this help
+  -V, --version     print the version
+
+Settings come from the environment and a .env file: MQTT_BROKER, MQTT_PORT, MQTT_USERNAME,
+MQTT_PASSWORD, DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD and more; .env.example lists
+them all with their defaults.";
+
+enum Command {
+    Run,
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let mut command = Command::Run;
+    let mut env_file: Option<PathBuf> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("mqtt-ingest {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            "--check-config" => command = Command::CheckConfig,
+            "--env-file" => match args.next() {
+                Some(path) => env_file = Some(path.into()),
+                None => return usage_error("--env-file needs a path"),
+            },
+            other => match other.strip_prefix("--env-file=") {
+                Some(path) => env_file = Some(path.into()),
+                None => return usage_error(&format!("unknown argument {other:?}")),
+            },
+        }
+    }
+
+    let loaded = match &env_file {
+        Some(path) => dotenvy::from_path(path).map(|()| Some(path.clone())),
+        None => match dotenvy::dotenv() {
+            Ok(path) => Ok(Some(path)),
+            Err(e) if e.not_found() => Ok(None),
+            Err(e) => Err(e),
+        },
+    };
+    let loaded = match loaded {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("configuration error: cannot read the .env file: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let note = telemetry::init(&settings.log);
+    if let Some(note) = note {
+        warn!("{note}");
+    }
+    if let Some(path) = loaded {
+        info!(path = %path.display(), "settings read from file");
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        Command::CheckConfig => runtime.block_on(check_config(settings)),
+        Command::Run => runtime.block_on(run(settings)),
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("mqtt-ingest: {message}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    match Service::new(settings).run_until_stopped(shutdown).await {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fires `shutdown` on the first SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the service cleanly");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+/// Validates the settings (done before we get here) and tests both connections.
+async fn check_config(settings: Settings) -> ExitCode {
+    let timeout = Duration::from_secs(10);
+    let db = &settings.db;
+    let mut ok = true;
+    println!("configuration: valid");
+    let pool = store::pool(db);
+    match tokio::time::timeout(timeout, store::ping(&pool)).await {
+        Ok(Ok(())) => println!(
+            "database {}:{}/{} as {}: ok",
+            db.host, db.port, db.name, db.user
+        ),
+        Ok(Err(e)) => {
+            ok = false;
+            println!(
+                "database {}:{}/{} as {}: FAILED: {e}",
+                db.host, db.port, db.name, db.user
+            );
+        }
+        Err(_) => {
+            ok = false;
+            println!(
+                "database {}:{}/{}: FAILED: no answer within {}s",
+                db.host,
+                db.port,
+                db.name,
+                timeout.as_secs()
+            );
+        }
+    }
+    pool.close().await;
+    let m = &settings.mqtt;
+    let who = if m.username.is_empty() {
+        "anonymous".to_owned()
+    } else {
+        m.username.clone()
+    };
+    match mqtt::check_connection(m, timeout).await {
+        Ok(()) => println!("broker {}:{} as {who}: ok", m.broker, m.port),
+        Err(e) => {
+            ok = false;
+            println!("broker {}:{} as {who}: FAILED: {e}", m.broker, m.port);
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

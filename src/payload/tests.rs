@@ -1,0 +1,482 @@
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+fn at() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-01-02T03:04:05.678Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+const RECEIVED: &str = "2026-01-02T03:04:05.678Z";
+
+fn dev() -> DeviceUuid {
+    DeviceUuid::parse("test-device-uuid").unwrap()
+}
+
+fn run(kind: TopicKind, payload: &str) -> Result<Accepted, Rejection> {
+    process(kind, dev(), payload.as_bytes(), at(), &Rules::default())
+}
+
+fn data(payload: &str) -> (DataReport, Vec<Skipped>) {
+    let a = run(TopicKind::Data, payload).expect("accepted");
+    match a.update.change {
+        Change::Data(d) => (d, a.skipped),
+        other => panic!("not data: {other:?}"),
+    }
+}
+
+fn status(payload: &str) -> (StatusReport, Vec<Skipped>) {
+    let a = run(TopicKind::Status, payload).expect("accepted");
+    match a.update.change {
+        Change::Status(s) => (s, a.skipped),
+        other => panic!("not status: {other:?}"),
+    }
+}
+
+fn num(v: Value) -> Number {
+    match v {
+        Value::Number(n) => n,
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn seed_full_format_example() {
+    let (d, skipped) = data(
+        r#"{"sensors": [{"sensor_name": "temperature", "value": 25.5, "unit": "°C", "timestamp": "2025-12-19T14:30:00+08:00"},
+             {"sensor_name": "humidity", "value": 60, "unit": "%"}],
+           "status": {"ip_address": "192.168.1.100", "rssi": -50, "battery": 95},
+           "location": {"latitude": 39.9042, "longitude": 116.4074},
+           "timestamp": "2025-12-19T14:30:00+08:00"}"#,
+    );
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let t = &d.sensors["temperature"];
+    assert_eq!(t.value, num(json!(25.5)));
+    assert_eq!(t.unit, "°C");
+    assert_eq!(t.timestamp, "2025-12-19T14:30:00+08:00");
+    let h = &d.sensors["humidity"];
+    assert_eq!(h.value.to_string(), "60", "integers stay integers");
+    assert_eq!(h.unit, "%");
+    assert_eq!(
+        h.timestamp, RECEIVED,
+        "no per-sensor timestamp: receive time"
+    );
+    assert_eq!(
+        Value::Object(d.status.unwrap()),
+        json!({"ip_address": "192.168.1.100", "rssi": -50, "battery": 95})
+    );
+    let l = d.location.unwrap();
+    assert_eq!(
+        (l.latitude, l.longitude),
+        (num(json!(39.9042)), num(json!(116.4074)))
+    );
+}
+
+#[test]
+fn seed_simple_format_example() {
+    let (d, skipped) = data(r#"{"temperature": 25.5, "humidity": 60, "light": 850}"#);
+    assert!(skipped.is_empty());
+    assert_eq!(d.sensors.len(), 3);
+    for (name, v) in [
+        ("temperature", "25.5"),
+        ("humidity", "60"),
+        ("light", "850"),
+    ] {
+        let r = &d.sensors[name];
+        assert_eq!(r.value.to_string(), v);
+        assert_eq!(r.unit, "");
+        assert_eq!(r.timestamp, RECEIVED);
+    }
+    assert!(d.status.is_none() && d.location.is_none());
+}
+
+#[test]
+fn simple_format_timestamp_is_reading_time_not_a_sensor() {
+    let (d, _) = data(r#"{"timestamp": "2025-12-19T14:30:00Z", "temperature": 1}"#);
+    assert_eq!(d.sensors.len(), 1);
+    assert_eq!(d.sensors["temperature"].timestamp, "2025-12-19T14:30:00Z");
+}
+
+#[test]
+fn simple_format_bad_timestamp_drops_the_readings() {
+    let r = run(
+        TopicKind::Data,
+        r#"{"timestamp": "yesterday", "temperature": 1}"#,
+    );
+    assert!(matches!(r, Err(Rejection::NoValidData(m)) if m.contains("timestamp")));
+}
+
+#[test]
+fn sensor_names_follow_the_seed_rule() {
+    for good in [
+        "t",
+        "temperature",
+        "sensor_1",
+        &format!("a{}", "b".repeat(49)),
+    ] {
+        let (d, s) = data(&format!(r#"{{"{good}": 1}}"#));
+        assert!(s.is_empty() && d.sensors.contains_key(good), "{good}");
+    }
+    for bad in [
+        "123abc",
+        "Temperature",
+        "_x",
+        "temp-1",
+        "temp erature",
+        "températ",
+        "a\u{200f}b",
+        &format!("a{}", "b".repeat(50)),
+        "",
+    ] {
+        let r = run(TopicKind::Data, &json!({ bad: 1 }).to_string());
+        assert!(
+            matches!(r, Err(Rejection::NoValidData(_))),
+            "{bad:?}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_sensor_beside_good_ones_is_skipped_with_its_reason() {
+    let (d, skipped) = data(r#"{"123abc": 1, "temperature": 20, "humidity": "wet"}"#);
+    assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["temperature"]);
+    assert_eq!(skipped.len(), 2);
+    assert!(skipped.iter().any(|s| s.part == "sensor \"123abc\""));
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.part == "sensor \"humidity\"" && s.reason.contains("a string"))
+    );
+}
+
+#[test]
+fn values_must_be_numbers() {
+    for bad in ["true", "\"25\"", "null", "[1]", "{}"] {
+        let r = run(TopicKind::Data, &format!(r#"{{"t": {bad}}}"#));
+        assert!(matches!(r, Err(Rejection::NoValidData(_))), "{bad}");
+    }
+    let (d, _) = data(r#"{"a": -1.5e3, "b": 0, "c": -0, "d": -0.0}"#);
+    assert_eq!(d.sensors["a"].value.as_f64(), Some(-1500.0));
+    assert_eq!(
+        d.sensors["c"].value.to_string(),
+        "0.0",
+        "serde_json reads -0 as a float"
+    );
+    assert_eq!(d.sensors["d"].value.to_string(), "0.0");
+}
+
+#[test]
+fn out_of_range_numbers_are_not_json() {
+    assert!(matches!(
+        run(TopicKind::Data, r#"{"t": 1e400}"#),
+        Err(Rejection::NotJson(_))
+    ));
+}
+
+#[test]
+fn full_format_entry_rules() {
+    let (d, skipped) = data(
+        r#"{"sensors": [
+            1,
+            {"value": 1},
+            {"sensor_name": 5, "value": 1},
+            {"sensor_name": "a", "value": 1, "unit": 3},
+            {"sensor_name": "b", "value": 1, "timestamp": "2025-13-45"},
+            {"sensor_name": "c", "value": true},
+            {"sensor_name": "ok", "value": 2, "unit": null, "timestamp": null, "extra": "ignored"}
+        ]}"#,
+    );
+    assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["ok"]);
+    assert_eq!(d.sensors["ok"].unit, "");
+    assert_eq!(skipped.len(), 6, "{skipped:?}");
+}
+
+#[test]
+fn full_format_repeated_name_last_wins() {
+    let (d, _) = data(
+        r#"{"sensors": [{"sensor_name": "t", "value": 1}, {"sensor_name": "t", "value": 2}]}"#,
+    );
+    assert_eq!(d.sensors["t"].value.to_string(), "2");
+}
+
+#[test]
+fn location_rules() {
+    let ok = r#"{"sensors": [], "location": {"latitude": -90, "longitude": 180}}"#;
+    assert!(data(ok).0.location.is_some());
+    for bad in [
+        r#"{"latitude": 90.1, "longitude": 0}"#,
+        r#"{"latitude": 0, "longitude": -180.5}"#,
+        r#"{"latitude": "39.9", "longitude": 116.4}"#,
+        r#"{"latitude": 39.9}"#,
+        r#"[39.9, 116.4]"#,
+    ] {
+        let payload =
+            format!(r#"{{"sensors": [{{"sensor_name": "t", "value": 1}}], "location": {bad}}}"#);
+        let (d, skipped) = data(&payload);
+        assert!(d.location.is_none(), "{bad}");
+        assert_eq!(d.sensors.len(), 1, "the sensor survives a bad location");
+        assert_eq!(skipped[0].part, "location");
+    }
+}
+
+#[test]
+fn full_format_status_only_is_valid_but_empty_is_not() {
+    let (d, _) = data(r#"{"sensors": [], "status": {"rssi": -50}}"#);
+    assert!(d.sensors.is_empty() && d.status.is_some());
+    assert!(matches!(
+        run(TopicKind::Data, r#"{"sensors": []}"#),
+        Err(Rejection::NoValidData(_))
+    ));
+    assert!(matches!(
+        run(TopicKind::Data, r#"{"sensors": [], "status": "ok"}"#),
+        Err(Rejection::NoValidData(m)) if m.contains("status")
+    ));
+}
+
+#[test]
+fn sensors_key_that_is_not_an_array_means_simple_format() {
+    let (d, skipped) = data(r#"{"sensors": {"t": 1}, "light": 3}"#);
+    assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["light"]);
+    assert_eq!(skipped[0].part, "sensor \"sensors\"");
+}
+
+#[test]
+fn configured_ranges_skip_readings_outside() {
+    let rules = Rules {
+        sensor_ranges: parse_sensor_ranges("humidity:0..100, battery:0..100").unwrap(),
+        ..Rules::default()
+    };
+    let a = process(
+        TopicKind::Data,
+        dev(),
+        br#"{"humidity": 101, "battery": 100, "light": 5000}"#,
+        at(),
+        &rules,
+    )
+    .unwrap();
+    let Change::Data(d) = a.update.change else {
+        panic!()
+    };
+    assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["battery", "light"]);
+    assert!(a.skipped[0].reason.contains("outside"));
+}
+
+#[test]
+fn sensor_range_spec_errors() {
+    assert!(parse_sensor_ranges("").unwrap().is_empty());
+    assert_eq!(
+        parse_sensor_ranges("t:-10.5..60").unwrap()["t"],
+        -10.5..=60.0
+    );
+    for bad in [
+        "t", "t:1", "t:a..2", "t:2..1", "T:0..1", "t:0..inf", "t:NaN..1",
+    ] {
+        assert!(parse_sensor_ranges(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn repair_strips_only_bom_nuls_and_whitespace() {
+    assert_eq!(repair(b"\xEF\xBB\xBF {\"a\":1}\n\0\0\0"), b"{\"a\":1}");
+    assert_eq!(repair(b"{\"a\":1}\0\n\0"), b"{\"a\":1}");
+    assert_eq!(repair(b"\0\0"), b"");
+    assert_eq!(repair(b"  "), b"");
+    assert_eq!(repair(b"{'a':1}"), b"{'a':1}", "nothing else is guessed");
+    let (d, _) = data("\u{feff}{\"t\": 1}\0\0");
+    assert_eq!(d.sensors.len(), 1);
+}
+
+#[test]
+fn rejections_have_reasons() {
+    let cases: &[(&[u8], &str)] = &[
+        (b"", "not_json"),
+        (b"\0\0\0", "not_json"),
+        (b"not json", "not_json"),
+        (b"{'a': 1}", "not_json"),
+        (b"null", "not_object"),
+        (b"[1,2]", "not_object"),
+        (b"\"text\"", "not_object"),
+        (b"42", "not_object"),
+        (b"{\"a\": \xff}", "not_utf8"),
+        (b"{}", "no_valid_data"),
+    ];
+    for (payload, reason) in cases {
+        let r = process(TopicKind::Data, dev(), payload, at(), &Rules::default());
+        assert_eq!(
+            r.map(|_| ()).unwrap_err().reason(),
+            *reason,
+            "{:?}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+}
+
+#[test]
+fn too_large_is_rejected_before_parsing() {
+    let rules = Rules {
+        max_payload_bytes: 10,
+        ..Rules::default()
+    };
+    let r = process(
+        TopicKind::Data,
+        dev(),
+        br#"{"temperature": 1}"#,
+        at(),
+        &rules,
+    );
+    assert_eq!(
+        r.unwrap_err(),
+        Rejection::TooLarge {
+            size: 18,
+            limit: 10
+        }
+    );
+}
+
+#[test]
+fn deep_nesting_is_rejected_not_a_stack_overflow() {
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let payload = format!(r#"{{"status": {deep}}}"#);
+    assert!(matches!(
+        run(TopicKind::Status, &payload),
+        Err(Rejection::NotJson(_))
+    ));
+}
+
+#[test]
+fn status_online_offline_and_device_status() {
+    let (s, _) = status(r#"{"status": "online", "battery": 95, "signal": "good"}"#);
+    assert_eq!(s.online, Some(true));
+    assert_eq!(s.device_status.as_deref(), Some("online"));
+    assert_eq!(
+        Value::Object(s.fields),
+        json!({"status": "online", "battery": 95, "signal": "good"})
+    );
+    let (s, _) = status(r#"{"status": "offline"}"#);
+    assert_eq!(s.online, Some(false));
+    let (s, _) = status(r#"{"status": "rebooting"}"#);
+    assert_eq!(
+        (s.online, s.device_status.as_deref()),
+        (None, Some("rebooting"))
+    );
+    let (s, _) = status(r#"{"battery": 5}"#);
+    assert_eq!((s.online, s.device_status), (None, None));
+    let (s, skipped) = status(r#"{"status": 3}"#);
+    assert_eq!((s.online, s.device_status), (None, None));
+    assert_eq!(skipped[0].part, "status.status");
+    let long = "x".repeat(51);
+    let (s, skipped) = status(&format!(r#"{{"status": "{long}"}}"#));
+    assert!(s.device_status.is_none() && !skipped.is_empty());
+    assert!(matches!(
+        run(TopicKind::Status, "[]"),
+        Err(Rejection::NotObject)
+    ));
+}
+
+#[test]
+fn heartbeat_accepts_empty_or_object() {
+    for ok in [
+        "",
+        "  \0",
+        r#"{"timestamp": "2025-12-19T14:30:00+08:00"}"#,
+        "{}",
+    ] {
+        let a = run(TopicKind::Heartbeat, ok).unwrap();
+        assert_eq!(a.update.change, Change::Heartbeat);
+    }
+    assert!(matches!(
+        run(TopicKind::Heartbeat, "ping"),
+        Err(Rejection::NotJson(_))
+    ));
+    assert!(matches!(
+        run(TopicKind::Heartbeat, "1"),
+        Err(Rejection::NotObject)
+    ));
+}
+
+#[test]
+fn hostile_names_are_shown_bounded_and_escaped() {
+    let name = format!("\u{202e}{}", "x".repeat(10_000));
+    let (_, skipped) = data(&json!({ name: 1, "t": 2 }).to_string());
+    assert!(skipped[0].part.chars().count() < 60, "{}", skipped[0].part);
+    assert!(skipped[0].part.contains("\\u{202e}"));
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        ".{0,20}".prop_map(Value::String),
+        "[a-z][a-z0-9_]{0,8}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("sensors".to_owned()),
+                    Just("sensor_name".to_owned()),
+                    Just("value".to_owned()),
+                    Just("unit".to_owned()),
+                    Just("timestamp".to_owned()),
+                    Just("status".to_owned()),
+                    Just("location".to_owned()),
+                    Just("latitude".to_owned()),
+                    Just("longitude".to_owned()),
+                    "[a-z_]{1,8}",
+                    ".{0,8}",
+                ],
+                inner,
+                0..8
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn any_kind() -> impl Strategy<Value = TopicKind> {
+    prop_oneof![
+        Just(TopicKind::Data),
+        Just(TopicKind::Status),
+        Just(TopicKind::Heartbeat)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(kind in any_kind(), bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = process(kind, dev(), &bytes, at(), &Rules::default());
+    }
+
+    #[test]
+    fn arbitrary_json_never_panics_and_accepted_data_is_valid(kind in any_kind(), v in arb_json()) {
+        let text = v.to_string();
+        if let Ok(a) = process(kind, dev(), text.as_bytes(), at(), &Rules::default())
+            && let Change::Data(d) = a.update.change
+        {
+            prop_assert!(!d.sensors.is_empty() || d.status.is_some() || d.location.is_some());
+            for (name, r) in &d.sensors {
+                prop_assert!(SENSOR_NAME.is_match(name));
+                prop_assert!(r.value.as_f64().is_some_and(f64::is_finite));
+                prop_assert!(is_rfc3339(&r.timestamp));
+            }
+            if let Some(l) = d.location {
+                prop_assert!(l.latitude.as_f64().unwrap().abs() <= 90.0);
+                prop_assert!(l.longitude.as_f64().unwrap().abs() <= 180.0);
+            }
+        }
+    }
+
+    #[test]
+    fn repair_only_trims(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+        let out = repair(&bytes);
+        prop_assert!(bytes.windows(out.len().max(1)).any(|w| w == out) || out.is_empty());
+        prop_assert!(out.first().is_none_or(|b| !b.is_ascii_whitespace()));
+        prop_assert!(out.last().is_none_or(|&b| b != 0 && !b.is_ascii_whitespace()));
+    }
+}

@@ -1,0 +1,187 @@
+//! Wires the parts together and runs them until shutdown: the event loop, the writer and the
+//! statistics ticker, with a bounded channel between the event loop and the writer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::Settings;
+use crate::mqtt;
+use crate::stats::Stats;
+use crate::store::{self, Store};
+use crate::writer::{Batching, run_writer};
+
+/// The service, before it runs. [`Service::stats`] gives the live counters (tests and the
+/// statistics block read them).
+pub struct Service {
+    settings: Settings,
+    stats: Arc<Stats>,
+}
+
+impl Service {
+    /// A service for `settings`.
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            settings,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` fires, then stops taking messages, commits and acknowledges what
+    /// was taken, disconnects and returns. Fails only when the shutdown deadline passes or
+    /// a migration fails; a database or broker that is down is waited for.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Service { settings, stats } = self;
+        let db = &settings.db;
+        info!(
+            broker = %format!("{}:{}", settings.mqtt.broker, settings.mqtt.port),
+            database = %format!("{}:{}/{}", db.host, db.port, db.name),
+            client_id = %settings.mqtt.client_id,
+            qos = settings.mqtt.qos,
+            "starting mqtt-ingest {}",
+            env!("CARGO_PKG_VERSION")
+        );
+        let pool = store::pool(db);
+        if !prepare_database(&pool, db.auto_migrate, &shutdown).await? {
+            return Ok(()); // stopped before the database was ever reachable
+        }
+
+        let (jobs_tx, jobs_rx) = mpsc::channel(settings.ingest.queue_capacity);
+        let (_client, eventloop, acker) = mqtt::client(&settings.mqtt);
+        let writer = tokio::spawn(run_writer(
+            Store::new(pool.clone(), settings.ingest.register_unknown_devices),
+            jobs_rx,
+            acker.clone(),
+            stats.clone(),
+            Batching {
+                max_messages: settings.ingest.batch_max_messages,
+                max_wait: settings.ingest.batch_max_wait,
+                retry_max: db.retry_max,
+            },
+            shutdown.clone(),
+        ));
+        let event_loop = tokio::spawn(mqtt::run_event_loop(
+            settings.mqtt.clone(),
+            settings.ingest.rules.clone(),
+            eventloop,
+            acker.clone(),
+            jobs_tx,
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        let ticker = tokio::spawn(log_stats_every(settings.log.stats_interval, stats.clone()));
+
+        shutdown.cancelled().await;
+        info!(
+            deadline_secs = settings.ingest.shutdown_timeout.as_secs(),
+            "stop requested: no new messages; committing and acknowledging what was taken"
+        );
+        let deadline = tokio::time::Instant::now() + settings.ingest.shutdown_timeout;
+        let writer_done = wait(writer, deadline, "the writer (database unreachable?)").await;
+        // Queued after the acks, so the broker gets every ack before the disconnect.
+        acker.disconnect();
+        let loop_done = wait(event_loop, deadline, "the MQTT event loop").await;
+        ticker.abort();
+        info!("final statistics\n{}", stats.snapshot().render());
+        pool.close().await;
+        writer_done.and(loop_done)
+    }
+}
+
+/// Waits for the pool to answer and runs the migrations; retries while the database is
+/// unreachable. Returns `false` if shutdown came first.
+async fn prepare_database(
+    pool: &sqlx::MySqlPool,
+    auto_migrate: bool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let attempt = async {
+            store::ping(pool).await.map_err(anyhow::Error::from)?;
+            if auto_migrate {
+                store::migrate(pool).await.context("running migrations")?;
+            }
+            anyhow::Ok(())
+        };
+        match attempt.await {
+            Ok(()) => {
+                info!(migrations = auto_migrate, "database ready");
+                return Ok(true);
+            }
+            Err(e) if is_migration_error(&e) => return Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                error!(error = %format!("{e:#}"), retry_in_secs = delay.as_secs_f32(), "database not reachable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(false),
+                }
+            }
+        }
+    }
+}
+
+/// A migration that the database refused (bad SQL, a checksum mismatch) will not succeed by
+/// waiting; one that failed to connect will.
+fn is_migration_error(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<sqlx::migrate::MigrateError>() {
+        Some(sqlx::migrate::MigrateError::Execute(inner)) => inner.as_database_error().is_some(),
+        Some(sqlx::migrate::MigrateError::ExecuteMigration(inner, _)) => {
+            inner.as_database_error().is_some()
+        }
+        Some(_) => true,
+        None => false,
+    }
+}
+
+async fn wait(
+    task: JoinHandle<()>,
+    deadline: tokio::time::Instant,
+    what: &str,
+) -> anyhow::Result<()> {
+    let abort = task.abort_handle();
+    match tokio::time::timeout_at(deadline, task).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::anyhow!("{what} failed: {e}")),
+        Err(_) => {
+            abort.abort();
+            warn!(
+                "shutdown deadline passed while waiting for {what}; unacknowledged messages will be redelivered by the broker"
+            );
+            Err(anyhow::anyhow!(
+                "shutdown deadline passed while waiting for {what}"
+            ))
+        }
+    }
+}
+
+async fn log_stats_every(interval: Duration, stats: Arc<Stats>) {
+    if interval.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        ticks.tick().await;
+        let snap = stats.snapshot();
+        info!(
+            received = snap.received,
+            succeeded = snap.succeeded,
+            failed = snap.failed,
+            connected = snap.connected,
+            "statistics\n{}",
+            snap.render()
+        );
+    }
+}

@@ -1,0 +1,253 @@
+//! Counters shared by the MQTT side and the writer, and the seed's statistics block.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Local, Utc};
+
+use crate::rejection::Rejection;
+
+/// Live counters. Plain atomics: each is a separate fact, none must agree with another at the
+/// instant it is read.
+#[derive(Debug)]
+pub struct Stats {
+    started: Instant,
+    received: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    rejected: [AtomicU64; Rejection::REASONS.len()],
+    parts_skipped: AtomicU64,
+    db_errors: AtomicU64,
+    reconnects: AtomicU64,
+    /// Milliseconds since the Unix epoch of the last message, 0 before the first.
+    last_message_ms: AtomicI64,
+    connected: AtomicBool,
+    subscribed: AtomicBool,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            received: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+            parts_skipped: AtomicU64::new(0),
+            db_errors: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_message_ms: AtomicI64::new(0),
+            connected: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Time since the service started.
+    pub uptime: Duration,
+    /// Whether the MQTT connection is up.
+    pub connected: bool,
+    /// Whether the subscriptions were acknowledged on the current connection.
+    pub subscribed: bool,
+    /// Messages taken in (each ends as succeeded or failed).
+    pub received: u64,
+    /// Messages whose update committed.
+    pub succeeded: u64,
+    /// Messages rejected, for any reason.
+    pub failed: u64,
+    /// Rejections by reason, in the order of [`Rejection::REASONS`].
+    pub rejected: Vec<(&'static str, u64)>,
+    /// Parts of accepted messages that were skipped (a bad sensor beside good ones).
+    pub parts_skipped: u64,
+    /// Failed database attempts (each retried).
+    pub db_errors: u64,
+    /// Connections to the broker after the first.
+    pub reconnects: u64,
+    /// When the last message arrived.
+    pub last_message: Option<DateTime<Utc>>,
+}
+
+impl Stats {
+    /// A message was taken in.
+    pub fn received(&self) {
+        self.received.fetch_add(1, Relaxed);
+        self.last_message_ms
+            .store(Utc::now().timestamp_millis(), Relaxed);
+    }
+
+    /// `n` messages were committed.
+    pub fn succeeded(&self, n: u64) {
+        self.succeeded.fetch_add(n, Relaxed);
+    }
+
+    /// A message was rejected.
+    pub fn rejected(&self, why: &Rejection) {
+        self.failed.fetch_add(1, Relaxed);
+        if let Some(i) = Rejection::REASONS.iter().position(|r| *r == why.reason()) {
+            self.rejected[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Parts of an accepted message were skipped.
+    pub fn parts_skipped(&self, n: u64) {
+        self.parts_skipped.fetch_add(n, Relaxed);
+    }
+
+    /// A database attempt failed.
+    pub fn db_error(&self) {
+        self.db_errors.fetch_add(1, Relaxed);
+    }
+
+    /// The broker accepted a connection; `first` is false for every reconnection.
+    pub fn connected(&self, first: bool) {
+        self.connected.store(true, Relaxed);
+        if !first {
+            self.reconnects.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The connection to the broker was lost.
+    pub fn disconnected(&self) {
+        self.connected.store(false, Relaxed);
+        self.subscribed.store(false, Relaxed);
+    }
+
+    /// The broker acknowledged the subscriptions.
+    pub fn subscribed(&self) {
+        self.subscribed.store(true, Relaxed);
+    }
+
+    /// Whether the service is connected and subscribed (what tests and readiness wait for).
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Relaxed)
+    }
+
+    /// Copies the counters.
+    pub fn snapshot(&self) -> Snapshot {
+        let ms = self.last_message_ms.load(Relaxed);
+        Snapshot {
+            uptime: self.started.elapsed(),
+            connected: self.connected.load(Relaxed),
+            subscribed: self.subscribed.load(Relaxed),
+            received: self.received.load(Relaxed),
+            succeeded: self.succeeded.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            rejected: Rejection::REASONS
+                .iter()
+                .zip(&self.rejected)
+                .map(|(r, n)| (*r, n.load(Relaxed)))
+                .collect(),
+            parts_skipped: self.parts_skipped.load(Relaxed),
+            db_errors: self.db_errors.load(Relaxed),
+            reconnects: self.reconnects.load(Relaxed),
+            last_message: (ms != 0)
+                .then(|| DateTime::from_timestamp_millis(ms))
+                .flatten(),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Succeeded as a share of finished messages, in percent; `None` before the first.
+    pub fn success_rate(&self) -> Option<f64> {
+        let done = self.succeeded + self.failed;
+        (done > 0).then(|| self.succeeded as f64 * 100.0 / done as f64)
+    }
+
+    /// The seed's statistics block (uptime, connection, total, succeeded, failed, rate, last
+    /// message), plus the rejection reasons that occurred.
+    pub fn render(&self) -> String {
+        let secs = self.uptime.as_secs();
+        let uptime = format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+        let connection = match (self.connected, self.subscribed) {
+            (true, true) => "connected, subscribed",
+            (true, false) => "connected, not subscribed",
+            (false, _) => "DISCONNECTED",
+        };
+        let rate = self
+            .success_rate()
+            .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}%"));
+        let last = self.last_message.map_or_else(
+            || "-".to_owned(),
+            |t| {
+                t.with_timezone(&Local)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            },
+        );
+        let rule = "=".repeat(70);
+        let mut out = format!(
+            "{rule}\nMQTT ingest statistics\n{rule}\n  uptime:        {uptime}\n  connection:    {connection}\n  total:         {}\n  succeeded:     {}\n  failed:        {}\n  success rate:  {rate}\n  last message:  {last}\n",
+            self.received, self.succeeded, self.failed
+        );
+        let reasons: Vec<String> = self
+            .rejected
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        if !reasons.is_empty() {
+            out.push_str(&format!("  failed by:     {}\n", reasons.join(", ")));
+        }
+        out.push_str(&format!(
+            "  reconnects:    {}\n  db errors:     {}\n{rule}",
+            self.reconnects, self.db_errors
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_renders_the_seed_block() {
+        let s = Stats::default();
+        for _ in 0..4 {
+            s.received();
+        }
+        s.succeeded(3);
+        s.rejected(&Rejection::UnknownDevice);
+        s.connected(true);
+        s.subscribed();
+        let snap = s.snapshot();
+        assert_eq!((snap.received, snap.succeeded, snap.failed), (4, 3, 1));
+        assert_eq!(snap.success_rate(), Some(75.0));
+        let text = snap.render();
+        for line in [
+            "uptime:        0:00:00",
+            "connection:    connected, subscribed",
+            "total:         4",
+            "succeeded:     3",
+            "failed:        1",
+            "success rate:  75.00%",
+            "failed by:     unknown_device=1",
+        ] {
+            assert!(text.contains(line), "{line:?} missing in\n{text}");
+        }
+        assert!(!text.contains("last message:  -"));
+    }
+
+    #[test]
+    fn empty_stats_render_dashes() {
+        let snap = Stats::default().snapshot();
+        assert_eq!(snap.success_rate(), None);
+        let text = snap.render();
+        assert!(text.contains("success rate:  -") && text.contains("last message:  -"));
+        assert!(text.contains("DISCONNECTED"));
+    }
+
+    #[test]
+    fn reconnects_count_after_the_first() {
+        let s = Stats::default();
+        s.connected(true);
+        s.disconnected();
+        assert!(!s.is_subscribed());
+        s.connected(false);
+        assert_eq!(s.snapshot().reconnects, 1);
+    }
+}

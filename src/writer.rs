@@ -1,0 +1,155 @@
+//! The writer: takes validated updates from the bounded channel, writes them in batches (one
+//! transaction each), and acknowledges each message only after its batch committed.
+//!
+//! A database that is down or slow makes the writer retry with backoff while the messages wait;
+//! the channel fills and the event loop stops taking more, so memory stays bounded. A message the
+//! database refuses for its own data is isolated and rejected, so it cannot stall the rest.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::mqtt::{Acker, Job};
+use crate::rejection::Rejection;
+use crate::stats::Stats;
+use crate::store::{Applied, Store, StoreError, retry_delay};
+
+/// How the writer groups messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Most messages in one transaction.
+    pub max_messages: usize,
+    /// How long a batch waits to fill once its first message is there.
+    pub max_wait: Duration,
+    /// Longest wait between retries of a failed write.
+    pub retry_max: Duration,
+}
+
+/// Writes until `shutdown` fires and the channel is drained: every message the event loop
+/// handed over is committed (or rejected) and acknowledged before this returns.
+pub async fn run_writer(
+    store: Store,
+    mut jobs: mpsc::Receiver<Job>,
+    acker: Acker,
+    stats: Arc<Stats>,
+    batching: Batching,
+    shutdown: CancellationToken,
+) {
+    let mut closing = false;
+    let mut batch: Vec<Job> = Vec::with_capacity(batching.max_messages);
+    loop {
+        let received = if closing {
+            jobs.recv_many(&mut batch, batching.max_messages).await
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    // No new messages from here on; what is already queued is still written.
+                    jobs.close();
+                    closing = true;
+                    info!(queued = jobs.len(), "shutting down: writing the queued messages");
+                    continue;
+                }
+                n = jobs.recv_many(&mut batch, batching.max_messages) => n,
+            }
+        };
+        if received == 0 {
+            break; // closed and drained
+        }
+        if !closing && !batching.max_wait.is_zero() {
+            let deadline = Instant::now() + batching.max_wait;
+            while batch.len() < batching.max_messages {
+                let room = batching.max_messages - batch.len();
+                match tokio::time::timeout_at(deadline, jobs.recv_many(&mut batch, room)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        write_batch(
+            &store,
+            std::mem::take(&mut batch),
+            &acker,
+            &stats,
+            batching.retry_max,
+        )
+        .await;
+        batch.reserve(batching.max_messages);
+    }
+    info!("writer finished: everything taken in is committed and acknowledged");
+}
+
+/// Writes one batch, retrying until it commits; isolates messages the database refuses.
+async fn write_batch(
+    store: &Store,
+    batch: Vec<Job>,
+    acker: &Acker,
+    stats: &Stats,
+    retry_max: Duration,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let updates: Vec<_> = batch.iter().map(|j| &j.update).collect();
+        match store.apply(&updates).await {
+            Ok(outcomes) => {
+                finish(batch, outcomes, acker, stats);
+                return;
+            }
+            Err(StoreError::Refused(e)) if batch.len() == 1 => {
+                let job = batch.into_iter().next().expect("batch has one job");
+                let rejection = Rejection::DbRefused(e.to_string());
+                stats.rejected(&rejection);
+                warn!(device = %job.update.device, reason = rejection.reason(), error = %rejection, "message rejected");
+                if let Some(token) = job.ack {
+                    acker.ack(token);
+                }
+                return;
+            }
+            Err(StoreError::Refused(e)) => {
+                warn!(error = %e, messages = batch.len(), "the database refused a batch; writing its messages one by one");
+                for job in batch {
+                    Box::pin(write_batch(store, vec![job], acker, stats, retry_max)).await;
+                }
+                return;
+            }
+            Err(StoreError::Unavailable(e)) => {
+                stats.db_error();
+                let delay = retry_delay(attempt, retry_max);
+                attempt = attempt.saturating_add(1);
+                error!(
+                    error = %e,
+                    messages = batch.len(),
+                    retry_in_secs = delay.as_secs_f32(),
+                    "database write failed; the messages wait, unacknowledged"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn finish(batch: Vec<Job>, outcomes: Vec<Applied>, acker: &Acker, stats: &Stats) {
+    let mut written = 0;
+    for (job, outcome) in batch.into_iter().zip(outcomes) {
+        match outcome {
+            Applied::Written => written += 1,
+            Applied::UnknownDevice => {
+                let rejection = Rejection::UnknownDevice;
+                stats.rejected(&rejection);
+                warn!(
+                    device = %job.update.device,
+                    reason = rejection.reason(),
+                    "device not found: no device_main row has this uuid (register it, or set INGEST_REGISTER_UNKNOWN_DEVICES=true)"
+                );
+            }
+        }
+        if let Some(token) = job.ack {
+            acker.ack(token);
+        }
+    }
+    stats.succeeded(written);
+}
