@@ -69,14 +69,20 @@ impl From<sqlx::Error> for StoreError {
 
 /// Connection options for the settings; the session time zone is UTC.
 pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
-    MySqlConnectOptions::new()
+    let options = MySqlConnectOptions::new()
         .host(&db.host)
         .port(db.port)
         .username(&db.user)
-        .password(db.password.expose())
         .database(&db.name)
         .charset("utf8mb4")
-        .timezone(Some("+00:00".to_owned()))
+        .timezone(Some("+00:00".to_owned()));
+    // An empty password must be sent as no password: sqlx would otherwise send the scramble
+    // of "", which a server account without a password refuses.
+    if db.password.expose().is_empty() {
+        options
+    } else {
+        options.password(db.password.expose())
+    }
 }
 
 /// A pool like the seed's: `pool_min` kept, up to `pool_max`, recycled, pinged before use.
