@@ -1,0 +1,495 @@
+//! End to end against the shared Mosquitto and MariaDB: the seed's examples, unknown devices,
+//! rejected input, and migrations on a backend's existing table. Each test has its own
+//! database, client id and topic prefix.
+
+mod app;
+mod common;
+
+use std::time::Duration;
+
+use app::{DeviceRow, Target, device, migrate, register, sensor, spawn_service, wait_for_device};
+use common::{QoS, TestDb, mqtt_publish, shared_mqtt_port, wait_until_named};
+use serde_json::{Value, json};
+
+const SEED_DEVICE: &str = "test-device-uuid";
+
+/// Publishes exactly as the seed's README does, with `mosquitto_pub` (QoS 1 so that the broker
+/// has it when this returns).
+fn mosquitto_pub(target: &Target, topic: &str, payload: &str) {
+    let status = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &target.mqtt_port.to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", topic, "-m", payload])
+        .status()
+        .expect("run mosquitto_pub (scripts/setup.sh installs mosquitto-clients)");
+    assert!(status.success(), "mosquitto_pub failed");
+}
+
+fn is_rfc3339(v: &Value) -> bool {
+    v.as_str()
+        .is_some_and(|s| chrono::DateTime::parse_from_rfc3339(s).is_ok())
+}
+
+async fn setup() -> (TestDb, Target) {
+    let db = TestDb::new().await;
+    migrate(&db.pool()).await;
+    let target = Target::new(&db, shared_mqtt_port());
+    (db, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_readme_examples_end_in_the_stated_rows() {
+    let (db, target) = setup().await;
+    let pool = db.pool();
+    register(&pool, SEED_DEVICE).await;
+    let service = spawn_service(&target).await;
+
+    // 1. Full ("HTTP API") format, the seed's mosquitto_pub example.
+    mosquitto_pub(
+        &target,
+        &target.topic(SEED_DEVICE, "data"),
+        r#"{
+    "sensors": [
+      {"sensor_name": "temperature", "value": 25.5, "unit": "°C"},
+      {"sensor_name": "humidity", "value": 60, "unit": "%"}
+    ],
+    "status": {
+      "ip_address": "192.168.1.100",
+      "rssi": -50
+    },
+    "timestamp": "2025-12-19T14:30:00+08:00"
+  }"#,
+    );
+    let row = wait_for_device(&pool, SEED_DEVICE, "the full-format data", |r| {
+        r.data.is_some()
+    })
+    .await;
+    assert!(row.is_online);
+    assert!(row.last_seen.is_some());
+    let data = row.data.clone().unwrap();
+    assert_eq!(data["sensors"]["temperature"]["value"], json!(25.5));
+    assert_eq!(data["sensors"]["temperature"]["unit"], json!("°C"));
+    assert!(is_rfc3339(&data["sensors"]["temperature"]["timestamp"]));
+    assert_eq!(data["sensors"]["humidity"]["value"], json!(60));
+    assert_eq!(data["sensors"]["humidity"]["unit"], json!("%"));
+    assert_eq!(
+        data["status"],
+        json!({"ip_address": "192.168.1.100", "rssi": -50})
+    );
+    assert!(is_rfc3339(&data["upload_timestamp"]));
+    assert_eq!(
+        data.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["sensors", "status", "upload_timestamp"]
+    );
+
+    // 2. Simple format: merges by sensor name, keeps the status.
+    mosquitto_pub(
+        &target,
+        &target.topic(SEED_DEVICE, "data"),
+        r#"{"temperature": 25.5, "humidity": 60, "light": 850}"#,
+    );
+    let row = wait_for_device(&pool, SEED_DEVICE, "the simple-format data", |r| {
+        sensor(r, "light").is_some()
+    })
+    .await;
+    let data = row.data.clone().unwrap();
+    for (name, value) in [
+        ("temperature", json!(25.5)),
+        ("humidity", json!(60)),
+        ("light", json!(850)),
+    ] {
+        assert_eq!(data["sensors"][name]["value"], value, "{name}");
+        assert_eq!(data["sensors"][name]["unit"], json!(""), "{name}");
+        assert!(is_rfc3339(&data["sensors"][name]["timestamp"]), "{name}");
+    }
+    assert_eq!(
+        data["status"]["rssi"],
+        json!(-50),
+        "status survives a data message without one"
+    );
+
+    // 3. Status: merged into last_report_data.status, device_status set.
+    mosquitto_pub(
+        &target,
+        &target.topic(SEED_DEVICE, "status"),
+        r#"{"status": "online", "battery": 95, "signal": "good"}"#,
+    );
+    let row = wait_for_device(&pool, SEED_DEVICE, "the status", |r| {
+        r.device_status.as_deref() == Some("online")
+    })
+    .await;
+    assert!(row.is_online);
+    assert_eq!(
+        row.data.as_ref().unwrap()["status"],
+        json!({"ip_address": "192.168.1.100", "rssi": -50, "status": "online", "battery": 95, "signal": "good"})
+    );
+    assert_eq!(
+        sensor(&row, "light"),
+        Some(json!(850)),
+        "status leaves sensors alone"
+    );
+
+    // 4. Heartbeat: last_heartbeat and last_seen, online.
+    let before: DeviceRow = row;
+    mosquitto_pub(
+        &target,
+        &target.topic(SEED_DEVICE, "heartbeat"),
+        r#"{"timestamp": "2025-12-19T14:30:00+08:00"}"#,
+    );
+    let row = wait_for_device(&pool, SEED_DEVICE, "the heartbeat", |r| {
+        r.last_heartbeat.is_some()
+    })
+    .await;
+    assert!(row.is_online);
+    assert!(row.last_seen >= before.last_seen);
+    assert_eq!(
+        row.data, before.data,
+        "a heartbeat does not touch last_report_data"
+    );
+
+    // 5. The device's last will: offline.
+    mosquitto_pub(
+        &target,
+        &target.topic(SEED_DEVICE, "status"),
+        r#"{"status": "offline"}"#,
+    );
+    let row = wait_for_device(&pool, SEED_DEVICE, "offline", |r| !r.is_online).await;
+    assert_eq!(row.device_status.as_deref(), Some("offline"));
+
+    let snap = service.stats.snapshot();
+    assert_eq!((snap.received, snap.succeeded, snap.failed), (5, 5, 0));
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brief_full_payload_with_location_and_per_sensor_time() {
+    let (db, target) = setup().await;
+    let pool = db.pool();
+    register(&pool, "0C:DC:7E:1D:74:D0").await;
+    let service = spawn_service(&target).await;
+    mqtt_publish(
+        target.mqtt_port,
+        &target.topic("0C:DC:7E:1D:74:D0", "data"),
+        r#"{"sensors": [{"sensor_name": "temperature", "value": 25.5, "unit": "°C", "timestamp": "2025-12-19T14:30:00+08:00"},
+                        {"sensor_name": "humidity", "value": 60, "unit": "%"}],
+            "status": {"ip_address": "192.168.1.100", "rssi": -50, "battery": 95},
+            "location": {"latitude": 39.9042, "longitude": 116.4074},
+            "timestamp": "2025-12-19T14:30:00+08:00"}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let row = wait_for_device(&pool, "0C:DC:7E:1D:74:D0", "data", |r| r.data.is_some()).await;
+    let data = row.data.unwrap();
+    assert_eq!(
+        data["sensors"]["temperature"],
+        json!({"value": 25.5, "unit": "°C", "timestamp": "2025-12-19T14:30:00+08:00"})
+    );
+    assert_eq!(
+        data["sensors"]["humidity"]["timestamp"],
+        data["upload_timestamp"]
+    );
+    assert_eq!(
+        data["location"],
+        json!({"latitude": 39.9042, "longitude": 116.4074})
+    );
+    assert_eq!(
+        data["status"],
+        json!({"ip_address": "192.168.1.100", "rssi": -50, "battery": 95})
+    );
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_device_is_counted_and_nothing_is_written() {
+    let (db, target) = setup().await;
+    let pool = db.pool();
+    register(&pool, "known").await;
+    let service = spawn_service(&target).await;
+    mqtt_publish(
+        target.mqtt_port,
+        &target.topic("stranger", "data"),
+        r#"{"t": 1}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    // The known device's message comes after the stranger's: once it is written, the
+    // stranger's was handled.
+    mqtt_publish(
+        target.mqtt_port,
+        &target.topic("known", "data"),
+        r#"{"t": 2}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    wait_for_device(&pool, "known", "the known device's data", |r| {
+        sensor(r, "t").is_some()
+    })
+    .await;
+    let stats = service.stats.clone();
+    wait_until_named(
+        "the rejection count",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || stats.snapshot().failed == 1,
+    )
+    .await
+    .unwrap();
+    let snap = service.stats.snapshot();
+    assert_eq!(
+        snap.rejected
+            .iter()
+            .find(|(r, _)| *r == "unknown_device")
+            .unwrap()
+            .1,
+        1
+    );
+    assert_eq!(snap.succeeded, 1);
+    assert!(
+        device(&pool, "stranger").await.unwrap().is_none(),
+        "no row is created"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM device_main")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_devices_are_registered_when_enabled() {
+    let (db, target) = setup().await;
+    let target = target.with("INGEST_REGISTER_UNKNOWN_DEVICES", "true");
+    let pool = db.pool();
+    let service = spawn_service(&target).await;
+    mqtt_publish(
+        target.mqtt_port,
+        &target.topic("newcomer", "data"),
+        r#"{"t": 7}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let row = wait_for_device(&pool, "newcomer", "the new device", |r| {
+        sensor(r, "t").is_some()
+    })
+    .await;
+    assert!(row.is_online);
+    let (device_id, name): (String, String) =
+        sqlx::query_as("SELECT device_id, name FROM device_main WHERE uuid = 'newcomer'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (device_id.as_str(), name.as_str()),
+        ("newcomer", "newcomer")
+    );
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_sensor_name_does_not_sink_the_valid_ones() {
+    let (db, target) = setup().await;
+    let pool = db.pool();
+    register(&pool, "esp32").await;
+    let service = spawn_service(&target).await;
+    mqtt_publish(
+        target.mqtt_port,
+        &target.topic("esp32", "data"),
+        r#"{"123abc": 1, "Temp": 2, "temperature": 21.5, "humidity": "wet"}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let row = wait_for_device(&pool, "esp32", "the valid sensor", |r| r.data.is_some()).await;
+    let sensors = row.data.unwrap()["sensors"].clone();
+    assert_eq!(
+        sensors.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["temperature"]
+    );
+    let snap = service.stats.snapshot();
+    assert_eq!((snap.succeeded, snap.failed, snap.parts_skipped), (1, 0, 3));
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_rejected_with_reasons_and_good_ones_still_land() {
+    let (db, target) = setup().await;
+    let pool = db.pool();
+    register(&pool, "dev1").await;
+    let service = spawn_service(&target).await;
+    let port = target.mqtt_port;
+    let bad: Vec<(String, Vec<u8>, &str)> = vec![
+        (
+            target.topic("dev1", "data"),
+            b"not json".to_vec(),
+            "not_json",
+        ),
+        (
+            target.topic("dev1", "data"),
+            b"[1, 2]".to_vec(),
+            "not_object",
+        ),
+        (
+            target.topic("dev1", "data"),
+            b"{\"t\": \xff}".to_vec(),
+            "not_utf8",
+        ),
+        (
+            target.topic("dev1", "data"),
+            b"{\"123\": 1}".to_vec(),
+            "no_valid_data",
+        ),
+        (
+            target.topic("dev1", "data"),
+            vec![b' '; 300 * 1024],
+            "too_large",
+        ),
+        (
+            format!("{}/dev1/data/extra", target.prefix),
+            b"{\"t\": 1}".to_vec(),
+            "bad_topic",
+        ),
+        (
+            format!("{}/dev1/config", target.prefix),
+            b"{\"t\": 1}".to_vec(),
+            "bad_topic",
+        ),
+        (
+            target.topic("dev1'--", "data"),
+            b"{\"t\": 1}".to_vec(),
+            "bad_device_id",
+        ),
+    ];
+    for (topic, payload, _) in &bad {
+        // The service subscribes to PREFIX/+/kind: topics outside that never reach it, so
+        // they are published to a topic it does see where possible.
+        mqtt_publish(port, topic, payload.clone(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+    // BOM, trailing NULs and whitespace are repaired, not rejected.
+    mqtt_publish(
+        port,
+        &target.topic("dev1", "data"),
+        b"\xEF\xBB\xBF {\"t\": 42}\n\0\0".to_vec(),
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let row = wait_for_device(&pool, "dev1", "the repaired message", |r| {
+        sensor(r, "t").is_some()
+    })
+    .await;
+    assert_eq!(sensor(&row, "t"), Some(json!(42)));
+    let snap = service.stats.snapshot();
+    // Topics with an extra level or another kind do not match the subscriptions; the
+    // broker never delivers them. Every other bad message is counted under its reason.
+    let expected_delivered: Vec<&str> = bad
+        .iter()
+        .map(|(_, _, r)| *r)
+        .filter(|r| *r != "bad_topic")
+        .collect();
+    for reason in &expected_delivered {
+        let n = snap.rejected.iter().find(|(r, _)| r == reason).unwrap().1;
+        assert_eq!(n, 1, "{reason}: {:?}", snap.rejected);
+    }
+    assert_eq!(snap.failed, expected_delivered.len() as u64);
+    assert_eq!(snap.succeeded, 1);
+    assert_eq!(snap.received, snap.succeeded + snap.failed);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_harmless_on_the_backends_existing_table() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    // The backend's table, with columns of its own and a device already registered.
+    sqlx::raw_sql(
+        "CREATE TABLE device_main (
+            id INT AUTO_INCREMENT PRIMARY KEY,
+            device_id VARCHAR(100) NOT NULL UNIQUE,
+            uuid VARCHAR(64) NOT NULL UNIQUE,
+            name VARCHAR(100) NOT NULL,
+            product_id INT NULL,
+            is_online TINYINT(1) NOT NULL DEFAULT 0,
+            last_seen DATETIME NULL,
+            last_heartbeat DATETIME NULL,
+            device_status VARCHAR(50) NULL DEFAULT 'pending',
+            last_report_data JSON NULL,
+            created_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP
+        );
+        INSERT INTO device_main (device_id, uuid, name, product_id, last_report_data)
+        VALUES ('D-1', 'legacy', 'Legacy', 7, '{\"sensors\": {\"old\": {\"value\": 1, \"unit\": \"\", \"timestamp\": \"2025-01-01T00:00:00Z\"}}}');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let target = Target::new(&db, shared_mqtt_port());
+    let service = spawn_service(&target).await;
+    mqtt_publish(
+        target.mqtt_port,
+        &target.topic("legacy", "data"),
+        r#"{"new": 2}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let row = wait_for_device(&pool, "legacy", "the merge", |r| sensor(r, "new").is_some()).await;
+    assert_eq!(
+        sensor(&row, "old"),
+        Some(json!(1)),
+        "existing sensors are kept"
+    );
+    let product: Option<i32> =
+        sqlx::query_scalar("SELECT product_id FROM device_main WHERE uuid = 'legacy'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(product, Some(7), "the backend's own columns are untouched");
+    service.stop().await.unwrap();
+    // Running them again is a no-op.
+    migrate(&pool).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_data_that_is_not_json_is_replaced_not_a_poison_message() {
+    let (db, target) = setup().await;
+    let pool = db.pool();
+    register(&pool, "odd").await;
+    // A row whose JSON was nulled or never set, and one device that sends two messages in a
+    // single batch.
+    let service = spawn_service(&target).await;
+    common::publish_many(
+        target.mqtt_port,
+        [
+            (target.topic("odd", "data"), br#"{"a": 1}"#.to_vec()),
+            (target.topic("odd", "data"), br#"{"b": 2}"#.to_vec()),
+            (target.topic("odd", "status"), br#"{"fw": "1.2"}"#.to_vec()),
+        ],
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let row = wait_for_device(&pool, "odd", "all three", |r| {
+        sensor(r, "a").is_some()
+            && sensor(r, "b").is_some()
+            && r.data.as_ref().unwrap().get("status").is_some()
+    })
+    .await;
+    assert_eq!(row.data.unwrap()["status"], json!({"fw": "1.2"}));
+    assert_eq!(
+        row.device_status, None,
+        "a status without a status field leaves device_status"
+    );
+    service.stop().await.unwrap();
+}
