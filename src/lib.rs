@@ -15,6 +15,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod merge;
 pub mod model;
 pub mod mqtt;
 pub mod payload;

@@ -1,19 +1,18 @@
 //! The database side: the pool, migrations, and the SQL that applies validated updates.
 //!
-//! Merging happens in SQL (`JSON_MERGE_PATCH`), so an update needs no read first: sensors merge
-//! by name and `status` by key into what is stored; `location` and `upload_timestamp` are
-//! replaced. `last_seen` and `last_heartbeat` never move backwards, so a redelivered message
-//! cannot roll them back.
+//! A batch reads each of its devices' rows once under a row lock, merges every update into them
+//! in Rust ([`crate::merge`]: sensors by name, `status` by key, order-safe), and writes each row
+//! once, with a few multi-row statements of fixed shapes.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Map, Value, json};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
-use sqlx::{Executor, MySql, Transaction};
+use sqlx::{Executor, MySql, Row, Transaction};
 
 use crate::config::DbSettings;
-use crate::model::{Change, DataReport, Update};
+use crate::merge::DeviceState;
+use crate::model::Update;
 
 /// The migrations in `migrations/`, compiled in.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -107,49 +106,47 @@ pub async fn ping(pool: &MySqlPool) -> Result<(), sqlx::Error> {
     pool.execute("SELECT 1").await.map(|_| ())
 }
 
-const RFC3339_MS: SecondsFormat = SecondsFormat::Millis;
+/// Statement shapes: a batch is cut into chunks of at most the largest, and a chunk is padded
+/// up to the next shape by repeating its last item (harmless in an `IN` list, and a repeated row
+/// writes the same values). A few fixed shapes keep the prepared-statement cache small.
+const SHAPES: [usize; 4] = [1, 8, 64, 256];
 
-/// The JSON merged into `last_report_data` for a data message.
-pub fn data_patch(report: &DataReport, received_at: DateTime<Utc>) -> Value {
-    let mut patch = Map::new();
-    if !report.sensors.is_empty() {
-        let sensors: Map<String, Value> = report
-            .sensors
-            .iter()
-            .map(|(name, r)| {
-                (
-                    name.clone(),
-                    json!({"value": r.value, "unit": r.unit, "timestamp": r.timestamp}),
-                )
-            })
-            .collect();
-        patch.insert("sensors".into(), Value::Object(sensors));
-    }
-    if let Some(status) = &report.status {
-        patch.insert("status".into(), Value::Object(status.clone()));
-    }
-    if let Some(l) = &report.location {
-        patch.insert(
-            "location".into(),
-            json!({"latitude": l.latitude, "longitude": l.longitude}),
-        );
-    }
-    patch.insert(
-        "upload_timestamp".into(),
-        Value::String(received_at.to_rfc3339_opts(RFC3339_MS, true)),
-    );
-    Value::Object(patch)
+/// Cuts `items` into chunks of the fixed [`SHAPES`], padding the last one.
+pub fn shaped_chunks<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+    let largest = SHAPES[SHAPES.len() - 1];
+    items
+        .chunks(largest)
+        .map(|chunk| {
+            let size = SHAPES
+                .iter()
+                .copied()
+                .find(|&s| s >= chunk.len())
+                .unwrap_or(largest);
+            let mut padded = chunk.to_vec();
+            if let Some(last) = chunk.last() {
+                padded.resize(size, last.clone());
+            }
+            padded
+        })
+        .collect()
 }
 
-/// What is stored when the column holds nothing usable (NULL or text that is not JSON).
-const STORED_JSON: &str =
-    "CASE WHEN JSON_VALID(last_report_data) THEN last_report_data ELSE '{}' END";
+fn placeholders(rows: usize, per_row: &str, separator: &str) -> String {
+    vec![per_row; rows].join(separator)
+}
 
 /// Writes updates through a pool.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: MySqlPool,
     register_unknown_devices: bool,
+}
+
+/// A device row read under lock: its primary key and its state.
+struct LockedRow {
+    id: u64,
+    uuid: String,
+    state: DeviceState,
 }
 
 impl Store {
@@ -166,94 +163,156 @@ impl Store {
         &self.pool
     }
 
-    /// Applies all `updates` in one transaction, in order. Either all commit or none.
+    /// Applies all `updates` in one transaction: each device's row is read once (locked),
+    /// every update of that device is merged into it in order, and the rows are written back
+    /// with a few multi-row statements. Either all commit or none.
     pub async fn apply(&self, updates: &[&Update]) -> Result<Vec<Applied>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(updates.len());
-        for update in updates {
-            outcomes.push(self.apply_one(&mut tx, update).await?);
+        let mut devices: Vec<&str> = Vec::new();
+        let mut seen = HashSet::new();
+        for u in updates {
+            if seen.insert(u.device.as_str()) {
+                devices.push(u.device.as_str());
+            }
         }
+        let mut tx = self.pool.begin().await?;
+        if self.register_unknown_devices {
+            register(&mut tx, &devices).await?;
+        }
+        let mut rows = lock_rows(&mut tx, &devices).await?;
+
+        // Which row each device of the batch is (the column's collation may match ids that
+        // differ in case: an exact match first, then one that ignores ASCII case).
+        let mut row_of: HashMap<&str, usize> = HashMap::new();
+        for d in &devices {
+            let found = rows
+                .iter()
+                .position(|r| r.uuid == *d)
+                .or_else(|| rows.iter().position(|r| r.uuid.eq_ignore_ascii_case(d)));
+            if let Some(i) = found {
+                row_of.insert(d, i);
+            }
+        }
+        let mut touched = vec![false; rows.len()];
+        let outcomes = updates
+            .iter()
+            .map(|u| match row_of.get(u.device.as_str()) {
+                Some(&i) => {
+                    rows[i].state.apply(u);
+                    touched[i] = true;
+                    Applied::Written
+                }
+                None => Applied::UnknownDevice,
+            })
+            .collect();
+        let changed: Vec<&LockedRow> = rows
+            .iter()
+            .zip(&touched)
+            .filter_map(|(r, t)| t.then_some(r))
+            .collect();
+        write_rows(&mut tx, &changed).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
+}
 
-    async fn apply_one(
-        &self,
-        tx: &mut Transaction<'static, MySql>,
-        update: &Update,
-    ) -> Result<Applied, StoreError> {
-        let uuid = update.device.as_str();
-        if self.register_unknown_devices {
-            // How the backend registers a device: device_id, uuid and name; the rest defaults.
-            sqlx::query("INSERT IGNORE INTO device_main (device_id, uuid, name) VALUES (?, ?, ?)")
-                .bind(uuid)
-                .bind(uuid)
-                .bind(uuid)
-                .execute(&mut **tx)
-                .await?;
+/// Creates rows for devices that have none, as the backend registers one: `device_id`, `uuid`
+/// and `name` (all the uuid); every other column keeps its default.
+async fn register(
+    tx: &mut Transaction<'static, MySql>,
+    devices: &[&str],
+) -> Result<(), StoreError> {
+    for chunk in shaped_chunks(devices) {
+        let sql = format!(
+            "INSERT IGNORE INTO device_main (device_id, uuid, name) VALUES {}",
+            placeholders(chunk.len(), "(?, ?, ?)", ", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for d in &chunk {
+            q = q.bind(*d).bind(*d).bind(*d);
         }
-        let seen = update.received_at.naive_utc();
-        let result = match &update.change {
-            Change::Data(report) => {
-                let patch = data_patch(report, update.received_at).to_string();
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE device_main SET \
-                       last_report_data = JSON_MERGE_PATCH({STORED_JSON}, ?), \
-                       last_seen = GREATEST(COALESCE(last_seen, ?), ?), \
-                       is_online = 1 \
-                     WHERE uuid = ?"
-                )))
-                .bind(patch)
-                .bind(seen)
-                .bind(seen)
-                .bind(uuid)
-                .execute(&mut **tx)
-                .await?
-            }
-            Change::Status(status) => {
-                let patch = json!({ "status": status.fields }).to_string();
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "UPDATE device_main SET \
-                       last_report_data = JSON_MERGE_PATCH({STORED_JSON}, ?), \
-                       device_status = COALESCE(?, device_status), \
-                       is_online = COALESCE(?, is_online), \
-                       last_seen = GREATEST(COALESCE(last_seen, ?), ?) \
-                     WHERE uuid = ?"
-                )))
-                .bind(patch)
-                .bind(status.device_status.as_deref())
-                .bind(status.online)
-                .bind(seen)
-                .bind(seen)
-                .bind(uuid)
-                .execute(&mut **tx)
-                .await?
-            }
-            Change::Heartbeat => {
-                sqlx::query(
-                    "UPDATE device_main SET \
-                       last_seen = GREATEST(COALESCE(last_seen, ?), ?), \
-                       last_heartbeat = GREATEST(COALESCE(last_heartbeat, ?), ?), \
-                       is_online = 1 \
-                     WHERE uuid = ?",
-                )
-                .bind(seen)
-                .bind(seen)
-                .bind(seen)
-                .bind(seen)
-                .bind(uuid)
-                .execute(&mut **tx)
-                .await?
-            }
-        };
-        // sqlx asks the server for "found rows", so an update that changed nothing still
-        // counts its row: zero means there is no such device.
-        Ok(if result.rows_affected() == 0 {
-            Applied::UnknownDevice
-        } else {
-            Applied::Written
-        })
+        q.execute(&mut **tx).await?;
     }
+    Ok(())
+}
+
+/// Reads and locks the rows of `devices` (those that exist).
+async fn lock_rows(
+    tx: &mut Transaction<'static, MySql>,
+    devices: &[&str],
+) -> Result<Vec<LockedRow>, StoreError> {
+    let mut rows = Vec::with_capacity(devices.len());
+    let mut ids = HashSet::new();
+    for chunk in shaped_chunks(devices) {
+        // MariaDB keeps JSON as LONGTEXT: read it as text. The casts make the column types
+        // whatever the backend chose (INT or BIGINT id, TINYINT or BOOLEAN flag).
+        let sql = format!(
+            "SELECT CAST(id AS UNSIGNED) AS id, uuid, CAST(last_report_data AS CHAR) AS data, \
+                    last_seen, last_heartbeat, CAST(is_online AS SIGNED) AS is_online, device_status \
+             FROM device_main WHERE uuid IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), "?", ", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for d in &chunk {
+            q = q.bind(*d);
+        }
+        for row in q.fetch_all(&mut **tx).await? {
+            let id: u64 = row.try_get("id")?;
+            if !ids.insert(id) {
+                continue;
+            }
+            let data: Option<String> = row.try_get("data")?;
+            let is_online: Option<i64> = row.try_get("is_online")?;
+            rows.push(LockedRow {
+                id,
+                uuid: row.try_get("uuid")?,
+                state: DeviceState::from_row(
+                    data.as_deref(),
+                    row.try_get("last_seen")?,
+                    row.try_get("last_heartbeat")?,
+                    is_online.unwrap_or(0) != 0,
+                    row.try_get("device_status")?,
+                ),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Writes the merged rows back: one multi-row UPDATE per chunk, joined on the primary key.
+async fn write_rows(
+    tx: &mut Transaction<'static, MySql>,
+    rows: &[&LockedRow],
+) -> Result<(), StoreError> {
+    const ROW: &str = "SELECT ? AS id, ? AS data, ? AS seen, ? AS hb, ? AS online, ? AS st";
+    for chunk in shaped_chunks(rows) {
+        let mut derived = ROW.to_owned();
+        if chunk.len() > 1 {
+            derived.push_str(" UNION ALL ");
+            derived.push_str(&placeholders(
+                chunk.len() - 1,
+                "SELECT ?, ?, ?, ?, ?, ?",
+                " UNION ALL ",
+            ));
+        }
+        let sql = format!(
+            "UPDATE device_main AS d JOIN ({derived}) AS v ON d.id = v.id \
+             SET d.last_report_data = v.data, d.last_seen = v.seen, d.last_heartbeat = v.hb, \
+                 d.is_online = v.online, d.device_status = v.st"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in &chunk {
+            let s = &r.state;
+            q = q
+                .bind(r.id)
+                .bind(s.data_json())
+                .bind(s.last_seen)
+                .bind(s.last_heartbeat)
+                .bind(i8::from(s.is_online))
+                .bind(s.device_status.as_deref());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// How long the writer waits before retrying after `attempt` failures (capped, with jitter).
@@ -265,35 +324,19 @@ pub fn retry_delay(attempt: u32, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Location, SensorReading};
-    use serde_json::Number;
 
     #[test]
-    fn data_patch_has_the_stored_shape() {
-        let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.678Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let mut report = DataReport::default();
-        report.sensors.insert(
-            "temperature".into(),
-            SensorReading {
-                value: Number::from_f64(25.5).unwrap(),
-                unit: "°C".into(),
-                timestamp: "2025-12-19T14:30:00+08:00".into(),
-            },
-        );
-        report.location = Some(Location {
-            latitude: Number::from_f64(39.9042).unwrap(),
-            longitude: Number::from_f64(116.4074).unwrap(),
-        });
-        assert_eq!(
-            data_patch(&report, at),
-            json!({
-                "sensors": {"temperature": {"value": 25.5, "unit": "°C", "timestamp": "2025-12-19T14:30:00+08:00"}},
-                "location": {"latitude": 39.9042, "longitude": 116.4074},
-                "upload_timestamp": "2026-01-02T03:04:05.678Z"
-            })
-        );
+    fn chunks_have_fixed_shapes_and_keep_every_item() {
+        for n in [0usize, 1, 2, 8, 9, 64, 65, 256, 257, 500, 1000] {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks = shaped_chunks(&items);
+            for c in &chunks {
+                assert!(SHAPES.contains(&c.len()), "{n}: {}", c.len());
+            }
+            let mut seen: Vec<usize> = chunks.concat();
+            seen.dedup();
+            assert_eq!(seen, items, "{n}");
+        }
     }
 
     #[test]
