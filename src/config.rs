@@ -102,8 +102,11 @@ pub struct DbSettings {
 /// How validated messages flow into the database.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestSettings {
-    /// `INGEST_QUEUE_CAPACITY`: validated messages waiting for the writer.
+    /// `INGEST_QUEUE_CAPACITY`: validated messages waiting for the writers (shared out
+    /// between them).
     pub queue_capacity: usize,
+    /// `INGEST_WRITERS`: parallel writers, each with its own connection and its own devices.
+    pub writers: usize,
     /// `INGEST_BATCH_MAX_MESSAGES`: most messages in one transaction.
     pub batch_max_messages: usize,
     /// `INGEST_BATCH_MAX_WAIT_MS`: how long a batch waits to fill before it is written.
@@ -310,6 +313,7 @@ impl Settings {
             })?;
         let ingest = IngestSettings {
             queue_capacity: v.number("INGEST_QUEUE_CAPACITY", 4096, 1, 1_000_000)?,
+            writers: v.number("INGEST_WRITERS", 2, 1, 64)?,
             batch_max_messages: v.number("INGEST_BATCH_MAX_MESSAGES", 500, 1, 10_000)?,
             batch_max_wait: Duration::from_millis(v.number(
                 "INGEST_BATCH_MAX_WAIT_MS",

@@ -58,14 +58,31 @@ impl DeviceState {
         match &update.change {
             Change::Data(report) => {
                 self.apply_data(report, update);
-                self.is_online = true;
+                self.mark_online(update);
             }
-            Change::Status(status) => self.apply_status(status),
+            Change::Status(status) => self.apply_status(status, update),
             Change::Heartbeat => {
                 self.last_heartbeat = later(self.last_heartbeat, received);
-                self.is_online = true;
+                self.mark_online(update);
             }
         }
+    }
+
+    /// Data and heartbeats mean the device is online, unless the message was sent before the
+    /// stored status (an "offline" last will, say) by the device's own clock.
+    fn mark_online(&mut self, update: &Update) {
+        if !self.is_online
+            && let Some(new) = &update.reading_time
+            && let Some(Value::String(status_time)) = self.status_time()
+            && is_older(new, status_time)
+        {
+            return;
+        }
+        self.is_online = true;
+    }
+
+    fn status_time(&self) -> Option<&Value> {
+        self.data.get("status")?.get("timestamp")
     }
 
     /// `last_report_data` as the JSON text to store.
@@ -112,15 +129,13 @@ impl DeviceState {
         }
     }
 
-    fn apply_status(&mut self, status: &StatusReport) {
-        let stored = object_at(&mut self.data, "status");
-        if let (Some(Value::String(new)), Some(Value::String(old))) =
-            (status.fields.get("timestamp"), stored.get("timestamp"))
+    fn apply_status(&mut self, status: &StatusReport, update: &Update) {
+        if let (Some(new), Some(Value::String(old))) = (&update.reading_time, self.status_time())
             && is_older(new, old)
         {
             return; // a status the device sent before the one already stored
         }
-        merge_by_key(stored, &status.fields);
+        merge_by_key(object_at(&mut self.data, "status"), &status.fields);
         if let Some(s) = &status.device_status {
             self.device_status = Some(s.clone());
         }
@@ -195,6 +210,7 @@ mod tests {
         Update {
             device: DeviceUuid::parse("d").unwrap(),
             received_at: at(secs),
+            reading_time: None,
             change: Change::Data(report),
         }
     }
@@ -215,6 +231,10 @@ mod tests {
         Update {
             device: DeviceUuid::parse("d").unwrap(),
             received_at: at(secs),
+            reading_time: fields
+                .get("timestamp")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             change: Change::Status(StatusReport {
                 fields,
                 device_status,
@@ -297,11 +317,37 @@ mod tests {
     }
 
     #[test]
+    fn a_data_message_sent_before_an_offline_status_does_not_mark_online() {
+        let mut s = empty();
+        s.apply(&status(
+            1,
+            json!({"status": "offline", "timestamp": "2026-01-01T00:00:10Z"}),
+        ));
+        let mut old = data(2, &[("t", 1.0, None)]);
+        old.reading_time = Some("2026-01-01T00:00:05Z".into());
+        s.apply(&old);
+        assert!(!s.is_online);
+        assert_eq!(value(&s, "t"), Some(1.0), "its readings still count");
+        let mut new = data(3, &[("t", 2.0, None)]);
+        new.reading_time = Some("2026-01-01T00:00:11Z".into());
+        s.apply(&new);
+        assert!(s.is_online);
+        // Without a reading time there is nothing to compare: the device spoke, so online.
+        s.apply(&status(
+            4,
+            json!({"status": "offline", "timestamp": "2026-01-01T00:00:20Z"}),
+        ));
+        s.apply(&data(5, &[("t", 3.0, None)]));
+        assert!(s.is_online);
+    }
+
+    #[test]
     fn heartbeat_and_location() {
         let mut s = DeviceState::from_row(Some("not json"), None, None, false, Some("x".into()));
         s.apply(&Update {
             device: DeviceUuid::parse("d").unwrap(),
             received_at: at(4),
+            reading_time: None,
             change: Change::Heartbeat,
         });
         assert_eq!(s.last_heartbeat, Some(at(4).naive_utc()));

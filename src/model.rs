@@ -123,6 +123,9 @@ pub struct Update {
     pub device: DeviceUuid,
     /// When the service received the message (UTC); becomes `last_seen`.
     pub received_at: DateTime<Utc>,
+    /// The message's own top-level `timestamp` (RFC 3339, as sent), when it gave a valid one:
+    /// the reading time that order-safe merging compares.
+    pub reading_time: Option<String>,
     /// What to change.
     pub change: Change,
 }

@@ -14,7 +14,6 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
     SubscribeFilter, SubscribeReasonCode,
 };
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -23,6 +22,7 @@ use crate::config::MqttSettings;
 use crate::model::{TopicKind, Update};
 use crate::payload::{self, Rules};
 use crate::stats::Stats;
+use crate::writer::Router;
 
 /// MQTT's own limit on a packet (256 MiB). The client accepts anything up to it so that an
 /// oversized payload becomes a counted rejection, not a connection error that would make the
@@ -147,7 +147,7 @@ pub async fn run_event_loop(
     rules: Rules,
     mut eventloop: EventLoop,
     acker: Acker,
-    jobs: mpsc::Sender<Job>,
+    jobs: Router,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
@@ -244,7 +244,7 @@ async fn handle_publish(
     settings: &MqttSettings,
     rules: &Rules,
     acker: &Acker,
-    jobs: &mpsc::Sender<Job>,
+    jobs: &Router,
     stats: &Stats,
     shutdown: &CancellationToken,
 ) {

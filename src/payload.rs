@@ -129,16 +129,22 @@ pub fn process(
     }
     let text = std::str::from_utf8(repair(payload)).map_err(|_| Rejection::NotUtf8)?;
     let mut skipped = Vec::new();
+    let mut reading_time = None;
     let change = match kind {
         // A heartbeat carries no data the service keeps: an empty one is fine.
         TopicKind::Heartbeat if text.is_empty() => Change::Heartbeat,
         TopicKind::Heartbeat => {
-            parse_object(text)?;
+            reading_time = timestamp_of(&parse_object(text)?);
             Change::Heartbeat
         }
-        TopicKind::Status => Change::Status(status_report(parse_object(text)?, &mut skipped)),
+        TopicKind::Status => {
+            let object = parse_object(text)?;
+            reading_time = timestamp_of(&object);
+            Change::Status(status_report(object, &mut skipped))
+        }
         TopicKind::Data => {
             let object = parse_object(text)?;
+            reading_time = timestamp_of(&object);
             let receive_time = received_at.to_rfc3339_opts(SecondsFormat::Millis, true);
             let report = match object.get("sensors") {
                 Some(Value::Array(_)) => full_format(object, &receive_time, rules, &mut skipped),
@@ -154,10 +160,19 @@ pub fn process(
         update: Update {
             device,
             received_at,
+            reading_time,
             change,
         },
         skipped,
     })
+}
+
+/// The payload's top-level `timestamp`, if it is RFC 3339.
+fn timestamp_of(object: &Map<String, Value>) -> Option<String> {
+    match object.get("timestamp") {
+        Some(Value::String(t)) if is_rfc3339(t) => Some(t.clone()),
+        _ => None,
+    }
 }
 
 fn parse_object(text: &str) -> Result<Map<String, Value>, Rejection> {

@@ -15,7 +15,7 @@ use crate::config::Settings;
 use crate::mqtt;
 use crate::stats::Stats;
 use crate::store::{self, Store};
-use crate::writer::{Batching, run_writer};
+use crate::writer::{Batching, Router, run_writer};
 
 /// The service, before it runs. [`Service::stats`] gives the live counters (tests and the
 /// statistics block read them).
@@ -57,26 +57,34 @@ impl Service {
             return Ok(()); // stopped before the database was ever reachable
         }
 
-        let (jobs_tx, jobs_rx) = mpsc::channel(settings.ingest.queue_capacity);
         let (_client, eventloop, acker) = mqtt::client(&settings.mqtt);
-        let writer = tokio::spawn(run_writer(
-            Store::new(pool.clone(), settings.ingest.register_unknown_devices),
-            jobs_rx,
-            acker.clone(),
-            stats.clone(),
-            Batching {
-                max_messages: settings.ingest.batch_max_messages,
-                max_wait: settings.ingest.batch_max_wait,
-                retry_max: db.retry_max,
-            },
-            shutdown.clone(),
-        ));
+        let ingest = &settings.ingest;
+        let per_writer = (ingest.queue_capacity / ingest.writers).max(1);
+        let batching = Batching {
+            max_messages: ingest.batch_max_messages,
+            max_wait: ingest.batch_max_wait,
+            retry_max: db.retry_max,
+        };
+        let mut queues = Vec::with_capacity(ingest.writers);
+        let mut writers = Vec::with_capacity(ingest.writers);
+        for _ in 0..ingest.writers {
+            let (tx, rx) = mpsc::channel(per_writer);
+            queues.push(tx);
+            writers.push(tokio::spawn(run_writer(
+                Store::new(pool.clone(), ingest.register_unknown_devices),
+                rx,
+                acker.clone(),
+                stats.clone(),
+                batching,
+                shutdown.clone(),
+            )));
+        }
         let event_loop = tokio::spawn(mqtt::run_event_loop(
             settings.mqtt.clone(),
             settings.ingest.rules.clone(),
             eventloop,
             acker.clone(),
-            jobs_tx,
+            Router::new(queues),
             stats.clone(),
             shutdown.clone(),
         ));
@@ -88,14 +96,18 @@ impl Service {
             "stop requested: no new messages; committing and acknowledging what was taken"
         );
         let deadline = tokio::time::Instant::now() + settings.ingest.shutdown_timeout;
-        let writer_done = wait(writer, deadline, "the writer (database unreachable?)").await;
+        let mut writers_done = Ok(());
+        for writer in writers {
+            let done = wait(writer, deadline, "a writer (database unreachable?)").await;
+            writers_done = writers_done.and(done);
+        }
         // Queued after the acks, so the broker gets every ack before the disconnect.
         acker.disconnect();
         let loop_done = wait(event_loop, deadline, "the MQTT event loop").await;
         ticker.abort();
         info!("final statistics\n{}", stats.snapshot().render());
         pool.close().await;
-        writer_done.and(loop_done)
+        writers_done.and(loop_done)
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Stats {
     rejected: [AtomicU64; Rejection::REASONS.len()],
     parts_skipped: AtomicU64,
     db_errors: AtomicU64,
+    batches: AtomicU64,
+    rows_written: AtomicU64,
     reconnects: AtomicU64,
     /// Milliseconds since the Unix epoch of the last message, 0 before the first.
     last_message_ms: AtomicI64,
@@ -35,6 +37,8 @@ impl Default for Stats {
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
             parts_skipped: AtomicU64::new(0),
             db_errors: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            rows_written: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             last_message_ms: AtomicI64::new(0),
             connected: AtomicBool::new(false),
@@ -64,6 +68,10 @@ pub struct Snapshot {
     pub parts_skipped: u64,
     /// Failed database attempts (each retried).
     pub db_errors: u64,
+    /// Committed batches (transactions).
+    pub batches: u64,
+    /// Device rows written by them.
+    pub rows_written: u64,
     /// Connections to the broker after the first.
     pub reconnects: u64,
     /// When the last message arrived.
@@ -81,6 +89,12 @@ impl Stats {
     /// `n` messages were committed.
     pub fn succeeded(&self, n: u64) {
         self.succeeded.fetch_add(n, Relaxed);
+    }
+
+    /// A batch committed, writing `rows` device rows.
+    pub fn batch_committed(&self, rows: u64) {
+        self.batches.fetch_add(1, Relaxed);
+        self.rows_written.fetch_add(rows, Relaxed);
     }
 
     /// A message was rejected.
@@ -142,6 +156,8 @@ impl Stats {
                 .collect(),
             parts_skipped: self.parts_skipped.load(Relaxed),
             db_errors: self.db_errors.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            rows_written: self.rows_written.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             last_message: (ms != 0)
                 .then(|| DateTime::from_timestamp_millis(ms))
@@ -193,8 +209,8 @@ impl Snapshot {
             out.push_str(&format!("  failed by:     {}\n", reasons.join(", ")));
         }
         out.push_str(&format!(
-            "  reconnects:    {}\n  db errors:     {}\n{rule}",
-            self.reconnects, self.db_errors
+            "  batches:       {} ({} device rows written)\n  reconnects:    {}\n  db errors:     {}\n{rule}",
+            self.batches, self.rows_written, self.reconnects, self.db_errors
         ));
         out
     }

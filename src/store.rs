@@ -26,6 +26,15 @@ pub enum Applied {
     UnknownDevice,
 }
 
+/// What a committed batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// One outcome per update, in order.
+    pub applied: Vec<Applied>,
+    /// Device rows written (a device's updates in one batch share one write).
+    pub rows_written: usize,
+}
+
 /// A failed database attempt, sorted by what the writer should do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -166,7 +175,7 @@ impl Store {
     /// Applies all `updates` in one transaction: each device's row is read once (locked),
     /// every update of that device is merged into it in order, and the rows are written back
     /// with a few multi-row statements. Either all commit or none.
-    pub async fn apply(&self, updates: &[&Update]) -> Result<Vec<Applied>, StoreError> {
+    pub async fn apply(&self, updates: &[&Update]) -> Result<BatchOutcome, StoreError> {
         let mut devices: Vec<&str> = Vec::new();
         let mut seen = HashSet::new();
         for u in updates {
@@ -211,7 +220,10 @@ impl Store {
             .collect();
         write_rows(&mut tx, &changed).await?;
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(BatchOutcome {
+            applied: outcomes,
+            rows_written: changed.len(),
+        })
     }
 }
 

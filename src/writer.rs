@@ -18,6 +18,39 @@ use crate::rejection::Rejection;
 use crate::stats::Stats;
 use crate::store::{Applied, Store, StoreError, retry_delay};
 
+/// Hands each update to a writer chosen by its device, so that one device's messages stay in
+/// order (one writer, one queue) and no two writers ever lock the same row. Device ids are
+/// compared without ASCII case, as the database's usual collations do.
+#[derive(Debug, Clone)]
+pub struct Router {
+    writers: Vec<mpsc::Sender<Job>>,
+}
+
+impl Router {
+    /// A router over the writers' queues (at least one).
+    pub fn new(writers: Vec<mpsc::Sender<Job>>) -> Self {
+        assert!(!writers.is_empty(), "at least one writer");
+        Self { writers }
+    }
+
+    /// Queues `job` for its device's writer; waits while that queue is full. Gives the job
+    /// back if the writer has stopped taking messages (shutdown).
+    pub async fn send(&self, job: Job) -> Result<(), Job> {
+        let i = shard(job.update.device.as_str(), self.writers.len());
+        self.writers[i].send(job).await.map_err(|e| e.0)
+    }
+}
+
+/// Which of `n` writers takes `device` (FNV-1a over the lower-cased id: stable and cheap).
+pub fn shard(device: &str, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in device.bytes() {
+        h ^= u64::from(b.to_ascii_lowercase());
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
 /// How the writer groups messages.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
@@ -95,11 +128,13 @@ async fn write_batch(
     loop {
         let updates: Vec<_> = batch.iter().map(|j| &j.update).collect();
         match store.apply(&updates).await {
-            Ok(outcomes) => {
-                finish(batch, outcomes, acker, stats);
+            Ok(outcome) => {
+                stats.batch_committed(outcome.rows_written as u64);
+                finish(batch, outcome.applied, acker, stats);
                 return;
             }
             Err(StoreError::Refused(e)) if batch.len() == 1 => {
+                // The guard says there is exactly one job.
                 let job = batch.into_iter().next().expect("batch has one job");
                 let rejection = Rejection::DbRefused(e.to_string());
                 stats.rejected(&rejection);
@@ -152,4 +187,20 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Applied>, acker: &Acker, stats: &Stats)
         }
     }
     stats.succeeded(written);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_ignore_case_and_spread() {
+        assert_eq!(shard("AB:CD", 4), shard("ab:cd", 4));
+        assert_eq!(shard("x", 1), 0);
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[shard(&format!("dev{i}"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
 }

@@ -493,3 +493,158 @@ async fn stored_data_that_is_not_json_is_replaced_not_a_poison_message() {
     );
     service.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_devices_messages_in_one_batch_become_one_row_write() {
+    let (db, target) = setup().await;
+    // A long fill time so that the burst lands in few batches.
+    let target = target
+        .with("INGEST_BATCH_MAX_WAIT_MS", "300")
+        .with("INGEST_WRITERS", "1");
+    let pool = db.pool();
+    register(&pool, "chatty").await;
+    let service = spawn_service(&target).await;
+    let messages: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| {
+            let payload = if i % 2 == 0 {
+                format!(r#"{{"seq": {i}, "even": {i}}}"#)
+            } else {
+                format!(r#"{{"sensors": [{{"sensor_name": "seq", "value": {i}}}], "status": {{"odd": {i}}}}}"#)
+            };
+            (target.topic("chatty", "data"), payload.into_bytes())
+        })
+        .collect();
+    common::publish_many(target.mqtt_port, messages, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let row = wait_for_device(&pool, "chatty", "the last message", |r| {
+        sensor(r, "seq") == Some(json!(199))
+    })
+    .await;
+    assert_eq!(sensor(&row, "even"), Some(json!(198)));
+    assert_eq!(row.data.as_ref().unwrap()["status"], json!({"odd": 199}));
+    let snap = service.stats.snapshot();
+    assert_eq!(snap.succeeded, 200);
+    assert!(
+        snap.rows_written < 20 && snap.rows_written == snap.batches,
+        "200 messages of one device took {} row writes in {} batches",
+        snap.rows_written,
+        snap.batches
+    );
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_reading_or_status_does_not_roll_the_state_back() {
+    let (db, target) = setup().await;
+    let pool = db.pool();
+    register(&pool, "late").await;
+    let service = spawn_service(&target).await;
+    let port = target.mqtt_port;
+    let data = target.topic("late", "data");
+    let status = target.topic("late", "status");
+    mqtt_publish(
+        port,
+        &data,
+        r#"{"timestamp": "2026-01-01T00:00:10Z", "t": 10}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    mqtt_publish(
+        port,
+        &status,
+        r#"{"status": "offline", "timestamp": "2026-01-01T00:00:10Z"}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    wait_for_device(&pool, "late", "the newer state", |r| {
+        r.device_status.as_deref() == Some("offline")
+    })
+    .await;
+    // Sent earlier by the device, delivered later (a slow path, a redelivery).
+    mqtt_publish(
+        port,
+        &data,
+        r#"{"timestamp": "2026-01-01T00:00:05Z", "t": 5, "u": 5}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    mqtt_publish(
+        port,
+        &status,
+        r#"{"status": "online", "timestamp": "2026-01-01T00:00:05Z"}"#,
+        QoS::AtLeastOnce,
+    )
+    .await
+    .unwrap();
+    let row = wait_for_device(&pool, "late", "the older messages", |r| {
+        sensor(r, "u").is_some()
+    })
+    .await;
+    let stats = service.stats.clone();
+    wait_until_named(
+        "all four written",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || stats.snapshot().succeeded == 4,
+    )
+    .await
+    .unwrap();
+    let row = device(&pool, "late").await.unwrap().unwrap_or(row);
+    assert_eq!(
+        sensor(&row, "t"),
+        Some(json!(10)),
+        "the older reading of t is not applied"
+    );
+    assert_eq!(
+        sensor(&row, "u"),
+        Some(json!(5)),
+        "a sensor seen for the first time is"
+    );
+    assert_eq!(row.device_status.as_deref(), Some("offline"));
+    assert!(!row.is_online);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_writers_share_many_devices_and_every_final_reading_lands() {
+    let (db, target) = setup().await;
+    let target = target
+        .with("INGEST_WRITERS", "3")
+        .with("INGEST_BATCH_MAX_MESSAGES", "50");
+    let pool = db.pool();
+    const DEVICES: usize = 300;
+    for d in 0..DEVICES {
+        register(&pool, &format!("dev{d}")).await;
+    }
+    let service = spawn_service(&target).await;
+    let mut messages = Vec::new();
+    for seq in 0..3 {
+        for d in 0..DEVICES {
+            messages.push((
+                target.topic(&format!("dev{d}"), "data"),
+                format!(r#"{{"seq": {seq}}}"#).into_bytes(),
+            ));
+        }
+    }
+    // Under the shared broker's default queue limit (1000 per client).
+    common::publish_many(target.mqtt_port, messages, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait_until_named("every device at seq 2", Duration::from_secs(30), Duration::from_millis(50), async || {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM device_main WHERE JSON_VALUE(last_report_data, '$.sensors.seq.value') = 2",
+        )
+        .fetch_one(&pool)
+        .await?;
+        if n as usize == DEVICES { Ok(true) } else { anyhow::bail!("{n} of {DEVICES}") }
+    })
+    .await
+    .unwrap();
+    let snap = service.stats.snapshot();
+    assert_eq!((snap.succeeded, snap.failed), (3 * DEVICES as u64, 0));
+    service.stop().await.unwrap();
+}
