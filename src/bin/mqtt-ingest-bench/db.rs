@@ -1,0 +1,238 @@
+//! The throw-away database `bench_<random>`: creation through the service's own migrations,
+//! device rows, the progress queries, the single-connection upsert limit, and the drop.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{SecondsFormat, Utc};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
+use sqlx::{AssertSqlSafe, Connection as _, Row as _};
+
+use crate::args::DbTarget;
+use crate::progress::Progress;
+
+/// Rows per INSERT when registering devices.
+const SEED_CHUNK: u64 = 1000;
+
+/// The per-device sequence number the publishers send as sensor `seq`, as a number.
+macro_rules! seq_expr {
+    () => {
+        "CAST(JSON_VALUE(last_report_data, '$.sensors.seq.value') AS DOUBLE)"
+    };
+}
+
+/// (devices at the last seq, sum of the stored seqs); one full scan.
+const DRAIN_STATUS: &str = concat!(
+    "SELECT CAST(COALESCE(SUM(v = ?), 0) AS SIGNED), CAST(COALESCE(SUM(v), 0) AS SIGNED) ",
+    "FROM (SELECT ",
+    seq_expr!(),
+    " AS v FROM device_main) t"
+);
+
+/// One device's stored seq (an index lookup).
+const DEVICE_SEQ: &str = concat!("SELECT ", seq_expr!(), " FROM device_main WHERE uuid = ?");
+
+/// Every device's uuid and stored seq.
+const SEQS: &str = concat!("SELECT uuid, ", seq_expr!(), " FROM device_main");
+
+fn options(t: &DbTarget) -> MySqlConnectOptions {
+    let o = MySqlConnectOptions::new()
+        .host(&t.host)
+        .port(t.port)
+        .username(&t.user)
+        .charset("utf8mb4")
+        .timezone(Some("+00:00".to_owned()));
+    // An empty password must be sent as none at all: the scramble of "" is refused.
+    if t.password.is_empty() {
+        o
+    } else {
+        o.password(&t.password)
+    }
+}
+
+pub struct BenchDb {
+    pub name: String,
+    pub pool: MySqlPool,
+    target: DbTarget,
+}
+
+impl BenchDb {
+    /// Creates the database and runs the service's migrations in it.
+    pub async fn create(target: &DbTarget, name: &str) -> anyhow::Result<BenchDb> {
+        let mut admin = MySqlConnection::connect_with(&options(target))
+            .await
+            .with_context(|| format!("connecting to MariaDB at {}:{}", target.host, target.port))?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE DATABASE `{name}` CHARACTER SET utf8mb4"
+        )))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("CREATE DATABASE {name}"))?;
+        let _ = admin.close().await;
+        let made = async {
+            let db = BenchDb {
+                name: name.to_owned(),
+                pool: MySqlPoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(options(target).database(name))
+                    .await?,
+                target: target.clone(),
+            };
+            mqtt_ingest::store::MIGRATOR
+                .run(&db.pool)
+                .await
+                .context("running the service's migrations")?;
+            anyhow::Ok(db)
+        };
+        match made.await {
+            Ok(db) => Ok(db),
+            Err(e) => {
+                let _ = drop_database(target, name).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Empties `device_main` and registers devices 0..n as the backend would:
+    /// (`bench-dev-<i>`, `dev<i>`, `Bench <i>`).
+    pub async fn reseed(&self, n: u64) -> anyhow::Result<()> {
+        sqlx::query("TRUNCATE TABLE device_main")
+            .execute(&self.pool)
+            .await?;
+        let mut start = 0;
+        while start < n {
+            let end = (start + SEED_CHUNK).min(n);
+            let mut sql = String::from("INSERT INTO device_main (device_id, uuid, name) VALUES ");
+            for i in start..end {
+                if i > start {
+                    sql.push(',');
+                }
+                let _ = write!(sql, "('bench-dev-{i}','dev{i}','Bench {i}')");
+            }
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&self.pool)
+                .await
+                .context("registering devices")?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// (devices whose stored `seq` is `last`, sum of every device's stored `seq`). The sum is
+    /// the number of messages committed so far, since each device's messages are numbered 1..
+    pub async fn drain_status(&self, last: u64) -> anyhow::Result<(u64, u64)> {
+        let row = sqlx::query(DRAIN_STATUS)
+            .bind(last as f64)
+            .fetch_one(&self.pool)
+            .await?;
+        let done: i64 = row.try_get(0)?;
+        let sum: i64 = row.try_get(1)?;
+        Ok((done.max(0) as u64, sum.max(0) as u64))
+    }
+
+    /// The stored seq of device `dev<i>` (0 when none yet). Cheap: one row by its index.
+    pub async fn device_seq(&self, i: u64) -> anyhow::Result<u64> {
+        let seq: Option<Option<f64>> = sqlx::query_scalar(DEVICE_SEQ)
+            .bind(format!("dev{i}"))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(seq.flatten().unwrap_or(0.0) as u64)
+    }
+
+    /// Every device's index (from `dev<i>`) and its stored `seq` (0 when none yet).
+    pub async fn seqs(&self) -> anyhow::Result<Vec<(usize, u64)>> {
+        let rows = sqlx::query(SEQS).fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let uuid: String = row.try_get(0)?;
+            let seq: Option<f64> = row.try_get(1)?;
+            if let Some(i) = uuid.strip_prefix("dev").and_then(|s| s.parse().ok()) {
+                out.push((i, seq.unwrap_or(0.0) as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The database's own limit: `rows` upserts of the devices 0..devices (already registered)
+    /// over ONE connection, `batch` rows per statement, one fixed statement shape (so one
+    /// prepared statement), autocommit. Returns (rows written, time).
+    pub async fn upsert_limit(
+        &self,
+        devices: u64,
+        rows: u64,
+        batch: usize,
+        progress: &Progress,
+    ) -> anyhow::Result<(u64, Duration)> {
+        let mut conn =
+            MySqlConnection::connect_with(&options(&self.target).database(&self.name)).await?;
+        let mut sql = String::from(
+            "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online) VALUES ",
+        );
+        for i in 0..batch {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str("(?,?,?,?,?,?)");
+        }
+        sql.push_str(
+            " ON DUPLICATE KEY UPDATE last_report_data = VALUES(last_report_data), \
+             last_seen = VALUES(last_seen), is_online = VALUES(is_online)",
+        );
+        let sql: std::sync::Arc<str> = sql.into();
+        let statements = rows.div_ceil(batch as u64);
+        let started = Instant::now();
+        let mut row = 0u64;
+        for _ in 0..statements {
+            let now = Utc::now();
+            let ts = now.to_rfc3339_opts(SecondsFormat::Millis, true);
+            let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
+            for _ in 0..batch {
+                let d = row % devices;
+                let seq = row / devices + 1;
+                q = q
+                    .bind(format!("bench-dev-{d}"))
+                    .bind(format!("dev{d}"))
+                    .bind(format!("Bench {d}"))
+                    .bind(stored_json(seq, &ts))
+                    .bind(now)
+                    .bind(true);
+                row += 1;
+            }
+            q.execute(&mut conn).await.context("upsert")?;
+            progress
+                .committed
+                .store(row, std::sync::atomic::Ordering::Relaxed);
+        }
+        let took = started.elapsed();
+        let _ = conn.close().await;
+        Ok((row, took))
+    }
+
+    /// Closes the pool and drops the database.
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        self.pool.close().await;
+        drop_database(&self.target, &self.name).await
+    }
+}
+
+pub async fn drop_database(target: &DbTarget, name: &str) -> anyhow::Result<()> {
+    let mut admin = MySqlConnection::connect_with(&options(target)).await?;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{name}`")))
+        .execute(&mut admin)
+        .await
+        .with_context(|| format!("DROP DATABASE {name}"))?;
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// `last_report_data` as the service stores it for the benchmark's full-format message
+/// (about 250 bytes).
+fn stored_json(seq: u64, ts: &str) -> String {
+    format!(
+        "{{\"sensors\": {{\"seq\": {{\"value\": {seq}, \"unit\": \"\", \"timestamp\": \"{ts}\"}}, \
+         \"temperature\": {{\"value\": 21.5, \"unit\": \"°C\", \"timestamp\": \"{ts}\"}}, \
+         \"humidity\": {{\"value\": 60, \"unit\": \"\", \"timestamp\": \"{ts}\"}}}}, \
+         \"status\": {{\"rssi\": -50}}, \"upload_timestamp\": \"{ts}\"}}"
+    )
+}

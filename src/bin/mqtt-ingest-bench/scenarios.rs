@@ -1,0 +1,464 @@
+//! The scenarios: backlog drain by the service, the same drain by a do-nothing subscriber
+//! (the broker's limit), the database's single-connection upsert limit, and the live stream.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::args::{Options, Scenario, Size};
+use crate::broker::{Broker, Sub};
+use crate::db::BenchDb;
+use crate::progress::Progress;
+use crate::publisher;
+use crate::report::Row;
+use crate::service::{Service, Stopped};
+
+/// How long the live scenario waits after the last publish for every message to show up.
+const LIVE_SETTLE: Duration = Duration::from_secs(10);
+/// The live scenario's database poll interval.
+const LIVE_POLL: Duration = Duration::from_millis(5);
+
+pub struct Ctx<'a> {
+    pub opts: &'a Options,
+    pub broker: &'a Broker,
+    pub db: &'a BenchDb,
+    pub progress: &'a Arc<Progress>,
+    /// Unique per benchmark process and run: keeps topic prefixes and client ids apart.
+    pub tag: String,
+}
+
+impl Ctx<'_> {
+    fn prefix(&self, s: Scenario) -> String {
+        format!("bench-{}-{}", self.tag, s.name())
+    }
+
+    fn client_id(&self, s: Scenario, role: &str) -> String {
+        format!("bench-{}-{}-{role}", self.tag, s.name())
+    }
+
+    fn spawn_service(&self, s: Scenario) -> anyhow::Result<Service> {
+        Service::spawn(
+            self.opts,
+            self.broker.port,
+            &self.opts.db,
+            &self.db.name,
+            &self.client_id(s, "svc"),
+            &self.prefix(s),
+        )
+    }
+}
+
+pub fn kind(s: Scenario) -> &'static str {
+    match s {
+        Scenario::DbLimit => "db",
+        Scenario::Broker100 | Scenario::Broker10k => "broker",
+        Scenario::Drain100 | Scenario::Drain10k => "drain",
+        Scenario::Live => "live",
+    }
+}
+
+pub async fn run(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
+    match s {
+        Scenario::DbLimit => db_limit(ctx).await,
+        Scenario::Broker100 => broker_limit(ctx, s, ctx.opts.small).await,
+        Scenario::Broker10k => broker_limit(ctx, s, ctx.opts.large).await,
+        Scenario::Drain100 => drain(ctx, s, ctx.opts.small).await,
+        Scenario::Drain10k => drain(ctx, s, ctx.opts.large).await,
+        Scenario::Live => live(ctx).await,
+    }
+}
+
+fn mb(kib: u64) -> Option<f64> {
+    (kib > 0).then(|| kib as f64 / 1024.0)
+}
+
+/// Checks a clean stop and the final counters against what was published; returns the
+/// number of messages that never committed.
+fn check_stop(stopped: &Stopped, published: u64) -> anyhow::Result<u64> {
+    if !stopped.status.success() {
+        bail!(
+            "the service exited with {} after SIGTERM; its last lines:\n{}",
+            stopped.status,
+            stopped.tail
+        );
+    }
+    let c = stopped.counters;
+    let (Some(total), Some(succeeded), Some(failed)) = (c.total, c.succeeded, c.failed) else {
+        bail!(
+            "no final statistics block in the service's log; its last lines:\n{}",
+            stopped.tail
+        );
+    };
+    if failed > 0 {
+        bail!(
+            "the service rejected {failed} of the benchmark's messages; its last lines:\n{}",
+            stopped.tail
+        );
+    }
+    if total > published {
+        bail!("the service counted {total} messages, more than the {published} published");
+    }
+    Ok(published.saturating_sub(succeeded))
+}
+
+/// Publishes the backlog for `prefix` and reports it.
+async fn publish_backlog(
+    ctx: &Ctx<'_>,
+    s: Scenario,
+    size: Size,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    let m = size.messages();
+    ctx.progress.phase(
+        format!(
+            "{}: publishing the backlog ({} devices x {} messages)",
+            s.name(),
+            size.devices,
+            size.per_device
+        ),
+        m,
+    );
+    let id_base = ctx.client_id(s, "pub");
+    let backlog = publisher::Backlog {
+        port: ctx.broker.port,
+        id_base: &id_base,
+        prefix,
+        devices: size.devices,
+        per_device: size.per_device,
+        connections: ctx.opts.publishers,
+    };
+    let took = publisher::backlog(&backlog, ctx.progress, ctx.opts.timeout).await?;
+    eprintln!(
+        "[bench]   {}: {m} messages published and acknowledged in {:.2} s ({:.0}/s)",
+        s.name(),
+        took.as_secs_f64(),
+        m as f64 / took.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// (a)/(b): the service drains a backlog queued for its persistent session while it was
+/// stopped; timed from spawn until every device shows its last seq.
+async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
+    let name = s.name();
+    let (n, last, m) = (size.devices, size.per_device, size.messages());
+    ctx.progress
+        .phase(format!("{name}: registering {n} devices"), 0);
+    ctx.db.reseed(n).await?;
+
+    ctx.progress.phase(
+        format!("{name}: starting the service once to create its session"),
+        0,
+    );
+    ctx.broker.track(&ctx.client_id(s, "svc"));
+    let mut svc = ctx.spawn_service(s)?;
+    svc.wait_subscribed().await?;
+    let first = svc.stop().await?;
+    check_stop(&first, 0)?;
+
+    let prefix = ctx.prefix(s);
+    publish_backlog(ctx, s, size, &prefix).await?;
+
+    ctx.progress
+        .phase(format!("{name}: the service drains the backlog"), m);
+    let started = Instant::now();
+    let mut svc = ctx.spawn_service(s)?;
+    let deadline = started + ctx.opts.timeout;
+    let mut tick = tokio::time::interval(ctx.opts.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // A full scan parses every row's JSON (about 14 ms for 10,000 rows on the 2-core machine),
+    // too much load to repeat every poll. The device published last is delivered last, so
+    // until it shows its last message only it is polled (one row by index), with a full scan
+    // once a second for the progress line; from then on every poll is a full scan.
+    let mut polls = 0u64;
+    let mut full_scans = 0u64;
+    let mut tail = false;
+    let mut next_full = started + Duration::from_secs(1);
+    let took = loop {
+        tick.tick().await;
+        polls += 1;
+        if !tail {
+            tail = ctx.db.device_seq(n - 1).await? >= last;
+        }
+        let now = Instant::now();
+        if tail || now >= next_full {
+            let (done, sum) = ctx.db.drain_status(last).await?;
+            let now = Instant::now();
+            full_scans += 1;
+            next_full = now + Duration::from_secs(1);
+            ctx.progress.committed.store(sum, Relaxed);
+            if done >= n {
+                break now - started;
+            }
+            if now > deadline {
+                bail!(
+                    "the drain did not finish within {:?}: {done}/{n} devices at their last message, \
+                     {sum}/{m} messages committed; the service's last lines:\n{}",
+                    ctx.opts.timeout,
+                    svc.tail()
+                );
+            }
+        }
+        if polls.is_multiple_of(10) {
+            svc.sample_rss();
+            svc.check_running()?;
+        }
+        if now > deadline + Duration::from_secs(5) {
+            bail!("the drain did not finish within {:?}", ctx.opts.timeout);
+        }
+    };
+    ctx.progress
+        .phase(format!("{name}: stopping the service"), 0);
+    let stopped = svc.stop().await?;
+    let lost = check_stop(&stopped, m)?;
+    let secs = took.as_secs_f64();
+    Ok(Row {
+        scenario: name.to_owned(),
+        kind: kind(s).to_owned(),
+        devices: n,
+        messages: m,
+        seconds: secs,
+        rate: m as f64 / secs,
+        peak_rss_mb: mb(stopped.peak_rss_kib),
+        lost,
+        service_total: stopped.counters.total,
+        service_succeeded: stopped.counters.succeeded,
+        service_failed: stopped.counters.failed,
+        service_start_s: stopped.started_in.map(|d| d.as_secs_f64()),
+        note: Some(format!("{polls} polls, {full_scans} full scans")),
+        ..Row::default()
+    })
+}
+
+/// (c): the same backlog drained by `mosquitto_sub` at QoS 1 with a persistent session.
+async fn broker_limit(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
+    let name = s.name();
+    let m = size.messages();
+    let prefix = ctx.prefix(s);
+    let id = ctx.client_id(s, "sub");
+    let filter = format!("{prefix}/+/+");
+    let sub = Sub {
+        bin: &ctx.opts.mosquitto_sub,
+        port: ctx.broker.port,
+        client_id: &id,
+        filter: &filter,
+    };
+    ctx.progress
+        .phase(format!("{name}: creating mosquitto_sub's session"), 0);
+    ctx.broker.track(&id);
+    sub.create_session().await?;
+    publish_backlog(ctx, s, size, &prefix).await?;
+    ctx.progress
+        .phase(format!("{name}: mosquitto_sub drains the backlog"), m);
+    let took = sub.consume(m, ctx.opts.timeout).await?;
+    let secs = took.as_secs_f64();
+    Ok(Row {
+        scenario: name.to_owned(),
+        kind: kind(s).to_owned(),
+        devices: size.devices,
+        messages: m,
+        seconds: secs,
+        rate: m as f64 / secs,
+        ..Row::default()
+    })
+}
+
+/// (d): the database's own limit over one connection.
+async fn db_limit(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
+    let s = Scenario::DbLimit;
+    let devices = ctx.opts.large.devices;
+    ctx.progress
+        .phase(format!("{}: registering {devices} devices", s.name()), 0);
+    ctx.db.reseed(devices).await?;
+    ctx.progress.phase(
+        format!(
+            "{}: {} rows upserted over one connection, {} rows per statement",
+            s.name(),
+            ctx.opts.db_rows,
+            ctx.opts.db_batch
+        ),
+        ctx.opts.db_rows,
+    );
+    let (rows, took) = ctx
+        .db
+        .upsert_limit(devices, ctx.opts.db_rows, ctx.opts.db_batch, ctx.progress)
+        .await?;
+    let secs = took.as_secs_f64();
+    Ok(Row {
+        scenario: s.name().to_owned(),
+        kind: kind(s).to_owned(),
+        devices,
+        messages: rows,
+        seconds: secs,
+        rate: rows as f64 / secs,
+        note: Some(format!("{} rows per statement", ctx.opts.db_batch)),
+        ..Row::default()
+    })
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// (e): publish at a fixed rate with the service running; publish-to-commit latency.
+async fn live(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
+    let s = Scenario::Live;
+    let name = s.name();
+    let spec = ctx.opts.live;
+    let devices = spec.devices as usize;
+    let total = spec.rate * spec.secs;
+    ctx.progress
+        .phase(format!("{name}: registering {devices} devices"), 0);
+    ctx.db.reseed(spec.devices).await?;
+
+    ctx.progress
+        .phase(format!("{name}: starting the service"), 0);
+    ctx.broker.track(&ctx.client_id(s, "svc"));
+    let mut svc = ctx.spawn_service(s)?;
+    svc.wait_subscribed().await?;
+
+    ctx.progress.phase(
+        format!(
+            "{name}: {} msg/s for {} s over {devices} devices",
+            spec.rate, spec.secs
+        ),
+        total,
+    );
+    let per_device = (total as usize).div_ceil(devices);
+    let log: publisher::PublishLog =
+        Arc::new(Mutex::new(vec![Vec::with_capacity(per_device); devices]));
+    let publishing = {
+        let stream = publisher::Stream {
+            port: ctx.broker.port,
+            client_id: ctx.client_id(s, "pub"),
+            prefix: ctx.prefix(s),
+            devices: spec.devices,
+            rate: spec.rate,
+            secs: spec.secs,
+        };
+        let log = Arc::clone(&log);
+        let progress = Arc::clone(ctx.progress);
+        tokio::spawn(async move { publisher::live(stream, log, &progress).await })
+    };
+    // The publisher task is aborted if this scenario fails or is dropped.
+    let mut publishing = AbortOnDrop(publishing);
+
+    let mut observed = vec![0u64; devices];
+    let mut latencies: Vec<f64> = Vec::with_capacity(total as usize);
+    let mut unexpected = 0u64;
+    let mut published: Option<(u64, Duration)> = None;
+    let mut settle_deadline = None;
+    let mut tick = tokio::time::interval(LIVE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut polls = 0u64;
+    loop {
+        tick.tick().await;
+        let rows = ctx.db.seqs().await?;
+        let seen_at = Instant::now();
+        {
+            let times = log.lock().unwrap_or_else(|e| e.into_inner());
+            for (d, seq) in rows {
+                if d >= devices || seq <= observed[d] {
+                    continue;
+                }
+                // Device d is at seq: every earlier message of d has committed by now.
+                for k in observed[d] + 1..=seq {
+                    match times[d].get(k as usize - 1) {
+                        Some(t) => latencies.push((seen_at - *t).as_secs_f64() * 1000.0),
+                        None => unexpected += 1,
+                    }
+                }
+                observed[d] = seq;
+            }
+        }
+        ctx.progress
+            .committed
+            .store(latencies.len() as u64, Relaxed);
+        polls += 1;
+        if polls.is_multiple_of(20) {
+            svc.sample_rss();
+            svc.check_running()?;
+        }
+        if published.is_none() && publishing.0.is_finished() {
+            let r = (&mut publishing.0).await.context("live publisher task")??;
+            published = Some(r);
+            settle_deadline = Some(Instant::now() + LIVE_SETTLE);
+            ctx.progress.phase(
+                format!("{name}: published {}; waiting for the last commits", r.0),
+                r.0,
+            );
+            ctx.progress
+                .committed
+                .store(latencies.len() as u64, Relaxed);
+        }
+        if let (Some((sent, _)), Some(deadline)) = (published, settle_deadline)
+            && (latencies.len() as u64 >= sent || Instant::now() > deadline)
+        {
+            break;
+        }
+    }
+    let (sent, span) = published.context("live publisher")?;
+    let lost = sent.saturating_sub(latencies.len() as u64);
+
+    ctx.progress
+        .phase(format!("{name}: stopping the service"), 0);
+    let stopped = svc.stop().await?;
+    let counted_lost = check_stop(&stopped, sent)?;
+    if unexpected > 0 {
+        bail!("{unexpected} stored seq values were never published (a leftover session?)");
+    }
+    latencies.sort_by(f64::total_cmp);
+    let secs = span.as_secs_f64();
+    Ok(Row {
+        scenario: name.to_owned(),
+        kind: kind(s).to_owned(),
+        devices: spec.devices,
+        messages: sent,
+        seconds: secs,
+        rate: sent as f64 / secs,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        max_ms: latencies.last().copied(),
+        peak_rss_mb: mb(stopped.peak_rss_kib),
+        lost: lost.max(counted_lost),
+        service_total: stopped.counters.total,
+        service_succeeded: stopped.counters.succeeded,
+        service_failed: stopped.counters.failed,
+        service_start_s: stopped.started_in.map(|d| d.as_secs_f64()),
+        note: Some(format!(
+            "target {} msg/s; latency = first DB poll (every {} ms) showing the message committed - publish time",
+            spec.rate,
+            LIVE_POLL.as_millis()
+        )),
+        ..Row::default()
+    })
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50.0));
+        assert_eq!(percentile(&v, 0.99), Some(99.0));
+        assert_eq!(percentile(&[7.0], 0.99), Some(7.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}
