@@ -312,12 +312,12 @@ impl Settings {
                 }
             })?;
         let ingest = IngestSettings {
-            queue_capacity: v.number("INGEST_QUEUE_CAPACITY", 4096, 1, 1_000_000)?,
+            queue_capacity: v.number("INGEST_QUEUE_CAPACITY", 1024, 1, 1_000_000)?,
             writers: v.number("INGEST_WRITERS", 2, 1, 64)?,
             batch_max_messages: v.number("INGEST_BATCH_MAX_MESSAGES", 500, 1, 10_000)?,
             batch_max_wait: Duration::from_millis(v.number(
                 "INGEST_BATCH_MAX_WAIT_MS",
-                20,
+                10,
                 0,
                 60_000,
             )?),

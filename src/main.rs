@@ -90,7 +90,12 @@ fn main() -> ExitCode {
         info!(path = %path.display(), "settings read from file");
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the event loop and the writers interleave on it while the database and the
+    // broker work on the other cores. Measured against the multi-threaded runtime in the same
+    // benchmark run, it used less CPU per message and half the memory (no cross-thread wake-ups,
+    // no cross-thread frees in the allocator).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .thread_name("mqtt-ingest-rt")
         .enable_all()
         .build()
     {

@@ -87,8 +87,8 @@ impl DeviceState {
 
     /// `last_report_data` as the JSON text to store.
     pub fn data_json(&self) -> String {
-        // Serializing a map of JSON values cannot fail.
-        Value::Object(self.data.clone()).to_string()
+        // A map of JSON values always serializes (its keys are strings).
+        serde_json::to_string(&self.data).unwrap_or_else(|_| "{}".to_owned())
     }
 
     fn apply_data(&mut self, report: &DataReport, update: &Update) {
@@ -100,10 +100,11 @@ impl DeviceState {
                     _ => true,
                 };
                 if newer {
-                    sensors.insert(
-                        name.clone(),
-                        json!({"value": reading.value, "unit": reading.unit, "timestamp": reading.timestamp}),
-                    );
+                    let mut entry = Map::new();
+                    entry.insert("value".into(), Value::Number(reading.value.clone()));
+                    entry.insert("unit".into(), Value::String(reading.unit.clone()));
+                    entry.insert("timestamp".into(), Value::String(reading.timestamp.clone()));
+                    sensors.insert(name.clone(), Value::Object(entry));
                 }
             }
         }
@@ -177,6 +178,12 @@ fn merge_by_key(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
 /// Whether RFC 3339 time `new` is strictly before `stored`. Text that does not parse is never
 /// "older" (it cannot be compared, so the newer message wins).
 fn is_older(new: &str, stored: &str) -> bool {
+    // Fast path for the service's own receive times (`2026-01-02T03:04:05.678Z`, UTC, fixed
+    // width): these compare as text. Parsing every stored timestamp was a visible cost.
+    let own_format = |s: &str| s.len() == 24 && s.as_bytes()[19] == b'.' && s.ends_with('Z');
+    if own_format(new) && own_format(stored) {
+        return new < stored;
+    }
     let parse = |s: &str| DateTime::<FixedOffset>::parse_from_rfc3339(s).ok();
     matches!((parse(new), parse(stored)), (Some(n), Some(s)) if n < s)
 }
@@ -249,6 +256,32 @@ mod tests {
 
     fn value(s: &DeviceState, name: &str) -> Option<f64> {
         s.data.get("sensors")?.get(name)?.get("value")?.as_f64()
+    }
+
+    #[test]
+    fn older_compares_own_and_foreign_formats() {
+        assert!(is_older(
+            "2026-01-02T03:04:05.677Z",
+            "2026-01-02T03:04:05.678Z"
+        ));
+        assert!(!is_older(
+            "2026-01-02T03:04:05.678Z",
+            "2026-01-02T03:04:05.678Z"
+        ));
+        assert!(!is_older(
+            "2026-01-02T03:04:06.000Z",
+            "2026-01-02T03:04:05.678Z"
+        ));
+        assert!(is_older(
+            "2026-01-02T11:04:05+08:00",
+            "2026-01-02T03:04:05.678Z"
+        ));
+        assert!(!is_older(
+            "2026-01-02T11:04:06+08:00",
+            "2026-01-02T03:04:05.678Z"
+        ));
+        assert!(!is_older("garbage", "2026-01-02T03:04:05.678Z"));
+        assert!(!is_older("2026-01-02T03:04:05.678Z", "garbage"));
     }
 
     #[test]

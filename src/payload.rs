@@ -254,12 +254,13 @@ fn full_format(
                     continue;
                 }
             };
-            let part = format!("sensor {}", shown(&name));
+            // Built only when a part is skipped: formatting it for every sensor costs.
+            let part = || format!("sensor {}", shown(&name));
             let unit = match entry.remove("unit") {
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(unit)) => unit,
                 Some(_) => {
-                    skip(skipped, part, "unit is not a string");
+                    skip(skipped, part(), "unit is not a string");
                     continue;
                 }
             };
@@ -267,7 +268,7 @@ fn full_format(
                 None | Some(Value::Null) => receive_time.to_owned(),
                 Some(Value::String(t)) if is_rfc3339(&t) => t,
                 Some(_) => {
-                    skip(skipped, part, "timestamp is not RFC 3339");
+                    skip(skipped, part(), "timestamp is not RFC 3339");
                     continue;
                 }
             };
@@ -276,7 +277,7 @@ fn full_format(
                 Ok(r) => {
                     report.sensors.insert(name, r);
                 }
-                Err(reason) => skip(skipped, part, reason),
+                Err(reason) => skip(skipped, part(), reason),
             }
         }
     }

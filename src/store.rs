@@ -191,12 +191,25 @@ impl Store {
 
         // Which row each device of the batch is (the column's collation may match ids that
         // differ in case: an exact match first, then one that ignores ASCII case).
-        let mut row_of: HashMap<&str, usize> = HashMap::new();
+        let exact: HashMap<&str, usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.uuid.as_str(), i))
+            .collect();
+        let mut folded: Option<HashMap<String, usize>> = None;
+        let mut row_of: HashMap<&str, usize> = HashMap::with_capacity(devices.len());
         for d in &devices {
-            let found = rows
-                .iter()
-                .position(|r| r.uuid == *d)
-                .or_else(|| rows.iter().position(|r| r.uuid.eq_ignore_ascii_case(d)));
+            let found = exact.get(d).copied().or_else(|| {
+                folded
+                    .get_or_insert_with(|| {
+                        rows.iter()
+                            .enumerate()
+                            .map(|(i, r)| (r.uuid.to_ascii_lowercase(), i))
+                            .collect()
+                    })
+                    .get(&d.to_ascii_lowercase())
+                    .copied()
+            });
             if let Some(i) = found {
                 row_of.insert(d, i);
             }

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::args::{Options, Scenario, Size};
 use crate::broker::{Broker, Sub};
 use crate::db::BenchDb;
+use crate::procs;
 use crate::progress::Progress;
 use crate::publisher;
 use crate::report::Row;
@@ -209,11 +210,19 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
             bail!("the drain did not finish within {:?}", ctx.opts.timeout);
         }
     };
+    let cpu = procs::cpu_seconds(svc.pid());
     ctx.progress
         .phase(format!("{name}: stopping the service"), 0);
     let stopped = svc.stop().await?;
     let lost = check_stop(&stopped, m)?;
     let secs = took.as_secs_f64();
+    let cpu_note = cpu.map_or_else(String::new, |c| {
+        format!(
+            ", service CPU {c:.2} s ({:.1} us/msg, {:.0}% of one core)",
+            c * 1e6 / m as f64,
+            c * 100.0 / secs
+        )
+    });
     Ok(Row {
         scenario: name.to_owned(),
         kind: kind(s).to_owned(),
@@ -227,7 +236,7 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
         service_succeeded: stopped.counters.succeeded,
         service_failed: stopped.counters.failed,
         service_start_s: stopped.started_in.map(|d| d.as_secs_f64()),
-        note: Some(format!("{polls} polls, {full_scans} full scans")),
+        note: Some(format!("{polls} polls, {full_scans} full scans{cpu_note}")),
         ..Row::default()
     })
 }

@@ -175,6 +175,11 @@ impl Service {
         s.subscribed.map(|t| t - self.spawned)
     }
 
+    /// The service's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Reads the peak RSS so far (VmHWM) and returns the highest seen, in KiB.
     pub fn sample_rss(&mut self) -> u64 {
         if let Some(kib) = procs::peak_rss_kib(self.pid) {
