@@ -120,6 +120,35 @@ pub struct IngestSettings {
     pub shutdown_timeout: Duration,
 }
 
+/// Device presence: offline after silence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresenceSettings {
+    /// `PRESENCE_TIMEOUT_SECS`: a device that sent nothing for this long is set offline;
+    /// zero turns the sweep off.
+    pub timeout: Duration,
+    /// `PRESENCE_SWEEP_SECS`: how often the sweep runs.
+    pub sweep_interval: Duration,
+}
+
+/// Sensor history and kept rejects, both opt-in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepSettings {
+    /// `HISTORY_ENABLED`: append every accepted reading to `device_history`.
+    pub history: bool,
+    /// `HISTORY_RETENTION_DAYS`: readings older than this are deleted; zero keeps them all.
+    pub history_retention: Duration,
+    /// `REJECTS_ENABLED`: keep rejected messages in `ingest_rejects`.
+    pub rejects: bool,
+    /// `REJECTS_MAX_PAYLOAD_BYTES`: how much of a rejected payload is kept.
+    pub rejects_max_payload: usize,
+    /// `REJECTS_KEEP`: most rejects kept.
+    pub rejects_keep: u64,
+    /// `REJECTS_RETENTION_DAYS`: rejects older than this are deleted.
+    pub rejects_retention: Duration,
+    /// `MAINTENANCE_INTERVAL_SECS`: how often old history and rejects are removed.
+    pub maintenance_interval: Duration,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -155,6 +184,10 @@ pub struct Settings {
     pub ingest: IngestSettings,
     /// Logs and statistics.
     pub log: LogSettings,
+    /// Offline after silence.
+    pub presence: PresenceSettings,
+    /// History and kept rejects.
+    pub keep: KeepSettings,
 }
 
 /// Reads variables by name from some source: the process environment or a map in tests.
@@ -354,11 +387,31 @@ impl Settings {
             format,
             stats_interval: v.secs("STATS_INTERVAL_SECS", 300, 0, 86_400)?,
         };
+        const DAY: u64 = 86_400;
+        let days = |var, default| -> Result<Duration, ConfigError> {
+            v.number(var, default, 0, 36_500)
+                .map(|d: u64| Duration::from_secs(d * DAY))
+        };
+        let presence = PresenceSettings {
+            timeout: v.secs("PRESENCE_TIMEOUT_SECS", 90, 0, 31_536_000)?,
+            sweep_interval: v.secs("PRESENCE_SWEEP_SECS", 15, 1, 3600)?,
+        };
+        let keep = KeepSettings {
+            history: v.boolean("HISTORY_ENABLED", false)?,
+            history_retention: days("HISTORY_RETENTION_DAYS", 30)?,
+            rejects: v.boolean("REJECTS_ENABLED", false)?,
+            rejects_max_payload: v.number("REJECTS_MAX_PAYLOAD_BYTES", 1024, 0, 65_535)?,
+            rejects_keep: v.number("REJECTS_KEEP", 10_000, 1, 100_000_000)?,
+            rejects_retention: days("REJECTS_RETENTION_DAYS", 7)?,
+            maintenance_interval: v.secs("MAINTENANCE_INTERVAL_SECS", 60, 1, 86_400)?,
+        };
         Ok(Settings {
             mqtt,
             db,
             ingest,
             log,
+            presence,
+            keep,
         })
     }
 }
@@ -441,6 +494,30 @@ mod tests {
             "{shown}"
         );
         assert_eq!(s.db.password.expose(), "hunter2");
+    }
+
+    #[test]
+    fn presence_history_and_rejects() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.presence.timeout, Duration::from_secs(90));
+        assert!(!s.keep.history && !s.keep.rejects);
+        assert_eq!(s.keep.history_retention, Duration::from_secs(30 * 86_400));
+        let s = settings(&[
+            ("PRESENCE_TIMEOUT_SECS", "0"),
+            ("HISTORY_ENABLED", "true"),
+            ("HISTORY_RETENTION_DAYS", "0"),
+            ("REJECTS_ENABLED", "1"),
+        ])
+        .unwrap();
+        assert!(s.presence.timeout.is_zero());
+        assert!(s.keep.history && s.keep.rejects);
+        assert!(s.keep.history_retention.is_zero());
+        assert_eq!(
+            settings(&[("REJECTS_MAX_PAYLOAD_BYTES", "100000")])
+                .unwrap_err()
+                .var,
+            "REJECTS_MAX_PAYLOAD_BYTES"
+        );
     }
 
     #[test]

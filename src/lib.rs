@@ -15,11 +15,14 @@
 
 pub mod backoff;
 pub mod config;
+pub mod history;
 pub mod merge;
 pub mod model;
 pub mod mqtt;
 pub mod payload;
+pub mod presence;
 pub mod rejection;
+pub mod rejects;
 pub mod service;
 pub mod stats;
 pub mod store;

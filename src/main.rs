@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mqtt_ingest::config::Settings;
 use mqtt_ingest::service::Service;
-use mqtt_ingest::{mqtt, store, telemetry};
+use mqtt_ingest::{mqtt, rejects, store, telemetry};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -18,6 +18,11 @@ const USAGE: &str = "\
 mqtt-ingest: MQTT device telemetry into MySQL/MariaDB (device_main)
 
 Usage: mqtt-ingest [OPTIONS]
+       mqtt-ingest rejects [--device UUID] [--reason REASON] [--limit N] [--env-file PATH]
+
+Commands:
+  rejects           print the latest kept rejected messages (REJECTS_ENABLED=true keeps them),
+                    newest first; --limit defaults to 20
 
 Options:
   --env-file PATH   read settings from PATH instead of ./.env (variables already set win)
@@ -32,13 +37,46 @@ them all with their defaults.";
 enum Command {
     Run,
     CheckConfig,
+    Rejects(RejectsQuery),
+}
+
+#[derive(Default)]
+struct RejectsQuery {
+    device: Option<String>,
+    reason: Option<String>,
+    limit: Option<u32>,
 }
 
 fn main() -> ExitCode {
     let mut command = Command::Run;
     let mut env_file: Option<PathBuf> = None;
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("rejects") {
+        args.next();
+        command = Command::Rejects(RejectsQuery::default());
+    }
     while let Some(arg) = args.next() {
+        if let Command::Rejects(query) = &mut command {
+            let slot = match arg.as_str() {
+                "--device" => Some(&mut query.device),
+                "--reason" => Some(&mut query.reason),
+                _ => None,
+            };
+            if let Some(slot) = slot {
+                match args.next() {
+                    Some(v) => *slot = Some(v),
+                    None => return usage_error(&format!("{arg} needs a value")),
+                }
+                continue;
+            }
+            if arg == "--limit" {
+                match args.next().and_then(|v| v.parse().ok()) {
+                    Some(n) => query.limit = Some(n),
+                    None => return usage_error("--limit needs a whole number"),
+                }
+                continue;
+            }
+        }
         match arg.as_str() {
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -108,6 +146,7 @@ fn main() -> ExitCode {
     match command {
         Command::CheckConfig => runtime.block_on(check_config(settings)),
         Command::Run => runtime.block_on(run(settings)),
+        Command::Rejects(query) => runtime.block_on(print_rejects(settings, query)),
     }
 }
 
@@ -148,6 +187,43 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
     }
     shutdown.cancel();
+}
+
+/// Prints the latest kept rejects.
+async fn print_rejects(settings: Settings, query: RejectsQuery) -> ExitCode {
+    let pool = store::pool(&settings.db);
+    let limit = query.limit.unwrap_or(20);
+    let result = rejects::latest(
+        &pool,
+        query.device.as_deref(),
+        query.reason.as_deref(),
+        limit,
+    )
+    .await;
+    pool.close().await;
+    match result {
+        Ok(rows) if rows.is_empty() => {
+            println!(
+                "no rejected messages kept{}",
+                if settings.keep.rejects {
+                    ""
+                } else {
+                    " (REJECTS_ENABLED is off)"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(rows) => {
+            for r in rows {
+                println!("{}\n", r.render());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cannot read the kept rejects: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Validates the settings (done before we get here) and tests both connections.

@@ -21,6 +21,7 @@ use crate::backoff::Backoff;
 use crate::config::MqttSettings;
 use crate::model::{TopicKind, Update};
 use crate::payload::{self, Rules};
+use crate::rejects::{Evidence, RejectSink};
 use crate::stats::Stats;
 use crate::writer::Router;
 
@@ -50,6 +51,9 @@ pub struct Job {
     pub update: Update,
     /// What to acknowledge after the commit; `None` for QoS 0.
     pub ack: Option<AckToken>,
+    /// Topic and payload start, kept only when rejects are kept (the writer may still reject
+    /// the message: unknown device).
+    pub evidence: Option<Evidence>,
 }
 
 /// Sends acknowledgements through the client. Cheap to clone.
@@ -142,12 +146,14 @@ fn describe(e: &ConnectionError) -> String {
 /// Runs the event loop until the disconnect that shutdown asks for (or until `shutdown` fires
 /// while there is no connection). Reconnects forever with backoff and re-subscribes after every
 /// connection: rumqttc does neither on its own.
+#[allow(clippy::too_many_arguments)] // the parts it connects; a struct would only rename them
 pub async fn run_event_loop(
     settings: MqttSettings,
     rules: Rules,
     mut eventloop: EventLoop,
     acker: Acker,
     jobs: Router,
+    rejects: Option<RejectSink>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
@@ -162,7 +168,16 @@ pub async fn run_event_loop(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                handle_publish(publish, &settings, &rules, &acker, &jobs, &stats, &shutdown).await;
+                let ctx = Intake {
+                    settings: &settings,
+                    rules: &rules,
+                    acker: &acker,
+                    jobs: &jobs,
+                    rejects: rejects.as_ref(),
+                    stats: &stats,
+                    shutdown: &shutdown,
+                };
+                handle_publish(publish, &ctx).await;
             }
             Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                 acker.generation.fetch_add(1, Ordering::AcqRel);
@@ -239,15 +254,27 @@ fn shown_topic(topic: &str) -> String {
     s
 }
 
-async fn handle_publish(
-    mut publish: Publish,
-    settings: &MqttSettings,
-    rules: &Rules,
-    acker: &Acker,
-    jobs: &Router,
-    stats: &Stats,
-    shutdown: &CancellationToken,
-) {
+/// What handling one publish needs.
+struct Intake<'a> {
+    settings: &'a MqttSettings,
+    rules: &'a Rules,
+    acker: &'a Acker,
+    jobs: &'a Router,
+    rejects: Option<&'a RejectSink>,
+    stats: &'a Stats,
+    shutdown: &'a CancellationToken,
+}
+
+async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
+    let Intake {
+        settings,
+        rules,
+        acker,
+        jobs,
+        rejects,
+        stats,
+        shutdown,
+    } = *ctx;
     if shutdown.is_cancelled() {
         // Not taken: unacknowledged, so the broker keeps it for the next start.
         return;
@@ -265,6 +292,7 @@ async fn handle_publish(
         publish,
         generation: acker.generation.load(Ordering::Acquire),
     });
+    let evidence = rejects.map(|sink| sink.evidence(&topic, &payload));
     match outcome {
         Err(rejection) => {
             stats.received();
@@ -275,6 +303,15 @@ async fn handle_publish(
                 error = %rejection,
                 "message rejected"
             );
+            if let (Some(sink), Some(evidence)) = (rejects, evidence) {
+                let device = settings.topics.parse(&topic).ok().map(|(d, _)| d);
+                sink.record(
+                    evidence,
+                    device.as_ref().map(|d| d.as_str()),
+                    &rejection,
+                    received_at,
+                );
+            }
             // Final: the same message would be rejected again.
             if let Some(token) = ack {
                 acker.ack(token);
@@ -295,6 +332,7 @@ async fn handle_publish(
             let job = Job {
                 update: accepted.update,
                 ack,
+                evidence,
             };
             // Waits only when the writer is behind by a whole queue: that is the backpressure
             // towards the broker. With QoS 1 the broker's inflight window keeps it from filling.

@@ -13,9 +13,11 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::mqtt;
+use crate::rejects::RejectSink;
 use crate::stats::Stats;
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreOptions};
 use crate::writer::{Batching, Router, run_writer};
+use crate::{history, presence, rejects};
 
 /// The service, before it runs. [`Service::stats`] gives the live counters (tests and the
 /// statistics block read them).
@@ -58,6 +60,47 @@ impl Service {
         }
 
         let (_client, eventloop, acker) = mqtt::client(&settings.mqtt);
+        let keep = &settings.keep;
+        let (rejects, reject_writer) = if keep.rejects {
+            let (sink, rx) = rejects::channel(keep.rejects_max_payload);
+            (
+                Some(sink),
+                Some(tokio::spawn(rejects::run_writer(pool.clone(), rx))),
+            )
+        } else {
+            (None, None)
+        };
+        let rejects_dropped = rejects.as_ref().map(RejectSink::dropped_counter);
+        let mut background = Vec::new();
+        if !settings.presence.timeout.is_zero() {
+            background.push(tokio::spawn(presence::run_sweeper(
+                pool.clone(),
+                settings.presence.timeout,
+                settings.presence.sweep_interval,
+                shutdown.clone(),
+            )));
+        }
+        if keep.history && !keep.history_retention.is_zero() {
+            background.push(tokio::spawn(history::run_retention(
+                pool.clone(),
+                keep.history_retention,
+                keep.maintenance_interval,
+                shutdown.clone(),
+            )));
+        }
+        if keep.rejects {
+            background.push(tokio::spawn(rejects::run_retention(
+                pool.clone(),
+                keep.rejects_keep,
+                keep.rejects_retention,
+                keep.maintenance_interval,
+                shutdown.clone(),
+            )));
+        }
+        let store_options = StoreOptions {
+            register_unknown_devices: settings.ingest.register_unknown_devices,
+            history: keep.history,
+        };
         let ingest = &settings.ingest;
         let per_writer = (ingest.queue_capacity / ingest.writers).max(1);
         let batching = Batching {
@@ -71,9 +114,10 @@ impl Service {
             let (tx, rx) = mpsc::channel(per_writer);
             queues.push(tx);
             writers.push(tokio::spawn(run_writer(
-                Store::new(pool.clone(), ingest.register_unknown_devices),
+                Store::new(pool.clone(), store_options),
                 rx,
                 acker.clone(),
+                rejects.clone(),
                 stats.clone(),
                 batching,
                 shutdown.clone(),
@@ -85,6 +129,7 @@ impl Service {
             eventloop,
             acker.clone(),
             Router::new(queues),
+            rejects,
             stats.clone(),
             shutdown.clone(),
         ));
@@ -104,10 +149,24 @@ impl Service {
         // Queued after the acks, so the broker gets every ack before the disconnect.
         acker.disconnect();
         let loop_done = wait(event_loop, deadline, "the MQTT event loop").await;
+        // Its senders went with the writers and the event loop: it ends once it has written.
+        let mut rejects_done = Ok(());
+        if let Some(task) = reject_writer {
+            rejects_done = wait(task, deadline, "the reject writer").await;
+        }
+        if let Some(n) = rejects_dropped
+            .map(|d| d.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|n| *n > 0)
+        {
+            warn!(records = n, "rejects not kept: the reject queue was full");
+        }
+        for task in background {
+            task.abort();
+        }
         ticker.abort();
         info!("final statistics\n{}", stats.snapshot().render());
         pool.close().await;
-        writers_done.and(loop_done)
+        writers_done.and(loop_done).and(rejects_done)
     }
 }
 

@@ -11,6 +11,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolO
 use sqlx::{Executor, MySql, Row, Transaction};
 
 use crate::config::DbSettings;
+use crate::history::{self, HistoryRow};
 use crate::merge::DeviceState;
 use crate::model::Update;
 
@@ -140,7 +141,27 @@ pub fn shaped_chunks<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
         .collect()
 }
 
-fn placeholders(rows: usize, per_row: &str, separator: &str) -> String {
+/// Cuts `items` into pieces whose sizes are all [`SHAPES`], without padding (for inserts where
+/// a repeated row would be a duplicate): greedily the largest shape that fits.
+pub fn exact_chunks<T>(items: &[T]) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let size = SHAPES
+            .iter()
+            .rev()
+            .copied()
+            .find(|&s| s <= rest.len())
+            .unwrap_or(1);
+        let (head, tail) = rest.split_at(size);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+/// `rows` copies of `per_row` joined by `separator`: the placeholders of a multi-row statement.
+pub fn placeholders(rows: usize, per_row: &str, separator: &str) -> String {
     vec![per_row; rows].join(separator)
 }
 
@@ -148,7 +169,16 @@ fn placeholders(rows: usize, per_row: &str, separator: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: MySqlPool,
-    register_unknown_devices: bool,
+    options: StoreOptions,
+}
+
+/// What a store writes besides the device rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Create a `device_main` row for an unknown uuid instead of rejecting its messages.
+    pub register_unknown_devices: bool,
+    /// Append every accepted reading to `device_history`.
+    pub history: bool,
 }
 
 /// A device row read under lock: its primary key and its state.
@@ -159,12 +189,9 @@ struct LockedRow {
 }
 
 impl Store {
-    /// A store on `pool`; with `register_unknown_devices`, an unknown uuid gets a new row.
-    pub fn new(pool: MySqlPool, register_unknown_devices: bool) -> Self {
-        Self {
-            pool,
-            register_unknown_devices,
-        }
+    /// A store on `pool`.
+    pub fn new(pool: MySqlPool, options: StoreOptions) -> Self {
+        Self { pool, options }
     }
 
     /// The pool, for health checks and shutdown.
@@ -184,7 +211,7 @@ impl Store {
             }
         }
         let mut tx = self.pool.begin().await?;
-        if self.register_unknown_devices {
+        if self.options.register_unknown_devices {
             register(&mut tx, &devices).await?;
         }
         let mut rows = lock_rows(&mut tx, &devices).await?;
@@ -215,7 +242,7 @@ impl Store {
             }
         }
         let mut touched = vec![false; rows.len()];
-        let outcomes = updates
+        let outcomes: Vec<Applied> = updates
             .iter()
             .map(|u| match row_of.get(u.device.as_str()) {
                 Some(&i) => {
@@ -232,6 +259,15 @@ impl Store {
             .filter_map(|(r, t)| t.then_some(r))
             .collect();
         write_rows(&mut tx, &changed).await?;
+        if self.options.history {
+            let rows: Vec<HistoryRow> = updates
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == Applied::Written)
+                .flat_map(|(u, _)| history::rows_of(u))
+                .collect();
+            history::append(&mut tx, &rows).await?;
+        }
         tx.commit().await?;
         Ok(BatchOutcome {
             applied: outcomes,
@@ -361,6 +397,16 @@ mod tests {
             let mut seen: Vec<usize> = chunks.concat();
             seen.dedup();
             assert_eq!(seen, items, "{n}");
+        }
+    }
+
+    #[test]
+    fn exact_chunks_use_shapes_without_padding() {
+        for n in [0usize, 1, 7, 8, 9, 300, 513] {
+            let items: Vec<usize> = (0..n).collect();
+            let chunks = exact_chunks(&items);
+            assert!(chunks.iter().all(|c| SHAPES.contains(&c.len())), "{n}");
+            assert_eq!(chunks.concat(), items, "{n}");
         }
     }
 

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::mqtt::{Acker, Job};
 use crate::rejection::Rejection;
+use crate::rejects::RejectSink;
 use crate::stats::Stats;
 use crate::store::{Applied, Store, StoreError, retry_delay};
 
@@ -64,14 +65,21 @@ pub struct Batching {
 
 /// Writes until `shutdown` fires and the channel is drained: every message the event loop
 /// handed over is committed (or rejected) and acknowledged before this returns.
+#[allow(clippy::too_many_arguments)] // the parts it connects; a struct would only rename them
 pub async fn run_writer(
     store: Store,
     mut jobs: mpsc::Receiver<Job>,
     acker: Acker,
+    rejects: Option<RejectSink>,
     stats: Arc<Stats>,
     batching: Batching,
     shutdown: CancellationToken,
 ) {
+    let out = Outcomes {
+        acker: &acker,
+        rejects: rejects.as_ref(),
+        stats: &stats,
+    };
     let mut closing = false;
     let mut batch: Vec<Job> = Vec::with_capacity(batching.max_messages);
     loop {
@@ -103,51 +111,60 @@ pub async fn run_writer(
                 }
             }
         }
-        write_batch(
-            &store,
-            std::mem::take(&mut batch),
-            &acker,
-            &stats,
-            batching.retry_max,
-        )
-        .await;
+        write_batch(&store, std::mem::take(&mut batch), &out, batching.retry_max).await;
         batch.reserve(batching.max_messages);
     }
     info!("writer finished: everything taken in is committed and acknowledged");
 }
 
+/// Where a batch's outcomes go: acks, kept rejects, counters.
+struct Outcomes<'a> {
+    acker: &'a Acker,
+    rejects: Option<&'a RejectSink>,
+    stats: &'a Stats,
+}
+
+impl Outcomes<'_> {
+    /// Counts, logs and keeps a message the writer rejected, then acknowledges it (final).
+    fn reject(&self, job: Job, rejection: Rejection) {
+        self.stats.rejected(&rejection);
+        warn!(device = %job.update.device, reason = rejection.reason(), error = %rejection, "message rejected");
+        if let (Some(sink), Some(evidence)) = (self.rejects, job.evidence) {
+            sink.record(
+                evidence,
+                Some(job.update.device.as_str()),
+                &rejection,
+                job.update.received_at,
+            );
+        }
+        if let Some(token) = job.ack {
+            self.acker.ack(token);
+        }
+    }
+}
+
 /// Writes one batch, retrying until it commits; isolates messages the database refuses.
-async fn write_batch(
-    store: &Store,
-    batch: Vec<Job>,
-    acker: &Acker,
-    stats: &Stats,
-    retry_max: Duration,
-) {
+async fn write_batch(store: &Store, batch: Vec<Job>, out: &Outcomes<'_>, retry_max: Duration) {
+    let stats = out.stats;
     let mut attempt = 0u32;
     loop {
         let updates: Vec<_> = batch.iter().map(|j| &j.update).collect();
         match store.apply(&updates).await {
             Ok(outcome) => {
                 stats.batch_committed(outcome.rows_written as u64);
-                finish(batch, outcome.applied, acker, stats);
+                finish(batch, outcome.applied, out);
                 return;
             }
             Err(StoreError::Refused(e)) if batch.len() == 1 => {
-                // The guard says there is exactly one job.
-                let job = batch.into_iter().next().expect("batch has one job");
-                let rejection = Rejection::DbRefused(e.to_string());
-                stats.rejected(&rejection);
-                warn!(device = %job.update.device, reason = rejection.reason(), error = %rejection, "message rejected");
-                if let Some(token) = job.ack {
-                    acker.ack(token);
+                for job in batch {
+                    out.reject(job, Rejection::DbRefused(e.to_string()));
                 }
                 return;
             }
             Err(StoreError::Refused(e)) => {
                 warn!(error = %e, messages = batch.len(), "the database refused a batch; writing its messages one by one");
                 for job in batch {
-                    Box::pin(write_batch(store, vec![job], acker, stats, retry_max)).await;
+                    Box::pin(write_batch(store, vec![job], out, retry_max)).await;
                 }
                 return;
             }
@@ -167,26 +184,20 @@ async fn write_batch(
     }
 }
 
-fn finish(batch: Vec<Job>, outcomes: Vec<Applied>, acker: &Acker, stats: &Stats) {
+fn finish(batch: Vec<Job>, outcomes: Vec<Applied>, out: &Outcomes<'_>) {
     let mut written = 0;
     for (job, outcome) in batch.into_iter().zip(outcomes) {
         match outcome {
-            Applied::Written => written += 1,
-            Applied::UnknownDevice => {
-                let rejection = Rejection::UnknownDevice;
-                stats.rejected(&rejection);
-                warn!(
-                    device = %job.update.device,
-                    reason = rejection.reason(),
-                    "device not found: no device_main row has this uuid (register it, or set INGEST_REGISTER_UNKNOWN_DEVICES=true)"
-                );
+            Applied::Written => {
+                written += 1;
+                if let Some(token) = job.ack {
+                    out.acker.ack(token);
+                }
             }
-        }
-        if let Some(token) = job.ack {
-            acker.ack(token);
+            Applied::UnknownDevice => out.reject(job, Rejection::UnknownDevice),
         }
     }
-    stats.succeeded(written);
+    out.stats.succeeded(written);
 }
 
 #[cfg(test)]

@@ -1,0 +1,169 @@
+//! Sensor history (opt-in): every accepted reading appended to `device_history` in the same
+//! transaction as the device's state, and old rows removed in small batches in the background.
+
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::{MySql, MySqlPool, Transaction};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::model::{Change, Update};
+use crate::store::{StoreError, placeholders, shaped_chunks};
+
+/// Longest unit kept in history (the column is `VARCHAR(64)`).
+const UNIT_MAX_CHARS: usize = 64;
+
+/// Rows deleted per statement by the retention task, so that it never holds locks for long.
+const PRUNE_BATCH: u64 = 1000;
+
+/// One reading, as a history row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    /// The device.
+    pub device: String,
+    /// Sensor name.
+    pub sensor: String,
+    /// The value as a double.
+    pub value: f64,
+    /// Unit text (cut to 64 characters).
+    pub unit: String,
+    /// When the device read it (UTC).
+    pub reading_time: NaiveDateTime,
+    /// When the service received it (UTC).
+    pub received_at: NaiveDateTime,
+}
+
+/// The history rows of `update`'s readings.
+pub fn rows_of(update: &Update) -> impl Iterator<Item = HistoryRow> + '_ {
+    let sensors = match &update.change {
+        Change::Data(report) => Some(&report.sensors),
+        _ => None,
+    };
+    sensors.into_iter().flatten().filter_map(move |(name, r)| {
+        // Validated already: a number and an RFC 3339 time.
+        let value = r.value.as_f64()?;
+        let reading_time = DateTime::parse_from_rfc3339(&r.timestamp)
+            .ok()?
+            .with_timezone(&Utc)
+            .naive_utc();
+        Some(HistoryRow {
+            device: update.device.as_str().to_owned(),
+            sensor: name.clone(),
+            value,
+            unit: r.unit.chars().take(UNIT_MAX_CHARS).collect(),
+            reading_time,
+            received_at: update.received_at.naive_utc(),
+        })
+    })
+}
+
+/// Appends `rows` inside the batch's transaction. A reading already there (same device, sensor
+/// and reading time: a redelivery) is skipped.
+pub async fn append(
+    tx: &mut Transaction<'static, MySql>,
+    rows: &[HistoryRow],
+) -> Result<(), StoreError> {
+    for chunk in shaped_chunks(rows) {
+        let sql = format!(
+            "INSERT IGNORE INTO device_history \
+               (device_uuid, sensor, value, unit, reading_time, received_at) VALUES {}",
+            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?)", ", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in &chunk {
+            q = q
+                .bind(&r.device)
+                .bind(&r.sensor)
+                .bind(r.value)
+                .bind(&r.unit)
+                .bind(r.reading_time)
+                .bind(r.received_at);
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Deletes rows received before `cutoff`, in small batches; returns how many.
+pub async fn prune(pool: &MySqlPool, cutoff: NaiveDateTime) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    loop {
+        let sql = format!("DELETE FROM device_history WHERE received_at < ? LIMIT {PRUNE_BATCH}");
+        let n = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(cutoff)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        deleted += n;
+        if n < PRUNE_BATCH {
+            return Ok(deleted);
+        }
+        // Let the ingest path's transactions in between.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Removes history older than `retention` every `interval` until shutdown.
+pub async fn run_retention(
+    pool: MySqlPool,
+    retention: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let Ok(retention) = chrono::Duration::from_std(retention) else {
+        return;
+    };
+    loop {
+        let cutoff = Utc::now().naive_utc() - retention;
+        match prune(&pool, cutoff).await {
+            Ok(0) => {}
+            Ok(n) => debug!(deleted = n, "old history removed"),
+            Err(e) => warn!(error = %e, "history retention failed; trying again later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DataReport, DeviceUuid, SensorReading};
+    use serde_json::Number;
+
+    #[test]
+    fn readings_become_rows_in_utc() {
+        let mut report = DataReport::default();
+        report.sensors.insert(
+            "temperature".into(),
+            SensorReading {
+                value: Number::from_f64(25.5).unwrap(),
+                unit: "°C".repeat(40),
+                timestamp: "2025-12-19T14:30:00+08:00".into(),
+            },
+        );
+        let received = DateTime::parse_from_rfc3339("2025-12-19T06:31:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let update = Update {
+            device: DeviceUuid::parse("d1").unwrap(),
+            received_at: received,
+            reading_time: None,
+            change: Change::Data(report),
+        };
+        let rows: Vec<_> = rows_of(&update).collect();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].reading_time.to_string(), "2025-12-19 06:30:00");
+        assert_eq!(rows[0].received_at.to_string(), "2025-12-19 06:31:00");
+        assert_eq!(rows[0].unit.chars().count(), 64);
+        assert_eq!(rows[0].value, 25.5);
+        let heartbeat = Update {
+            change: Change::Heartbeat,
+            ..update
+        };
+        assert_eq!(rows_of(&heartbeat).count(), 0);
+    }
+}

@@ -1,0 +1,58 @@
+//! Device presence: a device that sent nothing for a while is set offline by a periodic sweep
+//! in SQL. Doing it in the database (not from memory) makes the state right straight after a
+//! restart of the service and safe with several instances sweeping the same table.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Sets offline every device whose `last_seen` is older than `timeout` (or unset); returns how
+/// many changed.
+pub async fn sweep(pool: &MySqlPool, timeout: Duration) -> Result<u64, sqlx::Error> {
+    // The cutoff comes from this host's clock, in UTC like last_seen, so the server's time zone
+    // does not matter. A timeout too large to subtract means nobody is ever old enough.
+    let Some(cutoff) = chrono::Duration::from_std(timeout)
+        .ok()
+        .and_then(|t| Utc::now().naive_utc().checked_sub_signed(t))
+    else {
+        return Ok(0);
+    };
+    let result = sqlx::query(
+        "UPDATE device_main SET is_online = 0 \
+         WHERE is_online <> 0 AND (last_seen IS NULL OR last_seen < ?)",
+    )
+    .bind(cutoff)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+/// Sweeps every `interval` until shutdown (first sweep at once).
+pub async fn run_sweeper(
+    pool: MySqlPool,
+    timeout: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    info!(
+        timeout_secs = timeout.as_secs(),
+        "presence: devices silent this long are set offline"
+    );
+    loop {
+        match sweep(&pool, timeout).await {
+            Ok(0) => debug!("presence sweep: nothing changed"),
+            Ok(n) => info!(
+                devices = n,
+                "presence sweep: devices set offline after silence"
+            ),
+            Err(e) => warn!(error = %e, "presence sweep failed; trying again later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

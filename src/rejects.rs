@@ -1,0 +1,354 @@
+//! Kept rejects (opt-in): rejected messages stored in `ingest_rejects` with their reason and the
+//! start of their payload, bounded by count and age, and a query for `mqtt-ingest rejects`.
+//!
+//! Recording never waits: the event loop hands a record to a bounded queue and goes on; if the
+//! queue is full (the database is slow), the record is dropped and counted. Rejects are for
+//! diagnosis; they must not slow the ingest path down.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::{MySqlPool, Row};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::rejection::Rejection;
+use crate::store::{exact_chunks, placeholders};
+
+/// Longest topic kept (the column is `VARCHAR(255)`).
+const TOPIC_MAX_CHARS: usize = 255;
+/// Longest reason text kept (the column is `VARCHAR(512)`).
+const DETAIL_MAX_CHARS: usize = 512;
+/// Records waiting to be written.
+const QUEUE: usize = 1024;
+
+/// What is kept of a message in case the writer rejects it later (unknown device).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// The topic it came on.
+    pub topic: String,
+    /// The start of its payload.
+    pub payload: Vec<u8>,
+    /// Its full payload size.
+    pub payload_bytes: usize,
+}
+
+/// One rejected message, ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectRecord {
+    received_at: NaiveDateTime,
+    topic: String,
+    device: Option<String>,
+    reason: &'static str,
+    detail: String,
+    payload: Vec<u8>,
+    payload_bytes: usize,
+}
+
+fn cut(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+/// Hands rejected messages to the reject writer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RejectSink {
+    tx: mpsc::Sender<RejectRecord>,
+    max_payload: usize,
+    dropped: Arc<AtomicU64>,
+}
+
+impl RejectSink {
+    /// What to keep of a message that may still be rejected by the writer.
+    pub fn evidence(&self, topic: &str, payload: &[u8]) -> Evidence {
+        Evidence {
+            topic: cut(topic, TOPIC_MAX_CHARS),
+            payload: payload[..payload.len().min(self.max_payload)].to_vec(),
+            payload_bytes: payload.len(),
+        }
+    }
+
+    /// Records a rejection (never waits; drops and counts when the queue is full).
+    pub fn record(
+        &self,
+        evidence: Evidence,
+        device: Option<&str>,
+        rejection: &Rejection,
+        received_at: DateTime<Utc>,
+    ) {
+        let record = RejectRecord {
+            received_at: received_at.naive_utc(),
+            topic: evidence.topic,
+            device: device.map(str::to_owned),
+            reason: rejection.reason(),
+            detail: cut(&rejection.to_string(), DETAIL_MAX_CHARS),
+            payload: evidence.payload,
+            payload_bytes: evidence.payload_bytes,
+        };
+        if self.tx.try_send(record).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            debug!("reject queue full: record not kept");
+        }
+    }
+
+    /// Records that could not be kept because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The count of [`RejectSink::dropped`], readable after every sink is gone (holding a sink
+    /// would keep the reject writer waiting for more).
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
+    }
+}
+
+/// A sink keeping `max_payload` bytes of each payload, and the queue its writer drains.
+pub fn channel(max_payload: usize) -> (RejectSink, mpsc::Receiver<RejectRecord>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let sink = RejectSink {
+        tx,
+        max_payload,
+        dropped: Arc::new(AtomicU64::new(0)),
+    };
+    (sink, rx)
+}
+
+/// Writes queued records in multi-row inserts until every sink is dropped and the queue is
+/// empty. A failed insert is retried a few times, then given up (with a warning).
+pub async fn run_writer(pool: MySqlPool, mut rx: mpsc::Receiver<RejectRecord>) {
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let mut attempt = 0;
+        loop {
+            match insert(&pool, &batch).await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    debug!(error = %e, attempt, "keeping rejects failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, records = batch.len(), "could not keep rejected messages");
+                    break;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+async fn insert(pool: &MySqlPool, records: &[RejectRecord]) -> Result<(), sqlx::Error> {
+    // Not padded: a repeated record would be a duplicate row here.
+    for chunk in exact_chunks(records) {
+        let sql = format!(
+            "INSERT INTO ingest_rejects \
+               (received_at, topic, device_uuid, reason, detail, payload, payload_bytes) VALUES {}",
+            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?, ?)", ", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(r.received_at)
+                .bind(&r.topic)
+                .bind(r.device.as_deref())
+                .bind(r.reason)
+                .bind(&r.detail)
+                .bind(&r.payload)
+                .bind(r.payload_bytes as u64);
+        }
+        q.execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// Keeps at most `keep` rows and none older than `retention`; deletes in small batches.
+pub async fn prune(pool: &MySqlPool, keep: u64, retention: Duration) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    if let Ok(age) = chrono::Duration::from_std(retention) {
+        let cutoff = Utc::now().naive_utc() - age;
+        loop {
+            let n = sqlx::query("DELETE FROM ingest_rejects WHERE received_at < ? LIMIT 1000")
+                .bind(cutoff)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            deleted += n;
+            if n < 1000 {
+                break;
+            }
+        }
+    }
+    let newest_dropped: Option<u64> = sqlx::query_scalar(
+        "SELECT CAST(id AS UNSIGNED) FROM ingest_rejects ORDER BY id DESC LIMIT 1 OFFSET ?",
+    )
+    .bind(keep)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(last) = newest_dropped {
+        loop {
+            let n = sqlx::query("DELETE FROM ingest_rejects WHERE id <= ? LIMIT 1000")
+                .bind(last)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            deleted += n;
+            if n < 1000 {
+                break;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+/// Prunes every `interval` until shutdown.
+pub async fn run_retention(
+    pool: MySqlPool,
+    keep: u64,
+    retention: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match prune(&pool, keep, retention).await {
+            Ok(0) => {}
+            Ok(n) => debug!(deleted = n, "old rejects removed"),
+            Err(e) => warn!(error = %e, "reject retention failed; trying again later"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// A kept reject, as `mqtt-ingest rejects` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReject {
+    /// When it arrived (UTC).
+    pub received_at: NaiveDateTime,
+    /// Its topic.
+    pub topic: String,
+    /// The device, when the topic named a valid one.
+    pub device: Option<String>,
+    /// Reason code.
+    pub reason: String,
+    /// The reason in words.
+    pub detail: String,
+    /// The start of the payload.
+    pub payload: Vec<u8>,
+    /// The whole payload's size.
+    pub payload_bytes: u64,
+}
+
+/// The latest `limit` rejects, newest first, optionally for one device or one reason.
+pub async fn latest(
+    pool: &MySqlPool,
+    device: Option<&str>,
+    reason: Option<&str>,
+    limit: u32,
+) -> Result<Vec<StoredReject>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT received_at, topic, device_uuid, reason, detail, payload, \
+                CAST(payload_bytes AS UNSIGNED) AS payload_bytes \
+         FROM ingest_rejects \
+         WHERE (? IS NULL OR device_uuid = ?) AND (? IS NULL OR reason = ?) \
+         ORDER BY id DESC LIMIT ?",
+    )
+    .bind(device)
+    .bind(device)
+    .bind(reason)
+    .bind(reason)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StoredReject {
+                received_at: r.try_get("received_at")?,
+                topic: r.try_get("topic")?,
+                device: r.try_get("device_uuid")?,
+                reason: r.try_get("reason")?,
+                detail: r.try_get("detail")?,
+                payload: r
+                    .try_get::<Option<Vec<u8>>, _>("payload")?
+                    .unwrap_or_default(),
+                payload_bytes: r.try_get("payload_bytes")?,
+            })
+        })
+        .collect()
+}
+
+impl StoredReject {
+    /// One block of text for a terminal: time, reason, topic, detail, payload (escaped).
+    pub fn render(&self) -> String {
+        const SHOWN: usize = 200;
+        let text = String::from_utf8_lossy(&self.payload);
+        let mut payload: String = text
+            .chars()
+            .take(SHOWN)
+            .collect::<String>()
+            .escape_debug()
+            .to_string();
+        if text.chars().count() > SHOWN || (self.payload.len() as u64) < self.payload_bytes {
+            payload.push_str(&format!(" … ({} bytes in all)", self.payload_bytes));
+        }
+        format!(
+            "{}Z  {}  {}\n    {}\n    payload: {}",
+            self.received_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            self.reason,
+            self.topic.escape_debug(),
+            self.detail,
+            payload
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evidence_is_bounded() {
+        let (sink, _rx) = channel(4);
+        let e = sink.evidence(&"t".repeat(1000), b"0123456789");
+        assert_eq!(e.topic.len(), TOPIC_MAX_CHARS);
+        assert_eq!(e.payload, b"0123");
+        assert_eq!(e.payload_bytes, 10);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let (sink, _rx) = channel(8);
+        for _ in 0..QUEUE + 5 {
+            sink.record(
+                sink.evidence("t", b"x"),
+                None,
+                &Rejection::NotObject,
+                Utc::now(),
+            );
+        }
+        assert_eq!(sink.dropped(), 5);
+    }
+
+    #[test]
+    fn render_escapes_and_marks_cut_payloads() {
+        let r = StoredReject {
+            received_at: NaiveDateTime::default(),
+            topic: "devices/x\n/data".into(),
+            device: None,
+            reason: "not_json".into(),
+            detail: "payload is not valid JSON".into(),
+            payload: b"ab\x00".to_vec(),
+            payload_bytes: 10,
+        };
+        let text = r.render();
+        assert!(text.contains("devices/x\\n/data"), "{text}");
+        assert!(
+            text.contains("ab\\0") && text.contains("(10 bytes in all)"),
+            "{text}"
+        );
+    }
+}
