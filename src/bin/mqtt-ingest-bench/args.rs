@@ -21,6 +21,7 @@ Scenarios (--scenario, comma-separated; default all), run in this order:
   drain-100    backlog of 100 devices x 500 messages drained by the service
   broker-10k   the drain-10k backlog drained by mosquitto_sub
   drain-10k    backlog of 10,000 devices x 10 messages drained by the service
+  history-10k  the same with HISTORY_ENABLED=true (every reading also appended to history)
   live         5,000 msg/s for 30 s over 100 devices; publish-to-commit latency
   aliases: all, drain (both drains), broker (both broker limits), db (= db-limit)
 
@@ -88,16 +89,19 @@ pub enum Scenario {
     Drain100,
     Broker10k,
     Drain10k,
+    /// drain-10k with sensor history on (HISTORY_ENABLED=true): two history rows per message.
+    Drain10kHistory,
     Live,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::DbLimit,
         Scenario::Broker100,
         Scenario::Drain100,
         Scenario::Broker10k,
         Scenario::Drain10k,
+        Scenario::Drain10kHistory,
         Scenario::Live,
     ];
 
@@ -108,6 +112,7 @@ impl Scenario {
             Scenario::Drain100 => "drain-100",
             Scenario::Broker10k => "broker-10k",
             Scenario::Drain10k => "drain-10k",
+            Scenario::Drain10kHistory => "history-10k",
             Scenario::Live => "live",
         }
     }
@@ -203,16 +208,21 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Vec<Scenario>> {
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let add: &[Scenario] = match part {
             "all" => &Scenario::ALL,
-            "drain" => &[Scenario::Drain100, Scenario::Drain10k],
+            "drain" => &[
+                Scenario::Drain100,
+                Scenario::Drain10k,
+                Scenario::Drain10kHistory,
+            ],
             "broker" => &[Scenario::Broker100, Scenario::Broker10k],
             "db" | "db-limit" => &[Scenario::DbLimit],
             "broker-100" => &[Scenario::Broker100],
             "broker-10k" => &[Scenario::Broker10k],
             "drain-100" => &[Scenario::Drain100],
             "drain-10k" => &[Scenario::Drain10k],
+            "history-10k" => &[Scenario::Drain10kHistory],
             "live" => &[Scenario::Live],
             other => bail!(
-                "--scenario: unknown scenario {other:?} (db-limit, broker-100, drain-100, broker-10k, drain-10k, live, all, drain, broker, db)"
+                "--scenario: unknown scenario {other:?} (db-limit, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, all, drain, broker, db)"
             ),
         };
         out.extend_from_slice(add);

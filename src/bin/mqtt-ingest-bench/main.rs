@@ -61,10 +61,12 @@ struct Env {
 }
 
 async fn setup(opts: &Options, env: &mut Env) -> anyhow::Result<()> {
-    let needs_service = opts
-        .scenarios
-        .iter()
-        .any(|s| matches!(s, Scenario::Drain100 | Scenario::Drain10k | Scenario::Live));
+    let needs_service = opts.scenarios.iter().any(|s| {
+        matches!(
+            s,
+            Scenario::Drain100 | Scenario::Drain10k | Scenario::Drain10kHistory | Scenario::Live
+        )
+    });
     if needs_service {
         service::check_binary(&opts.service_bin)?;
     }

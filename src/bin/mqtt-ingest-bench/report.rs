@@ -50,7 +50,7 @@ pub fn link_ratios(rows: &mut [Row]) {
     for r in rows.iter_mut() {
         let l = match r.scenario.as_str() {
             "drain-100" => l100,
-            "drain-10k" => l10k,
+            "drain-10k" | "history-10k" => l10k,
             _ => None,
         };
         if let Some(l) = l.filter(|l| *l > 0.0)

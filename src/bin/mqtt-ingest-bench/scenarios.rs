@@ -40,6 +40,10 @@ impl Ctx<'_> {
     }
 
     fn spawn_service(&self, s: Scenario) -> anyhow::Result<Service> {
+        let extra: &[(&str, &str)] = match s {
+            Scenario::Drain10kHistory => &[("HISTORY_ENABLED", "true")],
+            _ => &[],
+        };
         Service::spawn(
             self.opts,
             self.broker.port,
@@ -47,6 +51,7 @@ impl Ctx<'_> {
             &self.db.name,
             &self.client_id(s, "svc"),
             &self.prefix(s),
+            extra,
         )
     }
 }
@@ -55,7 +60,7 @@ pub fn kind(s: Scenario) -> &'static str {
     match s {
         Scenario::DbLimit => "db",
         Scenario::Broker100 | Scenario::Broker10k => "broker",
-        Scenario::Drain100 | Scenario::Drain10k => "drain",
+        Scenario::Drain100 | Scenario::Drain10k | Scenario::Drain10kHistory => "drain",
         Scenario::Live => "live",
     }
 }
@@ -66,7 +71,7 @@ pub async fn run(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
         Scenario::Broker100 => broker_limit(ctx, s, ctx.opts.small).await,
         Scenario::Broker10k => broker_limit(ctx, s, ctx.opts.large).await,
         Scenario::Drain100 => drain(ctx, s, ctx.opts.small).await,
-        Scenario::Drain10k => drain(ctx, s, ctx.opts.large).await,
+        Scenario::Drain10k | Scenario::Drain10kHistory => drain(ctx, s, ctx.opts.large).await,
         Scenario::Live => live(ctx).await,
     }
 }

@@ -71,6 +71,7 @@ impl Service {
         db_name: &str,
         client_id: &str,
         prefix: &str,
+        extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Service> {
         let mut cmd = Command::new(&opts.service_bin);
         cmd.args(["--env-file", "/dev/null"])
@@ -87,6 +88,9 @@ impl Service {
             .env("DB_PASSWORD", &db.password)
             .env("LOG_FORMAT", "text")
             .env("STATS_INTERVAL_SECS", "0");
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
         for (k, v) in &opts.service_env {
             cmd.env(k, v);
         }
