@@ -171,6 +171,9 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// `STATS_INTERVAL_SECS`: how often the statistics block is logged; 0 turns it off.
     pub stats_interval: Duration,
+    /// `LOG_WARN_INTERVAL_SECS`: a repeated warning (same device, same reason) is logged once
+    /// per this interval; 0 logs every one.
+    pub warn_interval: Duration,
 }
 
 /// Everything the service is configured with.
@@ -386,6 +389,7 @@ impl Settings {
             level,
             format,
             stats_interval: v.secs("STATS_INTERVAL_SECS", 300, 0, 86_400)?,
+            warn_interval: v.secs("LOG_WARN_INTERVAL_SECS", 60, 0, 86_400)?,
         };
         const DAY: u64 = 86_400;
         let days = |var, default| -> Result<Duration, ConfigError> {

@@ -28,4 +28,5 @@ pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod topic;
+pub mod warn_limit;
 pub mod writer;

@@ -284,9 +284,11 @@ async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
     // topics and payloads.
     let topic = std::mem::take(&mut publish.topic);
     let payload = std::mem::take(&mut publish.payload);
-    let outcome = settings
-        .topics
-        .parse(&topic)
+    let parsed = settings.topics.parse(&topic);
+    let device_key = parsed
+        .as_ref()
+        .map_or(String::new(), |(d, _)| d.as_str().to_owned());
+    let outcome = parsed
         .and_then(|(device, kind)| payload::process(kind, device, &payload, received_at, rules));
     let ack = (publish.qos != QoS::AtMostOnce).then(|| AckToken {
         publish,
@@ -297,20 +299,19 @@ async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
         Err(rejection) => {
             stats.received();
             stats.rejected(&rejection);
-            warn!(
-                topic = %shown_topic(&topic),
-                reason = rejection.reason(),
-                error = %rejection,
-                "message rejected"
-            );
-            if let (Some(sink), Some(evidence)) = (rejects, evidence) {
-                let device = settings.topics.parse(&topic).ok().map(|(d, _)| d);
-                sink.record(
-                    evidence,
-                    device.as_ref().map(|d| d.as_str()),
-                    &rejection,
-                    received_at,
+            // A device with a bad topic has no valid id: such warnings share one key.
+            if let Some(left_out) = stats.should_warn(&device_key, rejection.reason()) {
+                warn!(
+                    topic = %shown_topic(&topic),
+                    reason = rejection.reason(),
+                    error = %rejection,
+                    similar_left_out = left_out,
+                    "message rejected"
                 );
+            }
+            if let (Some(sink), Some(evidence)) = (rejects, evidence) {
+                let device = (!device_key.is_empty()).then_some(device_key.as_str());
+                sink.record(evidence, device, &rejection, received_at);
             }
             // Final: the same message would be rejected again.
             if let Some(token) = ack {
@@ -320,11 +321,16 @@ async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
         Ok(accepted) => {
             if !accepted.skipped.is_empty() {
                 stats.parts_skipped(accepted.skipped.len() as u64);
-                for s in &accepted.skipped {
+                if let Some(left_out) = stats.should_warn(&device_key, "parts_skipped") {
+                    let parts: Vec<String> = accepted
+                        .skipped
+                        .iter()
+                        .map(|s| format!("{}: {}", s.part, s.reason))
+                        .collect();
                     warn!(
                         device = %accepted.update.device,
-                        part = %s.part,
-                        reason = %s.reason,
+                        skipped = %parts.join("; "),
+                        similar_left_out = left_out,
                         "skipped part of a message"
                     );
                 }

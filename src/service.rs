@@ -30,8 +30,8 @@ impl Service {
     /// A service for `settings`.
     pub fn new(settings: Settings) -> Self {
         Self {
+            stats: Arc::new(Stats::new(settings.log.warn_interval)),
             settings,
-            stats: Arc::new(Stats::default()),
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Local, Utc};
 
 use crate::rejection::Rejection;
+use crate::warn_limit::WarnLimiter;
 
 /// Live counters. Plain atomics: each is a separate fact, none must agree with another at the
 /// instant it is read.
@@ -25,10 +26,19 @@ pub struct Stats {
     last_message_ms: AtomicI64,
     connected: AtomicBool,
     subscribed: AtomicBool,
+    warnings: WarnLimiter,
 }
 
 impl Default for Stats {
     fn default() -> Self {
+        Self::new(Duration::from_secs(60))
+    }
+}
+
+impl Stats {
+    /// Counters whose repeated warnings are logged once per `warn_interval` per device and
+    /// reason.
+    pub fn new(warn_interval: Duration) -> Self {
         Self {
             started: Instant::now(),
             received: AtomicU64::new(0),
@@ -43,7 +53,14 @@ impl Default for Stats {
             last_message_ms: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
+            warnings: WarnLimiter::new(warn_interval),
         }
+    }
+
+    /// Whether a warning about `key` (a device) for `reason` should be logged now; `Some(n)`
+    /// says how many like it were left out since the last one logged.
+    pub fn should_warn(&self, key: &str, reason: &'static str) -> Option<u64> {
+        self.warnings.check(key, reason)
     }
 }
 

@@ -128,7 +128,24 @@ impl Outcomes<'_> {
     /// Counts, logs and keeps a message the writer rejected, then acknowledges it (final).
     fn reject(&self, job: Job, rejection: Rejection) {
         self.stats.rejected(&rejection);
-        warn!(device = %job.update.device, reason = rejection.reason(), error = %rejection, "message rejected");
+        if let Some(left_out) = self
+            .stats
+            .should_warn(job.update.device.as_str(), rejection.reason())
+        {
+            let hint = match rejection {
+                Rejection::UnknownDevice => {
+                    " (register the device, or set INGEST_REGISTER_UNKNOWN_DEVICES=true)"
+                }
+                _ => "",
+            };
+            warn!(
+                device = %job.update.device,
+                reason = rejection.reason(),
+                error = %rejection,
+                similar_left_out = left_out,
+                "message rejected{hint}"
+            );
+        }
         if let (Some(sink), Some(evidence)) = (self.rejects, job.evidence) {
             sink.record(
                 evidence,

@@ -259,3 +259,144 @@ async fn sigterm_with_messages_in_flight_commits_them_and_exits_zero() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_messages_is_counted_but_logged_once_per_device_and_reason() {
+    let broker = PrivateMosquitto::start().await;
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    migrate(&pool).await;
+    register(&pool, "ok").await;
+    let target = Target::new(&db, broker.port());
+    let mut process = ServiceProcess::start(&target).await;
+    let mut flood: Vec<(String, Vec<u8>)> = (0..500)
+        .map(|i| {
+            (
+                target.topic("noisy", "data"),
+                format!("garbage {i}").into_bytes(),
+            )
+        })
+        .collect();
+    flood.extend((0..500).map(|i| {
+        (
+            target.topic("noisy", "data"),
+            format!(r#"{{"123": {i}, "t": 1}}"#).into_bytes(),
+        )
+    }));
+    flood.push((target.topic("ok", "data"), br#"{"t": 7}"#.to_vec()));
+    publish_many(broker.port(), flood, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    wait_for_device(&pool, "ok", "the good message after the flood", |r| {
+        sensor(r, "t").is_some()
+    })
+    .await;
+    process.signal("TERM");
+    assert_eq!(process.wait_exit(Duration::from_secs(30)).await, Some(0));
+    let log = process.log();
+    let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        lines("reason=\"not_json\""),
+        1,
+        "500 identical rejections, one line:\n{log}"
+    );
+    assert_eq!(lines("skipped part of a message"), 1, "{log}");
+    assert_eq!(
+        lines("reason=\"unknown_device\""),
+        1,
+        "noisy is not registered: its 500 valid messages, one line"
+    );
+    // The counters count every one: 500 not_json + 500 unknown devices failed, 1 written.
+    let field = |name: &str| -> u64 {
+        log.lines()
+            .rev()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(name)
+                    .map(|v| v.trim().parse::<u64>().unwrap())
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        (field("total:"), field("succeeded:"), field("failed:")),
+        (1001, 1, 1000)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_reach_logs_errors_or_check_config() {
+    // A wrong database password and an MQTT password: the service fails to connect and says
+    // so, naming everything but the secrets.
+    let db = TestDb::new().await;
+    let target = Target::new(&db, shared_mqtt_port())
+        .with("DB_PASSWORD", "s3cret-db-pw")
+        .with("MQTT_USERNAME", "someone")
+        .with("MQTT_PASSWORD", "s3cret-mqtt-pw");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"));
+    cmd.args(["--check-config", "--env-file", "/dev/null"])
+        .env("LOG_LEVEL", "trace");
+    for (k, v) in target.vars() {
+        cmd.env(k, v);
+    }
+    cmd.env("LOG_LEVEL", "trace");
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the database login fails:\n{text}"
+    );
+    assert!(
+        text.contains("database") && text.contains("FAILED"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "a password leaked:\n{text}");
+
+    // A configuration error about a password-bearing setting does not echo it either.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"))
+        .args(["--env-file", "/dev/null"])
+        .env("DB_PASSWORD", "s3cret-db-pw")
+        .env("MQTT_PORT", "not-a-port")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        text.contains("MQTT_PORT") && !text.contains("s3cret"),
+        "{text}"
+    );
+
+    // And the running service, at trace level, through a failed database connection.
+    let mut process_env = target.clone().with("LOG_LEVEL", "trace");
+    process_env.db_password = "s3cret-db-pw".into();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"));
+    cmd.args(["--env-file", "/dev/null"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in process_env.vars() {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let pid = child.id().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("database not reachable"), "{text}");
+    assert!(!text.contains("s3cret"), "a password leaked:\n{text}");
+}
