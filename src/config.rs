@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -69,6 +70,32 @@ pub struct MqttSettings {
     pub reconnect_min: Duration,
     /// `MQTT_RECONNECT_MAX_SECS`: longest wait between connection attempts.
     pub reconnect_max: Duration,
+    /// `MQTT_TLS` and its files: `None` for plain TCP.
+    pub tls: Option<MqttTls>,
+}
+
+/// TLS to the broker (rustls).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttTls {
+    /// `MQTT_TLS_CA_FILE`: PEM file of the CA(s) to trust; `None`: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// `MQTT_TLS_CERT_FILE` and `MQTT_TLS_KEY_FILE`: a client certificate, if the broker asks.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// How the database connection uses TLS (`DB_SSL_MODE`), as MySQL clients name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbSslMode {
+    /// Plain TCP.
+    Disabled,
+    /// TLS when the server offers it, without checking its certificate (the MySQL default).
+    Preferred,
+    /// TLS or nothing, without checking the certificate.
+    Required,
+    /// TLS with the certificate checked against `DB_SSL_CA_FILE`.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate must name `DB_HOST`.
+    VerifyIdentity,
 }
 
 /// Database connection and pool settings.
@@ -97,6 +124,12 @@ pub struct DbSettings {
     pub auto_migrate: bool,
     /// `DB_RETRY_MAX_SECS`: longest wait between retries of a failed write.
     pub retry_max: Duration,
+    /// `DB_SSL_MODE`.
+    pub ssl_mode: DbSslMode,
+    /// `DB_SSL_CA_FILE`: PEM file of the CA(s) that signed the server's certificate.
+    pub ssl_ca_file: Option<PathBuf>,
+    /// `DB_SSL_CERT_FILE` and `DB_SSL_KEY_FILE`: a client certificate.
+    pub ssl_client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// How validated messages flow into the database.
@@ -254,6 +287,40 @@ impl Vars<'_> {
         self.number(var, default, min, max).map(Duration::from_secs)
     }
 
+    /// An optional path to a file that must exist and be readable.
+    fn file(&self, var: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        let raw = self.string(var, "");
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let path = PathBuf::from(&raw);
+        std::fs::File::open(&path).map_err(|e| ConfigError {
+            var,
+            problem: format!("cannot read {raw:?}: {e}"),
+        })?;
+        Ok(Some(path))
+    }
+
+    /// A certificate and its key: both or neither.
+    fn cert_pair(
+        &self,
+        cert: &'static str,
+        key: &'static str,
+    ) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+        match (self.file(cert)?, self.file(key)?) {
+            (Some(c), Some(k)) => Ok(Some((c, k))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError {
+                var: key,
+                problem: format!("must be set when {cert} is"),
+            }),
+            (None, Some(_)) => Err(ConfigError {
+                var: cert,
+                problem: format!("must be set when {key} is"),
+            }),
+        }
+    }
+
     fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
         let raw = self.string(var, "");
         match raw.to_ascii_lowercase().as_str() {
@@ -304,6 +371,14 @@ impl Settings {
                 problem: "must not be below MQTT_RECONNECT_MIN_SECS".into(),
             });
         }
+        let tls = if v.boolean("MQTT_TLS", false)? {
+            Some(MqttTls {
+                ca_file: v.file("MQTT_TLS_CA_FILE")?,
+                client_cert: v.cert_pair("MQTT_TLS_CERT_FILE", "MQTT_TLS_KEY_FILE")?,
+            })
+        } else {
+            None
+        };
         let mqtt = MqttSettings {
             broker: v.non_empty("MQTT_BROKER", "localhost")?,
             port: v.number("MQTT_PORT", 1883, 1, 65_535)?,
@@ -316,6 +391,7 @@ impl Settings {
             topics,
             reconnect_min,
             reconnect_max,
+            tls,
         };
 
         let pool_min = v.number("DB_POOL_MIN", 5, 0, 1000)?;
@@ -324,6 +400,34 @@ impl Settings {
             return Err(ConfigError {
                 var: "DB_POOL_MAX",
                 problem: format!("must not be below DB_POOL_MIN ({pool_min})"),
+            });
+        }
+        let ssl_mode = match v
+            .string("DB_SSL_MODE", "preferred")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "disabled" => DbSslMode::Disabled,
+            "preferred" => DbSslMode::Preferred,
+            "required" => DbSslMode::Required,
+            "verify_ca" => DbSslMode::VerifyCa,
+            "verify_identity" => DbSslMode::VerifyIdentity,
+            other => {
+                return Err(ConfigError {
+                    var: "DB_SSL_MODE",
+                    problem: format!(
+                        "must be disabled, preferred, required, verify_ca or verify_identity, got {other:?}"
+                    ),
+                });
+            }
+        };
+        let ssl_ca_file = v.file("DB_SSL_CA_FILE")?;
+        if matches!(ssl_mode, DbSslMode::VerifyCa | DbSslMode::VerifyIdentity)
+            && ssl_ca_file.is_none()
+        {
+            return Err(ConfigError {
+                var: "DB_SSL_CA_FILE",
+                problem: "must be set for DB_SSL_MODE verify_ca or verify_identity".into(),
             });
         }
         let db = DbSettings {
@@ -338,6 +442,9 @@ impl Settings {
             connect_timeout: v.secs("DB_CONNECT_TIMEOUT_SECS", 10, 1, 3600)?,
             auto_migrate: v.boolean("DB_AUTO_MIGRATE", true)?,
             retry_max: v.secs("DB_RETRY_MAX_SECS", 30, 1, 3600)?,
+            ssl_mode,
+            ssl_ca_file,
+            ssl_client_cert: v.cert_pair("DB_SSL_CERT_FILE", "DB_SSL_KEY_FILE")?,
         };
 
         let sensor_ranges =
@@ -521,6 +628,33 @@ mod tests {
                 .unwrap_err()
                 .var,
             "REJECTS_MAX_PAYLOAD_BYTES"
+        );
+    }
+
+    #[test]
+    fn tls_settings_are_checked() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.mqtt.tls, None);
+        assert_eq!(s.db.ssl_mode, DbSslMode::Preferred);
+        let e = settings(&[
+            ("MQTT_TLS", "true"),
+            ("MQTT_TLS_CA_FILE", "/no/such/ca.pem"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "MQTT_TLS_CA_FILE");
+        let e = settings(&[("MQTT_TLS", "true"), ("MQTT_TLS_CERT_FILE", "/dev/null")]).unwrap_err();
+        assert_eq!(e.var, "MQTT_TLS_KEY_FILE");
+        let e = settings(&[("DB_SSL_MODE", "verify_ca")]).unwrap_err();
+        assert_eq!(e.var, "DB_SSL_CA_FILE");
+        let e = settings(&[("DB_SSL_MODE", "sometimes")]).unwrap_err();
+        assert_eq!(e.var, "DB_SSL_MODE");
+        let s = settings(&[("MQTT_TLS", "yes")]).unwrap();
+        assert_eq!(
+            s.mqtt.tls,
+            Some(MqttTls {
+                ca_file: None,
+                client_cert: None
+            })
         );
     }
 

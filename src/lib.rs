@@ -27,6 +27,7 @@ pub mod service;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod topic;
 pub mod warn_limit;
 pub mod writer;

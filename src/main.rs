@@ -120,6 +120,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The TLS files were found readable; check that they hold what they should, now, so that a
+    // bad one is a configuration error rather than a failure at the first connection.
+    if let Some(tls) = &settings.mqtt.tls
+        && let Err(e) = mqtt_ingest::tls::mqtt_client_config(tls)
+    {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let note = telemetry::init(&settings.log);
     if let Some(note) = note {
         warn!("{note}");

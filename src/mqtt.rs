@@ -12,13 +12,13 @@ use std::time::Duration;
 use chrono::Utc;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::MqttSettings;
+use crate::config::{ConfigError, MqttSettings};
 use crate::model::{TopicKind, Update};
 use crate::payload::{self, Rules};
 use crate::rejects::{Evidence, RejectSink};
@@ -99,8 +99,10 @@ pub fn qos(level: u8) -> QoS {
     }
 }
 
-/// Client options for the settings: persistent session unless configured otherwise, manual acks.
-pub fn options(settings: &MqttSettings, client_id: &str) -> MqttOptions {
+/// Client options for the settings: persistent session unless configured otherwise, manual
+/// acks, TLS when configured (its files were checked with the settings; a file that changed
+/// since fails here, naming its variable).
+pub fn options(settings: &MqttSettings, client_id: &str) -> Result<MqttOptions, ConfigError> {
     let mut o = MqttOptions::new(client_id, settings.broker.clone(), settings.port);
     o.set_keep_alive(settings.keepalive)
         .set_clean_session(settings.clean_session)
@@ -109,18 +111,24 @@ pub fn options(settings: &MqttSettings, client_id: &str) -> MqttOptions {
     if !settings.username.is_empty() {
         o.set_credentials(settings.username.clone(), settings.password.expose());
     }
-    o
+    if let Some(tls) = &settings.tls {
+        let config = crate::tls::mqtt_client_config(tls)?;
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(config),
+        )));
+    }
+    Ok(o)
 }
 
-/// A connected client and its event loop.
-pub fn client(settings: &MqttSettings) -> (AsyncClient, EventLoop, Acker) {
+/// A client and its event loop (not connected yet: polling connects).
+pub fn client(settings: &MqttSettings) -> Result<(AsyncClient, EventLoop, Acker), ConfigError> {
     let (client, eventloop) =
-        AsyncClient::new(options(settings, &settings.client_id), REQUEST_CAPACITY);
+        AsyncClient::new(options(settings, &settings.client_id)?, REQUEST_CAPACITY);
     let acker = Acker {
         client: client.clone(),
         generation: Arc::new(AtomicU64::new(0)),
     };
-    (client, eventloop, acker)
+    Ok((client, eventloop, acker))
 }
 
 /// Describes a connection error for an operator, with a hint where one helps.
@@ -355,7 +363,7 @@ async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
 /// session is not disturbed), for `--check-config`.
 pub async fn check_connection(settings: &MqttSettings, timeout: Duration) -> Result<(), String> {
     let id = format!("{}-check-{}", settings.client_id, std::process::id());
-    let mut o = options(settings, &id);
+    let mut o = options(settings, &id).map_err(|e| e.to_string())?;
     o.set_clean_session(true);
     let (client, mut eventloop) = AsyncClient::new(o, 10);
     let result = tokio::time::timeout(timeout, async {

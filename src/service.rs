@@ -59,7 +59,7 @@ impl Service {
             return Ok(()); // stopped before the database was ever reachable
         }
 
-        let (_client, eventloop, acker) = mqtt::client(&settings.mqtt);
+        let (_client, eventloop, acker) = mqtt::client(&settings.mqtt)?;
         let keep = &settings.keep;
         let (rejects, reject_writer) = if keep.rejects {
             let (sink, rx) = rejects::channel(keep.rejects_max_payload);

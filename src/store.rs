@@ -7,10 +7,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{
+    MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlSslMode,
+};
 use sqlx::{Executor, MySql, Row, Transaction};
 
-use crate::config::DbSettings;
+use crate::config::{DbSettings, DbSslMode};
 use crate::history::{self, HistoryRow};
 use crate::merge::DeviceState;
 use crate::model::Update;
@@ -78,13 +80,26 @@ impl From<sqlx::Error> for StoreError {
 
 /// Connection options for the settings; the session time zone is UTC.
 pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
-    let options = MySqlConnectOptions::new()
+    let mut options = MySqlConnectOptions::new()
         .host(&db.host)
         .port(db.port)
         .username(&db.user)
         .database(&db.name)
         .charset("utf8mb4")
-        .timezone(Some("+00:00".to_owned()));
+        .timezone(Some("+00:00".to_owned()))
+        .ssl_mode(match db.ssl_mode {
+            DbSslMode::Disabled => MySqlSslMode::Disabled,
+            DbSslMode::Preferred => MySqlSslMode::Preferred,
+            DbSslMode::Required => MySqlSslMode::Required,
+            DbSslMode::VerifyCa => MySqlSslMode::VerifyCa,
+            DbSslMode::VerifyIdentity => MySqlSslMode::VerifyIdentity,
+        });
+    if let Some(ca) = &db.ssl_ca_file {
+        options = options.ssl_ca(ca);
+    }
+    if let Some((cert, key)) = &db.ssl_client_cert {
+        options = options.ssl_client_cert(cert).ssl_client_key(key);
+    }
     // An empty password must be sent as no password: sqlx would otherwise send the scramble
     // of "", which a server account without a password refuses.
     if db.password.expose().is_empty() {

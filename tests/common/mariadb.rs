@@ -46,6 +46,8 @@ pub struct PrivateMariaDb {
     dir: TempDir,
     port: u16,
     proc: Option<Proc>,
+    /// Server options added to the defaults (TLS files, …).
+    extra_args: Vec<String>,
 }
 
 impl PrivateMariaDb {
@@ -60,11 +62,24 @@ impl PrivateMariaDb {
     }
 
     pub async fn try_start() -> anyhow::Result<Self> {
+        Self::try_start_with_args(&[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra server options (e.g. `--ssl-cert=…`).
+    pub async fn start_with_args(args: &[String]) -> Self {
+        match Self::try_start_with_args(args).await {
+            Ok(server) => server,
+            Err(e) => panic!("PrivateMariaDb::start_with_args failed: {e:#}"),
+        }
+    }
+
+    pub async fn try_start_with_args(args: &[String]) -> anyhow::Result<Self> {
         let dir = procs::make_tmpdir("mariadb")?;
         let mut server = PrivateMariaDb {
             dir,
             port: 0,
             proc: None,
+            extra_args: args.to_vec(),
         };
         server.install().await?;
         let mut attempt = 0;
@@ -255,6 +270,7 @@ impl PrivateMariaDb {
             args.push("--user=root".into());
         }
         args.extend(SERVER_OPTIONS.iter().map(OsString::from));
+        args.extend(self.extra_args.iter().map(OsString::from));
         let program = procs::program("MARIADBD_BIN", "/usr/sbin/mariadbd");
         let mut proc = Proc::spawn("mariadbd", &program, args, &self.output_path())
             .map_err(LaunchError::fatal)?;

@@ -24,6 +24,8 @@ pub struct PrivateMosquitto {
     dir: TempDir,
     port: u16,
     proc: Option<Proc>,
+    /// Lines appended to the generated config (another listener, TLS files, …).
+    extra_config: String,
 }
 
 impl PrivateMosquitto {
@@ -37,11 +39,25 @@ impl PrivateMosquitto {
     }
 
     pub async fn try_start() -> anyhow::Result<Self> {
+        Self::try_start_with_config("").await
+    }
+
+    /// Like [`start`](Self::start), with `extra` appended to the config (for example a TLS
+    /// listener on a port of the test's choosing).
+    pub async fn start_with_config(extra: &str) -> Self {
+        match Self::try_start_with_config(extra).await {
+            Ok(broker) => broker,
+            Err(e) => panic!("PrivateMosquitto::start_with_config failed: {e:#}"),
+        }
+    }
+
+    pub async fn try_start_with_config(extra: &str) -> anyhow::Result<Self> {
         let dir = procs::make_tmpdir("mosquitto")?;
         let mut broker = PrivateMosquitto {
             dir,
             port: 0,
             proc: None,
+            extra_config: extra.to_owned(),
         };
         // A port that looked free may be grabbed by someone else before the
         // broker binds it: then try another one.
@@ -181,6 +197,8 @@ impl PrivateMosquitto {
              log_timestamp_format %Y-%m-%dT%H:%M:%S\n",
             port = self.port,
         );
+        conf.push_str(&self.extra_config);
+        conf.push('\n');
         std::fs::write(self.config_path(), conf)
             .with_context(|| format!("writing {}", self.config_path().display()))
     }
