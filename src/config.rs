@@ -144,6 +144,17 @@ pub struct LogSettings {
     pub stats_interval: Duration,
 }
 
+/// The operations side: the HTTP listener and the health checks behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpsSettings {
+    /// `HTTP_LISTEN`: address of the `/metrics`, `/healthz`, `/readyz` listener; `None` (empty)
+    /// turns it off.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// `HEALTH_DB_CHECK_SECS`: how often the database is checked (and devices online counted)
+    /// for readiness, metrics and the watchdog.
+    pub db_check_interval: Duration,
+}
+
 /// Everything the service is configured with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -155,6 +166,8 @@ pub struct Settings {
     pub ingest: IngestSettings,
     /// Logs and statistics.
     pub log: LogSettings,
+    /// Metrics, health and the service manager.
+    pub ops: OpsSettings,
 }
 
 /// Reads variables by name from some source: the process environment or a map in tests.
@@ -354,11 +367,27 @@ impl Settings {
             format,
             stats_interval: v.secs("STATS_INTERVAL_SECS", 300, 0, 86_400)?,
         };
+        let listen = v.string("HTTP_LISTEN", "127.0.0.1:9464");
+        let http_listen = if listen.is_empty() {
+            None
+        } else {
+            Some(listen.parse().map_err(|_| ConfigError {
+                var: "HTTP_LISTEN",
+                problem: format!(
+                    "must be an IP address and port such as 127.0.0.1:9464, or empty for off, got {listen:?}"
+                ),
+            })?)
+        };
+        let ops = OpsSettings {
+            http_listen,
+            db_check_interval: v.secs("HEALTH_DB_CHECK_SECS", 5, 1, 3600)?,
+        };
         Ok(Settings {
             mqtt,
             db,
             ingest,
             log,
+            ops,
         })
     }
 }
@@ -388,6 +417,20 @@ mod tests {
         assert_eq!(s.db.recycle, Duration::from_secs(3600));
         assert_eq!(s.log.stats_interval, Duration::from_secs(300));
         assert_eq!(s.ingest.rules.max_payload_bytes, 256 * 1024);
+        assert_eq!(s.ops.http_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(s.ops.db_check_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn http_listener_can_be_turned_off_or_moved() {
+        assert_eq!(
+            settings(&[("HTTP_LISTEN", "")]).unwrap().ops.http_listen,
+            None
+        );
+        let s = settings(&[("HTTP_LISTEN", "[::]:9100")]).unwrap();
+        assert_eq!(s.ops.http_listen, Some("[::]:9100".parse().unwrap()));
+        let e = settings(&[("HTTP_LISTEN", "localhost:9464")]).unwrap_err();
+        assert_eq!(e.var, "HTTP_LISTEN");
     }
 
     #[test]

@@ -15,7 +15,10 @@
 
 pub mod backoff;
 pub mod config;
+pub mod health;
+pub mod http;
 pub mod merge;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod payload;

@@ -7,6 +7,12 @@ use chrono::{DateTime, Local, Utc};
 
 use crate::rejection::Rejection;
 
+/// Upper bounds (seconds) of the flush-latency histogram's buckets: from a fast local commit
+/// (1 ms) to a database in trouble (10 s).
+pub const FLUSH_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Live counters. Plain atomics: each is a separate fact, none must agree with another at the
 /// instant it is read.
 #[derive(Debug)]
@@ -25,6 +31,9 @@ pub struct Stats {
     last_message_ms: AtomicI64,
     connected: AtomicBool,
     subscribed: AtomicBool,
+    /// Flushes per latency bucket (not cumulative; the last slot is "above every bound").
+    flush_buckets: [AtomicU64; FLUSH_BUCKETS.len() + 1],
+    flush_micros: AtomicU64,
 }
 
 impl Default for Stats {
@@ -43,6 +52,8 @@ impl Default for Stats {
             last_message_ms: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
+            flush_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            flush_micros: AtomicU64::new(0),
         }
     }
 }
@@ -76,6 +87,12 @@ pub struct Snapshot {
     pub reconnects: u64,
     /// When the last message arrived.
     pub last_message: Option<DateTime<Utc>>,
+    /// Flushes that took at most each of [`FLUSH_BUCKETS`] (cumulative, as Prometheus counts).
+    pub flush_buckets: Vec<u64>,
+    /// Every timed flush.
+    pub flush_count: u64,
+    /// Their total time.
+    pub flush_sum: Duration,
 }
 
 impl Stats {
@@ -95,6 +112,18 @@ impl Stats {
     pub fn batch_committed(&self, rows: u64) {
         self.batches.fetch_add(1, Relaxed);
         self.rows_written.fetch_add(rows, Relaxed);
+    }
+
+    /// A batch took `took` to write and commit.
+    pub fn flush_took(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = FLUSH_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(FLUSH_BUCKETS.len());
+        self.flush_buckets[i].fetch_add(1, Relaxed);
+        self.flush_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
 
     /// A message was rejected.
@@ -142,6 +171,14 @@ impl Stats {
     /// Copies the counters.
     pub fn snapshot(&self) -> Snapshot {
         let ms = self.last_message_ms.load(Relaxed);
+        let mut flush_buckets = Vec::with_capacity(FLUSH_BUCKETS.len());
+        let mut flush_count = 0;
+        for (i, n) in self.flush_buckets.iter().enumerate() {
+            flush_count += n.load(Relaxed);
+            if i < FLUSH_BUCKETS.len() {
+                flush_buckets.push(flush_count);
+            }
+        }
         Snapshot {
             uptime: self.started.elapsed(),
             connected: self.connected.load(Relaxed),
@@ -162,6 +199,9 @@ impl Stats {
             last_message: (ms != 0)
                 .then(|| DateTime::from_timestamp_millis(ms))
                 .flatten(),
+            flush_buckets,
+            flush_count,
+            flush_sum: Duration::from_micros(self.flush_micros.load(Relaxed)),
         }
     }
 }
