@@ -18,7 +18,7 @@ use crate::stats::Stats;
 use crate::writer::QueueDepth;
 
 /// The longest a database check may take before it counts as failed.
-const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Health state shared by the service's tasks and the HTTP listener.
 #[derive(Debug)]

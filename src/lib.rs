@@ -26,6 +26,7 @@ pub mod rejection;
 pub mod service;
 pub mod stats;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod topic;
 pub mod writer;

@@ -18,6 +18,7 @@ use crate::http;
 use crate::mqtt;
 use crate::stats::Stats;
 use crate::store::{self, Store};
+use crate::systemd;
 use crate::writer::{Batching, Router, run_writer};
 
 /// The service, before it runs. [`Service::stats`] gives the live counters (tests and the
@@ -139,9 +140,19 @@ impl Service {
             shutdown.clone(),
         ));
         let ticker = tokio::spawn(log_stats_every(settings.log.stats_interval, stats.clone()));
+        // The database is prepared; READY=1 follows the subscriptions' acknowledgement.
+        background
+            .0
+            .push(tokio::spawn(systemd::notify_ready_then_feed_watchdog(
+                health.clone(),
+                settings.mqtt.keepalive,
+                settings.ops.db_check_interval,
+                shutdown.clone(),
+            )));
 
         shutdown.cancelled().await;
         health.set_stopping();
+        systemd::notify_stopping();
         info!(
             deadline_secs = settings.ingest.shutdown_timeout.as_secs(),
             "stop requested: no new messages; committing and acknowledging what was taken"

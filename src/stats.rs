@@ -34,7 +34,13 @@ pub struct Stats {
     /// Flushes per latency bucket (not cumulative; the last slot is "above every bound").
     flush_buckets: [AtomicU64; FLUSH_BUCKETS.len() + 1],
     flush_micros: AtomicU64,
+    /// Milliseconds after `started` of the event loop's last sign of life, or [`WAITING`] while
+    /// it waits on purpose (backoff, a full queue).
+    loop_beat_ms: AtomicU64,
 }
+
+/// `loop_beat_ms` while the event loop waits on purpose.
+const WAITING: u64 = u64::MAX;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -54,6 +60,7 @@ impl Default for Stats {
             subscribed: AtomicBool::new(false),
             flush_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             flush_micros: AtomicU64::new(0),
+            loop_beat_ms: AtomicU64::new(0),
         }
     }
 }
@@ -124,6 +131,29 @@ impl Stats {
         self.flush_buckets[i].fetch_add(1, Relaxed);
         self.flush_micros
             .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// The event loop made progress (a poll returned).
+    pub fn event_loop_beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(WAITING - 1);
+        self.loop_beat_ms.store(ms, Relaxed);
+    }
+
+    /// The event loop is about to wait on purpose: a reconnect backoff, or the writers' full
+    /// queue (backpressure). Silence during such a wait is not a hang.
+    pub fn event_loop_waiting(&self) {
+        self.loop_beat_ms.store(WAITING, Relaxed);
+    }
+
+    /// How long the event loop has been silent; zero while it waits on purpose.
+    pub fn event_loop_silence(&self) -> Duration {
+        match self.loop_beat_ms.load(Relaxed) {
+            WAITING => Duration::ZERO,
+            ms => self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(ms)),
+        }
     }
 
     /// A message was rejected.
@@ -295,6 +325,17 @@ mod tests {
         let text = snap.render();
         assert!(text.contains("success rate:  -") && text.contains("last message:  -"));
         assert!(text.contains("DISCONNECTED"));
+    }
+
+    #[test]
+    fn event_loop_silence_is_zero_while_it_waits_on_purpose() {
+        let s = Stats::default();
+        s.event_loop_beat();
+        assert!(s.event_loop_silence() < Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(s.event_loop_silence() >= Duration::from_millis(30));
+        s.event_loop_waiting();
+        assert_eq!(s.event_loop_silence(), Duration::ZERO);
     }
 
     #[test]

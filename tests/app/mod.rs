@@ -185,6 +185,13 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `mqtt-ingest` with the target's settings and waits until it logged "subscribed".
     pub async fn start(target: &Target) -> Self {
+        let p = Self::spawn(target);
+        p.wait_for_log("subscribed", Duration::from_secs(20)).await;
+        p
+    }
+
+    /// Starts `mqtt-ingest` with the target's settings and returns at once.
+    pub fn spawn(target: &Target) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"));
         cmd.arg("--env-file")
             .arg("/dev/null")
@@ -193,6 +200,10 @@ impl ServiceProcess {
             .stderr(Stdio::piped())
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
+            // Only a test that binds its own socket plays systemd.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .kill_on_drop(true);
         for (k, v) in target.vars() {
             cmd.env(k, v);
@@ -221,9 +232,7 @@ impl ServiceProcess {
                 }
             });
         }
-        let p = ServiceProcess { child, output };
-        p.wait_for_log("subscribed", Duration::from_secs(20)).await;
-        p
+        ServiceProcess { child, output }
     }
 
     pub fn pid(&self) -> u32 {
