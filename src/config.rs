@@ -142,6 +142,11 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// `STATS_INTERVAL_SECS`: how often the statistics block is logged; 0 turns it off.
     pub stats_interval: Duration,
+    /// `LOG_DIR`: also write `mqtt-service.log` and `mqtt-service-error.log` (rotated daily)
+    /// here; `None` (empty) turns the files off.
+    pub dir: Option<std::path::PathBuf>,
+    /// `LOG_KEEP_DAYS`: how many daily files of each kind are kept.
+    pub keep_days: usize,
 }
 
 /// The operations side: the HTTP listener and the health checks behind it.
@@ -366,6 +371,10 @@ impl Settings {
             level,
             format,
             stats_interval: v.secs("STATS_INTERVAL_SECS", 300, 0, 86_400)?,
+            dir: Some(v.string("LOG_DIR", ""))
+                .filter(|d| !d.is_empty())
+                .map(Into::into),
+            keep_days: v.number("LOG_KEEP_DAYS", 7, 1, 3650)?,
         };
         let listen = v.string("HTTP_LISTEN", "127.0.0.1:9464");
         let http_listen = if listen.is_empty() {
@@ -463,6 +472,8 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("LOG_LEVEL", "very[loud"),
             ("MQTT_KEEPALIVE_SECS", "1"),
+            ("HEALTH_DB_CHECK_SECS", "0"),
+            ("LOG_KEEP_DAYS", "0"),
         ] {
             let e = settings(&[(var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}: {e}");
