@@ -207,6 +207,22 @@ pub struct LogSettings {
     /// `LOG_WARN_INTERVAL_SECS`: a repeated warning (same device, same reason) is logged once
     /// per this interval; 0 logs every one.
     pub warn_interval: Duration,
+    /// `LOG_DIR`: also write `mqtt-service.log` and `mqtt-service-error.log` (rotated daily)
+    /// here; `None` (empty) turns the files off.
+    pub dir: Option<std::path::PathBuf>,
+    /// `LOG_KEEP_DAYS`: how many daily files of each kind are kept.
+    pub keep_days: usize,
+}
+
+/// The operations side: the HTTP listener and the health checks behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpsSettings {
+    /// `HTTP_LISTEN`: address of the `/metrics`, `/healthz`, `/readyz` listener; `None` (empty)
+    /// turns it off.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// `HEALTH_DB_CHECK_SECS`: how often the database is checked (and devices online counted)
+    /// for readiness, metrics and the watchdog.
+    pub db_check_interval: Duration,
 }
 
 /// Everything the service is configured with.
@@ -224,6 +240,8 @@ pub struct Settings {
     pub presence: PresenceSettings,
     /// History and kept rejects.
     pub keep: KeepSettings,
+    /// Metrics, health and the service manager.
+    pub ops: OpsSettings,
 }
 
 /// Reads variables by name from some source: the process environment or a map in tests.
@@ -497,6 +515,10 @@ impl Settings {
             format,
             stats_interval: v.secs("STATS_INTERVAL_SECS", 300, 0, 86_400)?,
             warn_interval: v.secs("LOG_WARN_INTERVAL_SECS", 60, 0, 86_400)?,
+            dir: Some(v.string("LOG_DIR", ""))
+                .filter(|d| !d.is_empty())
+                .map(Into::into),
+            keep_days: v.number("LOG_KEEP_DAYS", 7, 1, 3650)?,
         };
         const DAY: u64 = 86_400;
         let days = |var, default| -> Result<Duration, ConfigError> {
@@ -516,6 +538,21 @@ impl Settings {
             rejects_retention: days("REJECTS_RETENTION_DAYS", 7)?,
             maintenance_interval: v.secs("MAINTENANCE_INTERVAL_SECS", 60, 1, 86_400)?,
         };
+        let listen = v.string("HTTP_LISTEN", "127.0.0.1:9464");
+        let http_listen = if listen.is_empty() {
+            None
+        } else {
+            Some(listen.parse().map_err(|_| ConfigError {
+                var: "HTTP_LISTEN",
+                problem: format!(
+                    "must be an IP address and port such as 127.0.0.1:9464, or empty for off, got {listen:?}"
+                ),
+            })?)
+        };
+        let ops = OpsSettings {
+            http_listen,
+            db_check_interval: v.secs("HEALTH_DB_CHECK_SECS", 5, 1, 3600)?,
+        };
         Ok(Settings {
             mqtt,
             db,
@@ -523,6 +560,7 @@ impl Settings {
             log,
             presence,
             keep,
+            ops,
         })
     }
 }
@@ -552,6 +590,20 @@ mod tests {
         assert_eq!(s.db.recycle, Duration::from_secs(3600));
         assert_eq!(s.log.stats_interval, Duration::from_secs(300));
         assert_eq!(s.ingest.rules.max_payload_bytes, 256 * 1024);
+        assert_eq!(s.ops.http_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(s.ops.db_check_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn http_listener_can_be_turned_off_or_moved() {
+        assert_eq!(
+            settings(&[("HTTP_LISTEN", "")]).unwrap().ops.http_listen,
+            None
+        );
+        let s = settings(&[("HTTP_LISTEN", "[::]:9100")]).unwrap();
+        assert_eq!(s.ops.http_listen, Some("[::]:9100".parse().unwrap()));
+        let e = settings(&[("HTTP_LISTEN", "localhost:9464")]).unwrap_err();
+        assert_eq!(e.var, "HTTP_LISTEN");
     }
 
     #[test]
@@ -584,6 +636,8 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("LOG_LEVEL", "very[loud"),
             ("MQTT_KEEPALIVE_SECS", "1"),
+            ("HEALTH_DB_CHECK_SECS", "0"),
+            ("LOG_KEEP_DAYS", "0"),
         ] {
             let e = settings(&[(var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}: {e}");

@@ -15,8 +15,11 @@
 
 pub mod backoff;
 pub mod config;
+pub mod health;
 pub mod history;
+pub mod http;
 pub mod merge;
+pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod payload;
@@ -26,6 +29,7 @@ pub mod rejects;
 pub mod service;
 pub mod stats;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod topic;

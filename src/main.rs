@@ -128,7 +128,13 @@ fn main() -> ExitCode {
         eprintln!("{e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let note = telemetry::init(&settings.log);
+    let note = match telemetry::init(&settings.log) {
+        Ok(note) => note,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     if let Some(note) = note {
         warn!("{note}");
     }

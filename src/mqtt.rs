@@ -174,7 +174,10 @@ pub async fn run_event_loop(
     let address = format!("{}:{}", settings.broker, settings.port);
     info!(broker = %address, client_id = %settings.client_id, "connecting to the MQTT broker");
     loop {
-        match eventloop.poll().await {
+        let polled = eventloop.poll().await;
+        // Every poll result, pings included, is a sign of life for the systemd watchdog.
+        stats.event_loop_beat();
+        match polled {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let ctx = Intake {
                     settings: &settings,
@@ -237,10 +240,12 @@ pub async fn run_event_loop(
                     retry_in_secs = delay.as_secs_f32(),
                     "MQTT connection failed; retrying"
                 );
+                stats.event_loop_waiting();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return,
                 }
+                stats.event_loop_beat();
             }
         }
     }
@@ -350,7 +355,10 @@ async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
             };
             // Waits only when the writer is behind by a whole queue: that is the backpressure
             // towards the broker. With QoS 1 the broker's inflight window keeps it from filling.
-            if jobs.send(job).await.is_ok() {
+            stats.event_loop_waiting();
+            let sent = jobs.send(job).await;
+            stats.event_loop_beat();
+            if sent.is_ok() {
                 stats.received();
             } else {
                 debug!("writer closed; message left to the broker for redelivery");

@@ -1,5 +1,6 @@
 //! Wires the parts together and runs them until shutdown: the event loop, the writer and the
-//! statistics ticker, with a bounded channel between the event loop and the writer.
+//! statistics ticker, with a bounded channel between the event loop and the writer; beside them
+//! the database check and the HTTP listener for metrics and health.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,13 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Settings;
+use crate::health::Health;
+use crate::http;
 use crate::mqtt;
 use crate::rejects::RejectSink;
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreOptions};
+use crate::systemd;
 use crate::writer::{Batching, Router, run_writer};
 use crate::{history, presence, rejects};
 
@@ -24,15 +28,23 @@ use crate::{history, presence, rejects};
 pub struct Service {
     settings: Settings,
     stats: Arc<Stats>,
+    health: Arc<Health>,
 }
 
 impl Service {
     /// A service for `settings`.
     pub fn new(settings: Settings) -> Self {
+        let stats = Arc::new(Stats::new(settings.log.warn_interval));
         Self {
-            stats: Arc::new(Stats::new(settings.log.warn_interval)),
             settings,
+            health: Arc::new(Health::new(stats.clone())),
+            stats,
         }
+    }
+
+    /// Readiness, the database check and the queues (what `/readyz` and `/metrics` show).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// The live counters.
@@ -41,10 +53,25 @@ impl Service {
     }
 
     /// Runs until `shutdown` fires, then stops taking messages, commits and acknowledges what
-    /// was taken, disconnects and returns. Fails only when the shutdown deadline passes or
-    /// a migration fails; a database or broker that is down is waited for.
+    /// was taken, disconnects and returns. Fails only when the shutdown deadline passes, a
+    /// migration fails or the HTTP listener cannot bind; a database or broker that is down is
+    /// waited for.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let Service { settings, stats } = self;
+        self.run_reporting_address(shutdown, |_| {}).await
+    }
+
+    /// [`Service::run_until_stopped`], calling `bound` with the HTTP listener's address once it
+    /// listens (tests ask for port 0 and need to know which one they got).
+    pub async fn run_reporting_address(
+        self,
+        shutdown: CancellationToken,
+        bound: impl FnOnce(std::net::SocketAddr),
+    ) -> anyhow::Result<()> {
+        let Service {
+            settings,
+            stats,
+            health,
+        } = self;
         let db = &settings.db;
         info!(
             broker = %format!("{}:{}", settings.mqtt.broker, settings.mqtt.port),
@@ -54,7 +81,29 @@ impl Service {
             "starting mqtt-ingest {}",
             env!("CARGO_PKG_VERSION")
         );
+        // Background tasks that end with the service (aborted on every way out).
+        let mut background = Background(Vec::new());
+        if let Some(addr) = settings.ops.http_listen {
+            let listener = http::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on HTTP_LISTEN={addr}"))?;
+            if let Ok(local) = listener.local_addr() {
+                bound(local);
+            }
+            background.0.push(tokio::spawn(http::serve(
+                listener,
+                health.clone(),
+                shutdown.clone(),
+            )));
+        }
         let pool = store::pool(db);
+        background
+            .0
+            .push(tokio::spawn(health.clone().check_database_every(
+                pool.clone(),
+                settings.ops.db_check_interval,
+                shutdown.clone(),
+            )));
         if !prepare_database(&pool, db.auto_migrate, &shutdown).await? {
             return Ok(()); // stopped before the database was ever reachable
         }
@@ -71,9 +120,8 @@ impl Service {
             (None, None)
         };
         let rejects_dropped = rejects.as_ref().map(RejectSink::dropped_counter);
-        let mut background = Vec::new();
         if !settings.presence.timeout.is_zero() {
-            background.push(tokio::spawn(presence::run_sweeper(
+            background.0.push(tokio::spawn(presence::run_sweeper(
                 pool.clone(),
                 settings.presence.timeout,
                 settings.presence.sweep_interval,
@@ -81,7 +129,7 @@ impl Service {
             )));
         }
         if keep.history && !keep.history_retention.is_zero() {
-            background.push(tokio::spawn(history::run_retention(
+            background.0.push(tokio::spawn(history::run_retention(
                 pool.clone(),
                 keep.history_retention,
                 keep.maintenance_interval,
@@ -89,7 +137,7 @@ impl Service {
             )));
         }
         if keep.rejects {
-            background.push(tokio::spawn(rejects::run_retention(
+            background.0.push(tokio::spawn(rejects::run_retention(
                 pool.clone(),
                 keep.rejects_keep,
                 keep.rejects_retention,
@@ -123,19 +171,32 @@ impl Service {
                 shutdown.clone(),
             )));
         }
+        let router = Router::new(queues);
+        health.set_queues(router.depth_probe());
         let event_loop = tokio::spawn(mqtt::run_event_loop(
             settings.mqtt.clone(),
             settings.ingest.rules.clone(),
             eventloop,
             acker.clone(),
-            Router::new(queues),
+            router,
             rejects,
             stats.clone(),
             shutdown.clone(),
         ));
         let ticker = tokio::spawn(log_stats_every(settings.log.stats_interval, stats.clone()));
+        // The database is prepared; READY=1 follows the subscriptions' acknowledgement.
+        background
+            .0
+            .push(tokio::spawn(systemd::notify_ready_then_feed_watchdog(
+                health.clone(),
+                settings.mqtt.keepalive,
+                settings.ops.db_check_interval,
+                shutdown.clone(),
+            )));
 
         shutdown.cancelled().await;
+        health.set_stopping();
+        systemd::notify_stopping();
         info!(
             deadline_secs = settings.ingest.shutdown_timeout.as_secs(),
             "stop requested: no new messages; committing and acknowledging what was taken"
@@ -160,9 +221,7 @@ impl Service {
         {
             warn!(records = n, "rejects not kept: the reject queue was full");
         }
-        for task in background {
-            task.abort();
-        }
+        drop(background);
         ticker.abort();
         info!("final statistics\n{}", stats.snapshot().render());
         pool.close().await;
@@ -234,6 +293,17 @@ async fn wait(
             Err(anyhow::anyhow!(
                 "shutdown deadline passed while waiting for {what}"
             ))
+        }
+    }
+}
+
+/// Tasks that must not outlive the service: aborted when dropped.
+struct Background(Vec<JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
         }
     }
 }

@@ -8,6 +8,12 @@ use chrono::{DateTime, Local, Utc};
 use crate::rejection::Rejection;
 use crate::warn_limit::WarnLimiter;
 
+/// Upper bounds (seconds) of the flush-latency histogram's buckets: from a fast local commit
+/// (1 ms) to a database in trouble (10 s).
+pub const FLUSH_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Live counters. Plain atomics: each is a separate fact, none must agree with another at the
 /// instant it is read.
 #[derive(Debug)]
@@ -27,7 +33,16 @@ pub struct Stats {
     connected: AtomicBool,
     subscribed: AtomicBool,
     warnings: WarnLimiter,
+    /// Flushes per latency bucket (not cumulative; the last slot is "above every bound").
+    flush_buckets: [AtomicU64; FLUSH_BUCKETS.len() + 1],
+    flush_micros: AtomicU64,
+    /// Milliseconds after `started` of the event loop's last sign of life, or [`WAITING`] while
+    /// it waits on purpose (backoff, a full queue).
+    loop_beat_ms: AtomicU64,
 }
+
+/// `loop_beat_ms` while the event loop waits on purpose.
+const WAITING: u64 = u64::MAX;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -54,6 +69,9 @@ impl Stats {
             connected: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
             warnings: WarnLimiter::new(warn_interval),
+            flush_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            flush_micros: AtomicU64::new(0),
+            loop_beat_ms: AtomicU64::new(0),
         }
     }
 
@@ -93,6 +111,12 @@ pub struct Snapshot {
     pub reconnects: u64,
     /// When the last message arrived.
     pub last_message: Option<DateTime<Utc>>,
+    /// Flushes that took at most each of [`FLUSH_BUCKETS`] (cumulative, as Prometheus counts).
+    pub flush_buckets: Vec<u64>,
+    /// Every timed flush.
+    pub flush_count: u64,
+    /// Their total time.
+    pub flush_sum: Duration,
 }
 
 impl Stats {
@@ -112,6 +136,41 @@ impl Stats {
     pub fn batch_committed(&self, rows: u64) {
         self.batches.fetch_add(1, Relaxed);
         self.rows_written.fetch_add(rows, Relaxed);
+    }
+
+    /// A batch took `took` to write and commit.
+    pub fn flush_took(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = FLUSH_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(FLUSH_BUCKETS.len());
+        self.flush_buckets[i].fetch_add(1, Relaxed);
+        self.flush_micros
+            .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// The event loop made progress (a poll returned).
+    pub fn event_loop_beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(WAITING - 1);
+        self.loop_beat_ms.store(ms, Relaxed);
+    }
+
+    /// The event loop is about to wait on purpose: a reconnect backoff, or the writers' full
+    /// queue (backpressure). Silence during such a wait is not a hang.
+    pub fn event_loop_waiting(&self) {
+        self.loop_beat_ms.store(WAITING, Relaxed);
+    }
+
+    /// How long the event loop has been silent; zero while it waits on purpose.
+    pub fn event_loop_silence(&self) -> Duration {
+        match self.loop_beat_ms.load(Relaxed) {
+            WAITING => Duration::ZERO,
+            ms => self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(ms)),
+        }
     }
 
     /// A message was rejected.
@@ -159,6 +218,14 @@ impl Stats {
     /// Copies the counters.
     pub fn snapshot(&self) -> Snapshot {
         let ms = self.last_message_ms.load(Relaxed);
+        let mut flush_buckets = Vec::with_capacity(FLUSH_BUCKETS.len());
+        let mut flush_count = 0;
+        for (i, n) in self.flush_buckets.iter().enumerate() {
+            flush_count += n.load(Relaxed);
+            if i < FLUSH_BUCKETS.len() {
+                flush_buckets.push(flush_count);
+            }
+        }
         Snapshot {
             uptime: self.started.elapsed(),
             connected: self.connected.load(Relaxed),
@@ -179,6 +246,9 @@ impl Stats {
             last_message: (ms != 0)
                 .then(|| DateTime::from_timestamp_millis(ms))
                 .flatten(),
+            flush_buckets,
+            flush_count,
+            flush_sum: Duration::from_micros(self.flush_micros.load(Relaxed)),
         }
     }
 }
@@ -272,6 +342,17 @@ mod tests {
         let text = snap.render();
         assert!(text.contains("success rate:  -") && text.contains("last message:  -"));
         assert!(text.contains("DISCONNECTED"));
+    }
+
+    #[test]
+    fn event_loop_silence_is_zero_while_it_waits_on_purpose() {
+        let s = Stats::default();
+        s.event_loop_beat();
+        assert!(s.event_loop_silence() < Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(s.event_loop_silence() >= Duration::from_millis(30));
+        s.event_loop_waiting();
+        assert_eq!(s.event_loop_silence(), Duration::ZERO);
     }
 
     #[test]

@@ -42,6 +42,37 @@ impl Router {
     }
 }
 
+impl Router {
+    /// A handle that measures how full the writers' queues are, for `/metrics`.
+    pub fn depth_probe(&self) -> QueueDepth {
+        QueueDepth {
+            // Weak: the probe must not keep a queue open once its writers are gone.
+            queues: self.writers.iter().map(mpsc::Sender::downgrade).collect(),
+        }
+    }
+}
+
+/// Measures the writers' queues without holding them open.
+#[derive(Debug, Clone)]
+pub struct QueueDepth {
+    queues: Vec<mpsc::WeakSender<Job>>,
+}
+
+impl QueueDepth {
+    /// Messages waiting in all the queues together, and their total capacity.
+    pub fn current(&self) -> (usize, usize) {
+        self.queues
+            .iter()
+            .filter_map(mpsc::WeakSender::upgrade)
+            .fold((0, 0), |(depth, cap), q| {
+                (
+                    depth + q.max_capacity() - q.capacity(),
+                    cap + q.max_capacity(),
+                )
+            })
+    }
+}
+
 /// Which of `n` writers takes `device` (FNV-1a over the lower-cased id: stable and cheap).
 pub fn shard(device: &str, n: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -166,8 +197,10 @@ async fn write_batch(store: &Store, batch: Vec<Job>, out: &Outcomes<'_>, retry_m
     let mut attempt = 0u32;
     loop {
         let updates: Vec<_> = batch.iter().map(|j| &j.update).collect();
+        let started = Instant::now();
         match store.apply(&updates).await {
             Ok(outcome) => {
+                stats.flush_took(started.elapsed());
                 stats.batch_committed(outcome.rows_written as u64);
                 finish(batch, outcome.applied, out);
                 return;

@@ -165,7 +165,7 @@ async fn database_outage_while_running_loses_nothing_and_acks_nothing_early() {
 
     mariadb.restart().await;
     wait_all_devices(&pool, DEVICES, 5, Duration::from_secs(60)).await;
-    let snap = stats.snapshot();
+    let snap = service.settled(6 * DEVICES as u64).await;
     assert_eq!(snap.succeeded, 6 * DEVICES as u64);
     assert_eq!(snap.failed, 0);
     service.stop().await.unwrap();

@@ -162,7 +162,7 @@ async fn seed_readme_examples_end_in_the_stated_rows() {
     let row = wait_for_device(&pool, SEED_DEVICE, "offline", |r| !r.is_online).await;
     assert_eq!(row.device_status.as_deref(), Some("offline"));
 
-    let snap = service.stats.snapshot();
+    let snap = service.settled(5).await;
     assert_eq!((snap.received, snap.succeeded, snap.failed), (5, 5, 0));
     service.stop().await.unwrap();
 }
@@ -316,7 +316,7 @@ async fn a_rejected_sensor_name_does_not_sink_the_valid_ones() {
         sensors.as_object().unwrap().keys().collect::<Vec<_>>(),
         ["temperature"]
     );
-    let snap = service.stats.snapshot();
+    let snap = service.settled(1).await;
     assert_eq!((snap.succeeded, snap.failed, snap.parts_skipped), (1, 0, 3));
     service.stop().await.unwrap();
 }
@@ -391,7 +391,8 @@ async fn bad_messages_are_rejected_with_reasons_and_good_ones_still_land() {
     })
     .await;
     assert_eq!(sensor(&row, "t"), Some(json!(42)));
-    let snap = service.stats.snapshot();
+    // Six bad messages the broker delivers (see below), then the good one.
+    let snap = service.settled(7).await;
     // Topics with an extra level or another kind do not match the subscriptions; the
     // broker never delivers them. Every other bad message is counted under its reason.
     let expected_delivered: Vec<&str> = bad
@@ -523,7 +524,7 @@ async fn a_devices_messages_in_one_batch_become_one_row_write() {
     .await;
     assert_eq!(sensor(&row, "even"), Some(json!(198)));
     assert_eq!(row.data.as_ref().unwrap()["status"], json!({"odd": 199}));
-    let snap = service.stats.snapshot();
+    let snap = service.settled(200).await;
     assert_eq!(snap.succeeded, 200);
     assert!(
         snap.rows_written < 20 && snap.rows_written == snap.batches,
@@ -644,7 +645,7 @@ async fn several_writers_share_many_devices_and_every_final_reading_lands() {
     })
     .await
     .unwrap();
-    let snap = service.stats.snapshot();
+    let snap = service.settled(3 * DEVICES as u64).await;
     assert_eq!((snap.succeeded, snap.failed), (3 * DEVICES as u64, 0));
     service.stop().await.unwrap();
 }

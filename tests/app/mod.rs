@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,11 +12,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::NaiveDateTime;
 use mqtt_ingest::config::Settings;
+use mqtt_ingest::health::Health;
 use mqtt_ingest::service::Service;
 use mqtt_ingest::stats::Stats;
 use serde_json::Value;
 use sqlx::{MySqlPool, Row};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +82,9 @@ impl Target {
             ("DB_RETRY_MAX_SECS", "1".to_owned()),
             ("INGEST_BATCH_MAX_WAIT_MS", "5".to_owned()),
             ("STATS_INTERVAL_SECS", "0".to_owned()),
+            // Tests run side by side: the listener is off unless a test asks for one.
+            ("HTTP_LISTEN", String::new()),
+            ("HEALTH_DB_CHECK_SECS", "1".to_owned()),
             ("LOG_FORMAT", "text".to_owned()),
             ("LOG_LEVEL", "info".to_owned()),
         ]
@@ -107,6 +112,9 @@ impl Target {
 /// The service running inside the test process.
 pub struct Running {
     pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
+    /// Where the HTTP listener listens, when the target turned it on.
+    pub http: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
     target: Target,
@@ -116,8 +124,15 @@ pub struct Running {
 pub async fn spawn_service(target: &Target) -> Running {
     let service = Service::new(target.settings());
     let stats = service.stats();
+    let health = service.health();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(service.run_until_stopped(shutdown.clone()));
+    let http = Arc::new(Mutex::new(None));
+    let bound = http.clone();
+    let task = tokio::spawn(
+        service.run_reporting_address(shutdown.clone(), move |addr| {
+            *bound.lock().unwrap() = Some(addr);
+        }),
+    );
     let s = stats.clone();
     wait_until_named(
         "the service to subscribe",
@@ -127,8 +142,12 @@ pub async fn spawn_service(target: &Target) -> Running {
     )
     .await
     .expect("service subscribed");
+    // The listener binds before the service subscribes.
+    let http = *http.lock().unwrap();
     Running {
         stats,
+        health,
+        http,
         shutdown,
         task,
         target: target.clone(),
@@ -136,6 +155,27 @@ pub async fn spawn_service(target: &Target) -> Running {
 }
 
 impl Running {
+    /// Waits until `done` messages have finished (committed or rejected) and returns the
+    /// counters then. A row can be visible a moment before the writer counts its commit.
+    pub async fn settled(&self, done: u64) -> mqtt_ingest::stats::Snapshot {
+        let stats = self.stats.clone();
+        wait_until_named(
+            &format!("{done} messages finished"),
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+            async || {
+                let s = stats.snapshot();
+                if s.succeeded + s.failed >= done {
+                    Ok(Some(s))
+                } else {
+                    anyhow::bail!("{} succeeded, {} failed", s.succeeded, s.failed)
+                }
+            },
+        )
+        .await
+        .unwrap()
+    }
+
     /// Stops the service as SIGTERM would, and removes its broker session.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -166,6 +206,13 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `mqtt-ingest` with the target's settings and waits until it logged "subscribed".
     pub async fn start(target: &Target) -> Self {
+        let p = Self::spawn(target);
+        p.wait_for_log("subscribed", Duration::from_secs(20)).await;
+        p
+    }
+
+    /// Starts `mqtt-ingest` with the target's settings and returns at once.
+    pub fn spawn(target: &Target) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"));
         cmd.arg("--env-file")
             .arg("/dev/null")
@@ -174,6 +221,10 @@ impl ServiceProcess {
             .stderr(Stdio::piped())
             .env("NO_COLOR", "1")
             .env_remove("JOURNAL_STREAM")
+            // Only a test that binds its own socket plays systemd.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .kill_on_drop(true);
         for (k, v) in target.vars() {
             cmd.env(k, v);
@@ -202,9 +253,7 @@ impl ServiceProcess {
                 }
             });
         }
-        let p = ServiceProcess { child, output };
-        p.wait_for_log("subscribed", Duration::from_secs(20)).await;
-        p
+        ServiceProcess { child, output }
     }
 
     pub fn pid(&self) -> u32 {
@@ -246,6 +295,50 @@ impl ServiceProcess {
     pub fn log(&self) -> String {
         self.output.lock().unwrap().join("\n")
     }
+}
+
+/// `GET path` over HTTP/1.1; returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await?;
+        let (head, body) = raw
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no end of head in {raw:?}"))?;
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no Content-Length in {head:?}"))?;
+        anyhow::ensure!(
+            length == body.len(),
+            "Content-Length {length}, body {}",
+            body.len()
+        );
+        anyhow::Ok((status, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .context("HTTP request timed out")?
+}
+
+/// The value of the sample `series` (name with labels, exactly) in a Prometheus text body.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Registers a device as the backend does: `device_id`, `uuid` and `name` only.

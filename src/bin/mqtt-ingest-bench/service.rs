@@ -87,7 +87,9 @@ impl Service {
             .env("DB_USER", &db.user)
             .env("DB_PASSWORD", &db.password)
             .env("LOG_FORMAT", "text")
-            .env("STATS_INTERVAL_SECS", "0");
+            .env("STATS_INTERVAL_SECS", "0")
+            // The benchmark may run beside an installed service that holds the default port.
+            .env("HTTP_LISTEN", "");
         for (k, v) in extra_env {
             cmd.env(k, v);
         }

@@ -1,0 +1,188 @@
+//! What the service knows about its own health, for `/readyz`, `/metrics` and the systemd
+//! watchdog: the counters ([`Stats`]), a periodic database check, and the writers' queues.
+//!
+//! The database check runs on its own timer rather than per scrape, so a scraper polling every
+//! second cannot turn into a load on the database, and `/readyz` answers at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sqlx::MySqlPool;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::Gauges;
+use crate::stats::Stats;
+use crate::writer::QueueDepth;
+
+/// The longest a database check may take before it counts as failed.
+pub const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Health state shared by the service's tasks and the HTTP listener.
+#[derive(Debug)]
+pub struct Health {
+    stats: Arc<Stats>,
+    db: Mutex<DbCheck>,
+    queues: OnceLock<QueueDepth>,
+    stopping: AtomicBool,
+}
+
+/// The outcome of the latest database check.
+#[derive(Debug, Default)]
+struct DbCheck {
+    /// `Ok(devices online)` or the error, `None` before the first check finished.
+    last: Option<Result<i64, String>>,
+    /// When a check last finished, successful or not (the watchdog's sign of life).
+    finished_at: Option<Instant>,
+    /// Devices online at the last successful check.
+    devices_online: Option<i64>,
+}
+
+impl Health {
+    /// Health for a service whose counters are `stats`.
+    pub fn new(stats: Arc<Stats>) -> Self {
+        Self {
+            stats,
+            db: Mutex::new(DbCheck::default()),
+            queues: OnceLock::new(),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// The service is stopping: it takes no more messages, so it is no longer ready.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Makes the writers' queues measurable (once they exist).
+    pub fn set_queues(&self, queues: QueueDepth) {
+        let _ = self.queues.set(queues);
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, DbCheck> {
+        // A panic while holding this lock cannot leave the plain data inconsistent.
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the last database check succeeded.
+    pub fn db_up(&self) -> bool {
+        matches!(self.db().last, Some(Ok(_)))
+    }
+
+    /// How long ago a database check last finished (successful or not); `None` before the first.
+    pub fn db_check_age(&self) -> Option<Duration> {
+        self.db().finished_at.map(|t| t.elapsed())
+    }
+
+    /// `Ok` when the service can do its work: subscribed at the broker and the database
+    /// answering. Otherwise every failing part, named, in one line.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if self.stopping.load(Ordering::Relaxed) {
+            problems.push("service: shutting down".to_owned());
+        }
+        let snap = self.stats.snapshot();
+        if !snap.connected {
+            problems.push("mqtt: not connected to the broker".to_owned());
+        } else if !snap.subscribed {
+            problems.push("mqtt: connected, subscriptions not acknowledged".to_owned());
+        }
+        match &self.db().last {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => problems.push(format!("database: not reachable ({e})")),
+            None => problems.push("database: not checked yet".to_owned()),
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// The gauges `/metrics` shows beside the counters.
+    pub fn gauges(&self) -> Gauges {
+        let db = self.db();
+        Gauges {
+            queue: self.queues.get().map(QueueDepth::current),
+            db_up: matches!(db.last, Some(Ok(_))),
+            devices_online: db.devices_online,
+        }
+    }
+
+    fn record_db_check(&self, outcome: Result<i64, String>) {
+        let mut db = self.db();
+        let was_up = matches!(db.last, Some(Ok(_)));
+        match (&outcome, was_up) {
+            (Err(e), true) => warn!(error = %e, "database check failed"),
+            (Ok(_), false) if db.last.is_some() => info!("database check succeeded again"),
+            _ => {}
+        }
+        if let Ok(n) = outcome {
+            db.devices_online = Some(n);
+        }
+        db.last = Some(outcome);
+        db.finished_at = Some(Instant::now());
+    }
+
+    /// Checks the database every `interval` until `shutdown`: counts the devices online (a
+    /// cheap query that also proves the pool, the server and the table work).
+    pub async fn check_database_every(
+        self: Arc<Self>,
+        pool: MySqlPool,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let query = sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM device_main WHERE is_online = 1",
+            )
+            .fetch_one(&pool);
+            let outcome = match tokio::time::timeout(DB_CHECK_TIMEOUT, query).await {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", DB_CHECK_TIMEOUT.as_secs())),
+            };
+            self.record_db_check(outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_every_failing_part() {
+        let stats = Arc::new(Stats::default());
+        let h = Health::new(stats.clone());
+        let e = h.readiness().unwrap_err();
+        assert!(e.contains("mqtt: not connected") && e.contains("database: not checked"));
+
+        stats.connected(true);
+        stats.subscribed();
+        h.record_db_check(Err("connection refused".into()));
+        let e = h.readiness().unwrap_err();
+        assert_eq!(e, "database: not reachable (connection refused)");
+        assert!(h.db_check_age().is_some() && !h.db_up());
+
+        h.record_db_check(Ok(3));
+        assert_eq!(h.readiness(), Ok(()));
+        assert_eq!(h.gauges().devices_online, Some(3));
+
+        h.set_stopping();
+        assert_eq!(h.readiness().unwrap_err(), "service: shutting down");
+    }
+}

@@ -1,0 +1,290 @@
+//! The compose stack, checked without a container engine: the files are parsed and held to what
+//! the service needs, and the service's health check command is run against a live service.
+
+mod app;
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use app::{Target, spawn_service};
+use common::{TestDb, shared_mqtt_port};
+use serde_yaml::Value;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn compose() -> Value {
+    serde_yaml::from_str(&read("docker/docker-compose.yml")).expect("compose file is YAML")
+}
+
+/// The names set in an env file (`NAME=value` lines).
+fn env_names(path: &str) -> BTreeSet<String> {
+    read(path)
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+/// Every variable name src/config.rs reads.
+fn names_read_by_the_service() -> BTreeSet<String> {
+    // Every upper-case, underscore-joined string literal in config.rs outside its tests is a
+    // variable the service reads (they appear only as names passed to the readers and in the
+    // errors that name them).
+    let source = read("src/config.rs");
+    let code = source.split("#[cfg(test)]").next().unwrap_or_default();
+    let re = regex::Regex::new(r#""([A-Z][A-Z0-9]*_[A-Z0-9_]+)""#).unwrap();
+    re.captures_iter(code).map(|c| c[1].to_owned()).collect()
+}
+
+#[test]
+fn services_health_checks_restart_policies_and_start_order() {
+    let c = compose();
+    let services = c["services"].as_mapping().expect("services");
+    let names: BTreeSet<&str> = services.keys().filter_map(Value::as_str).collect();
+    assert_eq!(names, BTreeSet::from(["mosquitto", "mqtt-ingest", "mysql"]));
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        assert_eq!(
+            service["restart"].as_str(),
+            Some("unless-stopped"),
+            "{name}: restart policy"
+        );
+        let test = service["healthcheck"]["test"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{name}: no healthcheck test"));
+        assert!(
+            matches!(test[0].as_str(), Some("CMD" | "CMD-SHELL")),
+            "{name}: {test:?}"
+        );
+        for field in ["interval", "timeout", "retries"] {
+            assert!(
+                !service["healthcheck"][field].is_null(),
+                "{name}: healthcheck {field}"
+            );
+        }
+    }
+    let svc = &c["services"]["mqtt-ingest"];
+    assert_eq!(svc["env_file"].as_str(), Some(".env"));
+    for dep in ["mosquitto", "mysql"] {
+        assert_eq!(
+            svc["depends_on"][dep]["condition"].as_str(),
+            Some("service_healthy"),
+            "mqtt-ingest waits for {dep} to be healthy"
+        );
+    }
+    // Inside the stack the service reaches the others by their service names.
+    assert_eq!(
+        svc["environment"]["MQTT_BROKER"].as_str(),
+        Some("mosquitto")
+    );
+    assert_eq!(svc["environment"]["DB_HOST"].as_str(), Some("mysql"));
+    // Room for SHUTDOWN_TIMEOUT_SECS (30) after SIGTERM.
+    let grace = svc["stop_grace_period"].as_str().unwrap();
+    assert!(grace.trim_end_matches('s').parse::<u32>().unwrap() > 30);
+    // The build points at the Dockerfile from the repository root.
+    assert_eq!(svc["build"]["context"].as_str(), Some(".."));
+    assert_eq!(
+        svc["build"]["dockerfile"].as_str(),
+        Some("docker/Dockerfile")
+    );
+    assert!(repo("docker/Dockerfile").is_file());
+    // The MySQL image's root password comes from .env and is required.
+    let mysql_env = &c["services"]["mysql"]["environment"];
+    assert!(
+        mysql_env["MYSQL_ROOT_PASSWORD"]
+            .as_str()
+            .unwrap()
+            .starts_with("${DB_PASSWORD:?")
+    );
+    // Data survives `docker compose down` / up.
+    for volume in ["mosquitto-data", "mysql-data"] {
+        assert!(
+            c["volumes"].as_mapping().unwrap().contains_key(volume),
+            "{volume}"
+        );
+    }
+}
+
+#[test]
+fn mosquitto_config_keeps_messages_for_the_service() {
+    let c = compose();
+    let mounts: Vec<&str> = c["services"]["mosquitto"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let conf_mount = mounts
+        .iter()
+        .find(|m| m.ends_with(":/mosquitto/config/mosquitto.conf:ro"))
+        .expect("mosquitto.conf mounted read-only");
+    let host_path = conf_mount.split(':').next().unwrap();
+    assert_eq!(host_path, "./mosquitto/mosquitto.conf");
+    let conf = read("docker/mosquitto/mosquitto.conf");
+    let setting = |name: &str| -> Option<String> {
+        conf.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')
+                    .map(|v| v.trim().to_owned())
+            })
+    };
+    assert_eq!(setting("persistence").as_deref(), Some("true"));
+    assert_eq!(
+        setting("persistence_location").as_deref(),
+        Some("/mosquitto/data/")
+    );
+    assert!(mounts.iter().any(|m| m.ends_with(":/mosquitto/data")));
+    // Above Mosquitto's defaults (1000 queued, 20 in flight), which drop messages and throttle.
+    let number = |name: &str| setting(name).and_then(|v| v.parse::<u64>().ok());
+    assert!(number("max_queued_messages").is_some_and(|n| n > 1000));
+    assert!(number("max_inflight_messages").is_some_and(|n| n > 20));
+    assert!(number("autosave_interval").is_some());
+}
+
+#[test]
+fn dockerfile_is_multi_stage_and_runs_unprivileged() {
+    let dockerfile = read("docker/Dockerfile");
+    let instructions: Vec<(String, String)> = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (word, rest) = l.split_once(' ')?;
+            word.chars()
+                .all(|c| c.is_ascii_uppercase())
+                .then(|| (word.to_owned(), rest.trim().to_owned()))
+        })
+        .collect();
+    let froms: Vec<&str> = instructions
+        .iter()
+        .filter(|(w, _)| w == "FROM")
+        .map(|(_, r)| r.as_str())
+        .collect();
+    assert_eq!(froms.len(), 2, "build and run stages: {froms:?}");
+    assert!(froms[0].ends_with(" AS builder"));
+    assert!(
+        froms[1].contains("-slim"),
+        "small runtime image: {}",
+        froms[1]
+    );
+    // Everything after the last FROM is the runtime image.
+    let last_from = instructions.iter().rposition(|(w, _)| w == "FROM").unwrap();
+    let runtime = &instructions[last_from..];
+    let user = runtime
+        .iter()
+        .rev()
+        .find(|(w, _)| w == "USER")
+        .map(|(_, r)| r.as_str())
+        .expect("USER in the runtime stage");
+    let user_name = user.split(':').next().unwrap();
+    assert!(!matches!(user_name, "root" | "0"), "runs as {user}");
+    assert!(
+        runtime
+            .iter()
+            .any(|(w, r)| w == "COPY" && r.contains("--from=builder"))
+    );
+    assert!(
+        runtime
+            .iter()
+            .any(|(w, r)| w == "ENTRYPOINT" && r.contains("mqtt-ingest"))
+    );
+    assert!(dockerfile.contains("cargo build --release --locked"));
+}
+
+#[test]
+fn every_setting_is_documented_for_compose_and_systemd() {
+    let read_by_service = names_read_by_the_service();
+    assert!(
+        read_by_service.len() > 30,
+        "the pattern found too few names: {read_by_service:?}"
+    );
+    let example = env_names(".env.example");
+    let docker = env_names("docker/.env.example");
+    let missing: Vec<_> = read_by_service.difference(&example).collect();
+    assert!(missing.is_empty(), ".env.example lacks {missing:?}");
+    let missing: Vec<_> = example.difference(&docker).collect();
+    assert!(missing.is_empty(), "docker/.env.example lacks {missing:?}");
+    let unknown: Vec<_> = example.difference(&read_by_service).collect();
+    assert!(
+        unknown.is_empty(),
+        ".env.example has names the service ignores: {unknown:?}"
+    );
+    // Each name in the README's configuration table.
+    let readme = read("README.md");
+    for name in &read_by_service {
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README table lacks {name}"
+        );
+    }
+    // The README's compose commands are the ones the compose file's header gives.
+    for line in [
+        "cd docker",
+        "cp .env.example .env",
+        "docker compose up -d --build",
+        "docker compose logs -f mqtt-ingest",
+    ] {
+        assert!(readme.contains(line), "README lacks {line:?}");
+        assert!(
+            read("docker/docker-compose.yml").contains(line.trim_start_matches("cd docker")),
+            "compose header lacks {line:?}"
+        );
+    }
+}
+
+/// The mqtt-ingest health check command, run by bash against a live service: it succeeds
+/// when /readyz says 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_health_check_command_passes_against_a_ready_service() {
+    let c = compose();
+    let test = c["services"]["mqtt-ingest"]["healthcheck"]["test"]
+        .as_sequence()
+        .unwrap();
+    let args: Vec<&str> = test[1..].iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(&args[..2], ["bash", "-c"]);
+    let script = args[2];
+    let docker_env = read("docker/.env.example");
+    assert!(
+        docker_env.contains("\nHTTP_LISTEN=0.0.0.0:9464\n") && script.contains("/127.0.0.1/9464"),
+        "the health check must reach the listener that docker/.env.example sets"
+    );
+
+    let db = TestDb::new().await;
+    let target = Target::new(&db, shared_mqtt_port()).with("HTTP_LISTEN", "127.0.0.1:0");
+    let service = spawn_service(&target).await;
+    let port = service.http.unwrap().port();
+    let script = script.replace("/9464", &format!("/{port}"));
+    // Ready once the first database check ran (every second in tests).
+    let status = common::wait_until(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(200),
+        async || {
+            tokio::process::Command::new("bash")
+                .args(["-c", &script])
+                .status()
+                .await
+                .is_ok_and(|s| s.success())
+        },
+    )
+    .await;
+    assert!(status.is_ok(), "{status:?}");
+    service.stop().await.unwrap();
+    // Nothing listens any more: the same check fails.
+    let after = tokio::process::Command::new("bash")
+        .args(["-c", &script])
+        .status()
+        .await
+        .unwrap();
+    assert!(!after.success());
+}
