@@ -70,6 +70,10 @@ pub struct MqttSettings {
     pub reconnect_min: Duration,
     /// `MQTT_RECONNECT_MAX_SECS`: longest wait between connection attempts.
     pub reconnect_max: Duration,
+    /// `MQTT_SHARED_GROUP`: subscribe as a member of this shared-subscription group
+    /// (`$share/<group>/…`), so several instances split the messages; `None` (empty) for a plain
+    /// subscription.
+    pub shared_group: Option<String>,
     /// `MQTT_TLS` and its files: `None` for plain TCP.
     pub tls: Option<MqttTls>,
 }
@@ -397,6 +401,13 @@ impl Settings {
         } else {
             None
         };
+        let group = v.string("MQTT_SHARED_GROUP", "");
+        if group.contains(['+', '#', '/', '\0']) {
+            return Err(ConfigError {
+                var: "MQTT_SHARED_GROUP",
+                problem: "must not contain '/', '+', '#' or NUL".into(),
+            });
+        }
         let mqtt = MqttSettings {
             broker: v.non_empty("MQTT_BROKER", "localhost")?,
             port: v.number("MQTT_PORT", 1883, 1, 65_535)?,
@@ -410,6 +421,7 @@ impl Settings {
             reconnect_min,
             reconnect_max,
             tls,
+            shared_group: Some(group).filter(|g| !g.is_empty()),
         };
 
         let pool_min = v.number("DB_POOL_MIN", 5, 0, 1000)?;
@@ -638,6 +650,7 @@ mod tests {
             ("MQTT_KEEPALIVE_SECS", "1"),
             ("HEALTH_DB_CHECK_SECS", "0"),
             ("LOG_KEEP_DAYS", "0"),
+            ("MQTT_SHARED_GROUP", "a/b"),
         ] {
             let e = settings(&[(var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}: {e}");

@@ -120,6 +120,17 @@ pub fn options(settings: &MqttSettings, client_id: &str) -> Result<MqttOptions, 
     Ok(o)
 }
 
+/// The filter to subscribe to for `kind`: `PREFIX/+/kind`, or `$share/GROUP/PREFIX/+/kind` in
+/// a shared-subscription group. Messages arrive under their own topic either way (the broker
+/// strips nothing because it adds nothing: `$share/GROUP/` only names the group), so parsing is
+/// the same.
+pub fn subscription(settings: &MqttSettings, kind: TopicKind) -> String {
+    match &settings.shared_group {
+        Some(group) => format!("$share/{group}/{}", settings.topics.filter(kind)),
+        None => settings.topics.filter(kind),
+    }
+}
+
 /// A client and its event loop (not connected yet: polling connects).
 pub fn client(settings: &MqttSettings) -> Result<(AsyncClient, EventLoop, Acker), ConfigError> {
     let (client, eventloop) =
@@ -167,7 +178,7 @@ pub async fn run_event_loop(
 ) {
     let filters: Vec<SubscribeFilter> = TopicKind::ALL
         .iter()
-        .map(|k| SubscribeFilter::new(settings.topics.filter(*k), qos(settings.qos)))
+        .map(|k| SubscribeFilter::new(subscription(&settings, *k), qos(settings.qos)))
         .collect();
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let mut first_connection = true;
@@ -402,6 +413,25 @@ mod tests {
         let s = shown_topic(&t);
         assert!(s.chars().count() <= TOPIC_SHOWN + 2);
         assert!(!s.contains('\n'));
+    }
+
+    #[test]
+    fn shared_group_prefixes_the_filters() {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let plain = crate::config::Settings::from_map(&map(&[])).unwrap().mqtt;
+        assert_eq!(subscription(&plain, TopicKind::Data), "devices/+/data");
+        let shared = crate::config::Settings::from_map(&map(&[("MQTT_SHARED_GROUP", "ingest")]))
+            .unwrap()
+            .mqtt;
+        assert_eq!(
+            subscription(&shared, TopicKind::Heartbeat),
+            "$share/ingest/devices/+/heartbeat"
+        );
     }
 
     #[test]

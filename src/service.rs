@@ -81,7 +81,8 @@ impl Service {
             "starting mqtt-ingest {}",
             env!("CARGO_PKG_VERSION")
         );
-        // Background tasks that end with the service (aborted on every way out).
+        // Tasks that end with the service: aborted on every way out, also when this future is
+        // dropped (a dropped service must not leave an event loop holding its client id).
         let mut background = Background(Vec::new());
         if let Some(addr) = settings.ops.http_listen {
             let listener = http::bind(addr)
@@ -90,20 +91,18 @@ impl Service {
             if let Ok(local) = listener.local_addr() {
                 bound(local);
             }
-            background.0.push(tokio::spawn(http::serve(
+            background.push(tokio::spawn(http::serve(
                 listener,
                 health.clone(),
                 shutdown.clone(),
             )));
         }
         let pool = store::pool(db);
-        background
-            .0
-            .push(tokio::spawn(health.clone().check_database_every(
-                pool.clone(),
-                settings.ops.db_check_interval,
-                shutdown.clone(),
-            )));
+        background.push(tokio::spawn(health.clone().check_database_every(
+            pool.clone(),
+            settings.ops.db_check_interval,
+            shutdown.clone(),
+        )));
         if !prepare_database(&pool, db.auto_migrate, &shutdown).await? {
             return Ok(()); // stopped before the database was ever reachable
         }
@@ -121,7 +120,7 @@ impl Service {
         };
         let rejects_dropped = rejects.as_ref().map(RejectSink::dropped_counter);
         if !settings.presence.timeout.is_zero() {
-            background.0.push(tokio::spawn(presence::run_sweeper(
+            background.push(tokio::spawn(presence::run_sweeper(
                 pool.clone(),
                 settings.presence.timeout,
                 settings.presence.sweep_interval,
@@ -129,7 +128,7 @@ impl Service {
             )));
         }
         if keep.history && !keep.history_retention.is_zero() {
-            background.0.push(tokio::spawn(history::run_retention(
+            background.push(tokio::spawn(history::run_retention(
                 pool.clone(),
                 keep.history_retention,
                 keep.maintenance_interval,
@@ -137,7 +136,7 @@ impl Service {
             )));
         }
         if keep.rejects {
-            background.0.push(tokio::spawn(rejects::run_retention(
+            background.push(tokio::spawn(rejects::run_retention(
                 pool.clone(),
                 keep.rejects_keep,
                 keep.rejects_retention,
@@ -184,15 +183,20 @@ impl Service {
             shutdown.clone(),
         ));
         let ticker = tokio::spawn(log_stats_every(settings.log.stats_interval, stats.clone()));
+        for task in writers
+            .iter()
+            .chain([&event_loop, &ticker])
+            .chain(reject_writer.as_ref())
+        {
+            background.0.push(task.abort_handle());
+        }
         // The database is prepared; READY=1 follows the subscriptions' acknowledgement.
-        background
-            .0
-            .push(tokio::spawn(systemd::notify_ready_then_feed_watchdog(
-                health.clone(),
-                settings.mqtt.keepalive,
-                settings.ops.db_check_interval,
-                shutdown.clone(),
-            )));
+        background.push(tokio::spawn(systemd::notify_ready_then_feed_watchdog(
+            health.clone(),
+            settings.mqtt.keepalive,
+            settings.ops.db_check_interval,
+            shutdown.clone(),
+        )));
 
         shutdown.cancelled().await;
         health.set_stopping();
@@ -298,7 +302,14 @@ async fn wait(
 }
 
 /// Tasks that must not outlive the service: aborted when dropped.
-struct Background(Vec<JoinHandle<()>>);
+struct Background(Vec<tokio::task::AbortHandle>);
+
+impl Background {
+    fn push(&mut self, task: JoinHandle<()>) {
+        // Detached: only the abort handle is kept.
+        self.0.push(task.abort_handle());
+    }
+}
 
 impl Drop for Background {
     fn drop(&mut self) {

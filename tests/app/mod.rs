@@ -187,6 +187,14 @@ impl Running {
         result
     }
 
+    /// Kills the service as a crash would: the task is dropped mid-stream, no acknowledgement
+    /// or DISCONNECT is sent, and its persistent session stays on the broker.
+    pub async fn abort(self) -> Target {
+        self.task.abort();
+        let _ = self.task.await;
+        self.target
+    }
+
     /// Stops the service but keeps its persistent session on the broker.
     pub async fn stop_keeping_session(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
