@@ -9,12 +9,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::model::{Change, Update};
-use crate::store::{StoreError, placeholders, shaped_chunks};
+use crate::store::{StoreError, delete_in_batches, placeholders, shaped_chunks};
 
 /// Longest unit kept in history (the column is `VARCHAR(64)`).
 const UNIT_MAX_CHARS: usize = 64;
 
-/// Rows deleted per statement by the retention task, so that it never holds locks for long.
+/// Rows deleted per statement by the retention task (the `LIMIT` in its SQL).
 const PRUNE_BATCH: u64 = 1000;
 
 /// One reading, as a history row.
@@ -87,21 +87,13 @@ pub async fn append(
 
 /// Deletes rows received before `cutoff`, in small batches; returns how many.
 pub async fn prune(pool: &MySqlPool, cutoff: NaiveDateTime) -> Result<u64, sqlx::Error> {
-    let mut deleted = 0;
-    loop {
-        let sql = format!("DELETE FROM device_history WHERE received_at < ? LIMIT {PRUNE_BATCH}");
-        let n = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(cutoff)
-            .execute(pool)
-            .await?
-            .rows_affected();
-        deleted += n;
-        if n < PRUNE_BATCH {
-            return Ok(deleted);
-        }
-        // Let the ingest path's transactions in between.
-        tokio::task::yield_now().await;
-    }
+    delete_in_batches(
+        pool,
+        "DELETE FROM device_history WHERE received_at < ? LIMIT 1000",
+        PRUNE_BATCH,
+        cutoff,
+    )
+    .await
 }
 
 /// Removes history older than `retention` every `interval` until shutdown.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::rejection::Rejection;
-use crate::store::{exact_chunks, placeholders};
+use crate::store::{delete_in_batches, exact_chunks, placeholders};
 
 /// Longest topic kept (the column is `VARCHAR(255)`).
 const TOPIC_MAX_CHARS: usize = 255;
@@ -167,19 +167,17 @@ async fn insert(pool: &MySqlPool, records: &[RejectRecord]) -> Result<(), sqlx::
 /// Keeps at most `keep` rows and none older than `retention`; deletes in small batches.
 pub async fn prune(pool: &MySqlPool, keep: u64, retention: Duration) -> Result<u64, sqlx::Error> {
     let mut deleted = 0;
-    if let Ok(age) = chrono::Duration::from_std(retention) {
-        let cutoff = Utc::now().naive_utc() - age;
-        loop {
-            let n = sqlx::query("DELETE FROM ingest_rejects WHERE received_at < ? LIMIT 1000")
-                .bind(cutoff)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            deleted += n;
-            if n < 1000 {
-                break;
-            }
-        }
+    if let Some(cutoff) = chrono::Duration::from_std(retention)
+        .ok()
+        .and_then(|age| Utc::now().naive_utc().checked_sub_signed(age))
+    {
+        deleted += delete_in_batches(
+            pool,
+            "DELETE FROM ingest_rejects WHERE received_at < ? LIMIT 1000",
+            1000,
+            cutoff,
+        )
+        .await?;
     }
     let newest_dropped: Option<u64> = sqlx::query_scalar(
         "SELECT CAST(id AS UNSIGNED) FROM ingest_rejects ORDER BY id DESC LIMIT 1 OFFSET ?",
@@ -188,17 +186,13 @@ pub async fn prune(pool: &MySqlPool, keep: u64, retention: Duration) -> Result<u
     .fetch_optional(pool)
     .await?;
     if let Some(last) = newest_dropped {
-        loop {
-            let n = sqlx::query("DELETE FROM ingest_rejects WHERE id <= ? LIMIT 1000")
-                .bind(last)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            deleted += n;
-            if n < 1000 {
-                break;
-            }
-        }
+        deleted += delete_in_batches(
+            pool,
+            "DELETE FROM ingest_rejects WHERE id <= ? LIMIT 1000",
+            1000,
+            last,
+        )
+        .await?;
     }
     Ok(deleted)
 }

@@ -391,6 +391,33 @@ async fn write_rows(
     Ok(())
 }
 
+/// Runs `sql` (a `DELETE … LIMIT n` with one placeholder, bound to `arg`) until it deletes fewer
+/// than `n` rows, so that a large clean-up never holds its locks for long; returns how many.
+pub async fn delete_in_batches<A>(
+    pool: &MySqlPool,
+    sql: &'static str,
+    n: u64,
+    arg: A,
+) -> Result<u64, sqlx::Error>
+where
+    A: for<'q> sqlx::Encode<'q, MySql> + sqlx::Type<MySql> + Send + Copy,
+{
+    let mut deleted = 0;
+    loop {
+        let done = sqlx::query(sql)
+            .bind(arg)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        deleted += done;
+        if done < n {
+            return Ok(deleted);
+        }
+        // Let the ingest path's transactions in between.
+        tokio::task::yield_now().await;
+    }
+}
+
 /// How long the writer waits before retrying after `attempt` failures (capped, with jitter).
 pub fn retry_delay(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16));
