@@ -92,6 +92,11 @@ impl Ledger {
 impl LedgerPublisher {
     /// Starts publishing `rate` messages a second over `devices` devices under `prefix`.
     pub fn start(port: u16, prefix: &str, devices: usize, rate: u64) -> Self {
+        Self::start_limited(port, prefix, devices, rate, u64::MAX)
+    }
+
+    /// As [`start`](Self::start), sending at most `limit` messages.
+    pub fn start_limited(port: u16, prefix: &str, devices: usize, rate: u64, limit: u64) -> Self {
         let counts = Arc::new(Counts::default());
         let acked = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
@@ -101,6 +106,7 @@ impl LedgerPublisher {
             prefix.to_owned(),
             devices,
             rate,
+            limit,
             counts.clone(),
             acked.clone(),
             stop.clone(),
@@ -113,6 +119,10 @@ impl LedgerPublisher {
             paused,
             task,
         }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.counts.sent.load(Relaxed)
     }
 
     pub fn acked(&self) -> u64 {
@@ -158,6 +168,7 @@ async fn run(
     prefix: String,
     devices: usize,
     rate: u64,
+    limit: u64,
     counts: Arc<Counts>,
     acked: Arc<Mutex<Vec<(usize, u64)>>>,
     stop: CancellationToken,
@@ -216,7 +227,10 @@ async fn run(
                 },
                 _ = tick.tick(), if connected && !stopping && !paused.load(Relaxed) => {
                     credit += per_tick;
-                    while credit >= 1.0 && queued.len() + in_flight.len() < WINDOW {
+                    while credit >= 1.0
+                        && queued.len() + in_flight.len() < WINDOW
+                        && counts.sent.load(Relaxed) < limit
+                    {
                         credit -= 1.0;
                         let d = next_device;
                         next_device = (next_device + 1) % devices;
