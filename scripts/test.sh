@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check the project has: formatting, clippy, and the whole test
-# suite under cargo-nextest (profile "ci" in .config/nextest.toml).
+# suite under cargo-nextest (profile "ci" in .config/nextest.toml), with the
+# service under test speaking MQTT 3.1.1; then the ingest-path tests again with
+# it speaking MQTT 5 (TEST_MQTT_PROTOCOL, read by tests/app).
 # Prepares the machine first (scripts/setup.sh), so a fresh Debian/Ubuntu box
-# gets MariaDB and Mosquitto. Extra arguments go to `cargo nextest run`.
+# gets MariaDB and Mosquitto. Extra arguments go to both `cargo nextest run`s.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -30,5 +32,18 @@ cargo fmt --all -- --check
 echo "test: cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-echo "test: cargo nextest run --workspace --no-fail-fast --profile ci $*"
-cargo nextest run --workspace --no-fail-fast --profile ci "$@"
+echo "test: TEST_MQTT_PROTOCOL=3.1.1 cargo nextest run --workspace --no-fail-fast --profile ci $*"
+v311=0
+TEST_MQTT_PROTOCOL=3.1.1 cargo nextest run --workspace --no-fail-fast --profile ci "$@" || v311=$?
+
+# Every test binary that runs the service's ingest path, once more under MQTT 5.
+INGEST_PATH='binary(ingest) | binary(faults) | binary(keep) | binary(tls) | binary(scale) | binary(ops) | binary(systemd)'
+echo "test: TEST_MQTT_PROTOCOL=5 cargo nextest run --workspace --no-fail-fast --profile ci -E '$INGEST_PATH' $*"
+v5=0
+TEST_MQTT_PROTOCOL=5 cargo nextest run --workspace --no-fail-fast --profile ci -E "$INGEST_PATH" "$@" || v5=$?
+
+if ((v311 != 0 || v5 != 0)); then
+    echo "test: FAILED (MQTT 3.1.1 run: exit $v311, MQTT 5 run: exit $v5)" >&2
+    exit 1
+fi
+echo "test: all passed under MQTT 3.1.1 and MQTT 5"

@@ -76,6 +76,42 @@ pub struct MqttSettings {
     pub shared_group: Option<String>,
     /// `MQTT_TLS` and its files: `None` for plain TCP.
     pub tls: Option<MqttTls>,
+    /// `MQTT_PROTOCOL`: the protocol version spoken to the broker.
+    pub protocol: MqttProtocol,
+    /// `MQTT_SESSION_EXPIRY_SECS` (MQTT 5 only): how long the broker keeps the persistent
+    /// session, with its subscriptions and queued messages, after the connection ends. MQTT 5
+    /// ends a session with its connection unless told otherwise, so without it nothing would
+    /// queue while the service restarts.
+    pub session_expiry: Duration,
+}
+
+/// The MQTT protocol version (`MQTT_PROTOCOL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1 (protocol level 4), the default.
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+impl MqttProtocol {
+    /// Parses `MQTT_PROTOCOL`: `3.1.1` (also `3`, `4`, `311`) or `5`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw.trim() {
+            "" | "3.1.1" | "311" | "3" | "4" => Some(Self::V311),
+            "5" => Some(Self::V5),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MqttProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V311 => "3.1.1",
+            Self::V5 => "5",
+        })
+    }
 }
 
 /// TLS to the broker (rustls).
@@ -408,6 +444,11 @@ impl Settings {
                 problem: "must not contain '/', '+', '#' or NUL".into(),
             });
         }
+        let raw_protocol = v.string("MQTT_PROTOCOL", "3.1.1");
+        let protocol = MqttProtocol::parse(&raw_protocol).ok_or_else(|| ConfigError {
+            var: "MQTT_PROTOCOL",
+            problem: format!("must be 3.1.1 (or 3, 4, 311) or 5, got {raw_protocol:?}"),
+        })?;
         let mqtt = MqttSettings {
             broker: v.non_empty("MQTT_BROKER", "localhost")?,
             port: v.number("MQTT_PORT", 1883, 1, 65_535)?,
@@ -422,6 +463,9 @@ impl Settings {
             reconnect_max,
             tls,
             shared_group: Some(group).filter(|g| !g.is_empty()),
+            protocol,
+            // MQTT 5 carries it as a 32-bit number of seconds; 4294967295 means never.
+            session_expiry: v.secs("MQTT_SESSION_EXPIRY_SECS", 86_400, 0, u64::from(u32::MAX))?,
         };
 
         let pool_min = v.number("DB_POOL_MIN", 5, 0, 1000)?;
@@ -651,6 +695,10 @@ mod tests {
             ("HEALTH_DB_CHECK_SECS", "0"),
             ("LOG_KEEP_DAYS", "0"),
             ("MQTT_SHARED_GROUP", "a/b"),
+            ("MQTT_PROTOCOL", "6"),
+            ("MQTT_PROTOCOL", "3.1"),
+            ("MQTT_SESSION_EXPIRY_SECS", "4294967296"),
+            ("MQTT_SESSION_EXPIRY_SECS", "-1"),
         ] {
             let e = settings(&[(var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}: {e}");
@@ -723,6 +771,26 @@ mod tests {
                 client_cert: None
             })
         );
+    }
+
+    #[test]
+    fn protocol_versions() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.mqtt.protocol, MqttProtocol::V311);
+        assert_eq!(s.mqtt.session_expiry, Duration::from_secs(86_400));
+        for raw in ["3.1.1", "3", "4", "311", " 311 "] {
+            let s = settings(&[("MQTT_PROTOCOL", raw)]).unwrap();
+            assert_eq!(s.mqtt.protocol, MqttProtocol::V311, "{raw:?}");
+        }
+        let s = settings(&[("MQTT_PROTOCOL", "5"), ("MQTT_SESSION_EXPIRY_SECS", "0")]).unwrap();
+        assert_eq!(s.mqtt.protocol, MqttProtocol::V5);
+        assert!(s.mqtt.session_expiry.is_zero());
+        let s = settings(&[("MQTT_SESSION_EXPIRY_SECS", "4294967295")]).unwrap();
+        assert_eq!(
+            s.mqtt.session_expiry,
+            Duration::from_secs(u64::from(u32::MAX))
+        );
+        assert_eq!(MqttProtocol::V5.to_string(), "5");
     }
 
     #[test]

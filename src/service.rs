@@ -107,7 +107,7 @@ impl Service {
             return Ok(()); // stopped before the database was ever reachable
         }
 
-        let (_client, eventloop, acker) = mqtt::client(&settings.mqtt)?;
+        let (connection, acker) = mqtt::client(&settings.mqtt)?;
         let keep = &settings.keep;
         let (rejects, reject_writer) = if keep.rejects {
             let (sink, rx) = rejects::channel(keep.rejects_max_payload);
@@ -175,7 +175,7 @@ impl Service {
         let event_loop = tokio::spawn(mqtt::run_event_loop(
             settings.mqtt.clone(),
             settings.ingest.rules.clone(),
-            eventloop,
+            connection,
             acker.clone(),
             router,
             rejects,

@@ -35,6 +35,9 @@ pub struct Target {
     pub db_name: String,
     pub db_user: String,
     pub db_password: String,
+    /// `MQTT_PROTOCOL`: from `TEST_MQTT_PROTOCOL` (default 3.1.1), so the same tests run the
+    /// service under either protocol version (scripts/test.sh runs the ingest path under both).
+    pub protocol: String,
     /// Extra or overriding variables.
     pub extra: Vec<(String, String)>,
 }
@@ -50,6 +53,7 @@ impl Target {
             db_name: db.name.clone(),
             db_user: db.user.clone(),
             db_password: db.password.clone(),
+            protocol: test_protocol(),
             extra: Vec::new(),
         }
     }
@@ -68,6 +72,7 @@ impl Target {
             ("MQTT_PASSWORD", String::new()),
             ("MQTT_CLIENT_ID", self.client_id.clone()),
             ("MQTT_TOPIC_PREFIX", self.prefix.clone()),
+            ("MQTT_PROTOCOL", self.protocol.clone()),
             ("MQTT_KEEPALIVE_SECS", "5".to_owned()),
             ("MQTT_RECONNECT_MIN_SECS", "1".to_owned()),
             ("MQTT_RECONNECT_MAX_SECS", "2".to_owned()),
@@ -107,6 +112,19 @@ impl Target {
     pub fn topic(&self, device: &str, kind: &str) -> String {
         format!("{}/{device}/{kind}", self.prefix)
     }
+}
+
+/// The protocol version the service under test speaks: `TEST_MQTT_PROTOCOL`, default 3.1.1.
+/// A value the service would not accept fails here, not as a confusing settings error later.
+pub fn test_protocol() -> String {
+    let raw = std::env::var("TEST_MQTT_PROTOCOL").unwrap_or_default();
+    let raw = raw.trim();
+    let protocol = if raw.is_empty() { "3.1.1" } else { raw };
+    assert!(
+        mqtt_ingest::config::MqttProtocol::parse(protocol).is_some(),
+        "TEST_MQTT_PROTOCOL={protocol:?}: must be 3.1.1 or 5"
+    );
+    protocol.to_owned()
 }
 
 /// The service running inside the test process.

@@ -4,21 +4,27 @@
 //! bounded channel; it never waits on SQL. QoS 1/2 messages are acknowledged only after the
 //! writer committed them ([`Acker`]), so a crash between receipt and commit makes the broker
 //! deliver them again.
+//!
+//! Both protocol versions (`MQTT_PROTOCOL`) go through the same code here: [`v4`] (MQTT 3.1.1)
+//! and [`v5`] (MQTT 5) only build their rumqttc client and turn what its event loop yields into
+//! the common [`Polled`] events, so subscribing, acknowledging and the intake of a publish are
+//! written once.
+
+mod v4;
+mod v5;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::Utc;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
-};
+use rumqttc::{TlsConfiguration, Transport};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::{ConfigError, MqttSettings};
+use crate::config::{ConfigError, MqttProtocol, MqttSettings};
 use crate::model::{TopicKind, Update};
 use crate::payload::{self, Rules};
 use crate::rejects::{Evidence, RejectSink};
@@ -27,7 +33,9 @@ use crate::writer::Router;
 
 /// MQTT's own limit on a packet (256 MiB). The client accepts anything up to it so that an
 /// oversized payload becomes a counted rejection, not a connection error that would make the
-/// broker redeliver it forever; the service's own limit (`MQTT_MAX_PAYLOAD_BYTES`) applies after.
+/// broker redeliver it forever (MQTT 3.1.1), nor a message the broker silently drops for being
+/// over our announced maximum (MQTT 5); the service's own limit (`MQTT_MAX_PAYLOAD_BYTES`)
+/// applies after.
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
 /// Capacity of the client's request channel. Acks, subscriptions and the disconnect go through
@@ -35,11 +43,27 @@ const MQTT_MAX_PACKET: usize = 268_435_455;
 /// into it never waits (a full channel here would deadlock with a writer waiting on us).
 const REQUEST_CAPACITY: usize = 65_535 + 64;
 
+/// A received publish as the protocol version's own type, stripped to what an ack needs (QoS
+/// and packet id), so queued acks do not hold topics and payloads.
+#[derive(Debug)]
+enum Delivery {
+    V4(rumqttc::Publish),
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
+}
+
+impl Delivery {
+    fn pkid(&self) -> u16 {
+        match self {
+            Delivery::V4(p) => p.pkid,
+            Delivery::V5(p) => p.pkid,
+        }
+    }
+}
+
 /// What must be acknowledged once a message is committed.
 #[derive(Debug)]
 pub struct AckToken {
-    /// The publish without its topic and payload (only QoS and packet id are needed).
-    publish: Publish,
+    delivery: Delivery,
     /// The connection it arrived on.
     generation: u64,
 }
@@ -56,10 +80,102 @@ pub struct Job {
     pub evidence: Option<Evidence>,
 }
 
+/// The request side of either client.
+#[derive(Debug, Clone)]
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    fn try_ack(&self, delivery: &Delivery) -> Result<(), String> {
+        match (self, delivery) {
+            (Client::V4(c), Delivery::V4(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            (Client::V5(c), Delivery::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            // A client only ever acknowledges what its own event loop delivered.
+            _ => Err("acknowledgement for the other protocol version".into()),
+        }
+    }
+
+    fn try_subscribe(&self, filters: &[Filter]) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(filters.iter().map(v4::filter))
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(filters.iter().map(v5::filter))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn try_disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A subscription: topic filter and QoS level.
+#[derive(Debug, Clone)]
+struct Filter {
+    path: String,
+    qos: u8,
+}
+
+/// The event loop of either client (not connected yet: polling connects).
+pub struct Connection(Loop);
+
+/// Boxed: there is one per client, and the two differ much in size.
+enum Loop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// What a poll yielded, whichever the protocol version.
+// Nearly every poll yields a publish, and it is moved once: boxing it would only add an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Polled {
+    /// A message from the broker.
+    Publish(Message),
+    /// A connection was made.
+    ConnAck {
+        session_present: bool,
+        /// MQTT 5: the session expiry the broker granted, when it set one other than asked.
+        session_expiry: Option<u32>,
+    },
+    /// The broker answered the subscriptions; `refused` lists the codes when any failed.
+    SubAck { refused: Option<String> },
+    /// Our DISCONNECT went out.
+    DisconnectSent,
+    /// Anything else (pings, acks going out).
+    Other,
+}
+
+/// A publish in the parts the intake needs.
+struct Message {
+    topic: String,
+    payload: Bytes,
+    /// What to acknowledge; `None` for QoS 0.
+    ack: Option<Delivery>,
+}
+
+impl Connection {
+    /// Polls once; an error comes described for an operator (see [`v4::describe`],
+    /// [`v5::describe`]). Polling again after an error reconnects.
+    async fn poll(&mut self) -> Result<Polled, String> {
+        match &mut self.0 {
+            Loop::V4(l) => l.poll().await.map(v4::polled).map_err(|e| v4::describe(&e)),
+            Loop::V5(l) => l.poll().await.map(v5::polled).map_err(|e| v5::describe(&e)),
+        }
+    }
+}
+
 /// Sends acknowledgements through the client. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Acker {
-    client: AsyncClient,
+    client: Client,
     generation: Arc<AtomicU64>,
 }
 
@@ -70,15 +186,15 @@ impl Acker {
     pub fn ack(&self, token: AckToken) {
         if token.generation != self.generation.load(Ordering::Acquire) {
             debug!(
-                pkid = token.publish.pkid,
+                pkid = token.delivery.pkid(),
                 "not acknowledging a message from an earlier connection; the broker redelivers it"
             );
             return;
         }
-        if let Err(e) = self.client.try_ack(&token.publish) {
+        if let Err(e) = self.client.try_ack(&token.delivery) {
             // Only possible when the event loop is gone (shutting down): the message stays
             // unacknowledged and is redelivered.
-            warn!(error = %e, pkid = token.publish.pkid, "could not queue an acknowledgement");
+            warn!(error = %e, pkid = token.delivery.pkid(), "could not queue an acknowledgement");
         }
     }
 
@@ -90,34 +206,27 @@ impl Acker {
     }
 }
 
-/// Converts the configured QoS number.
-pub fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtLeastOnce,
-    }
+/// The transport for the settings: TLS when configured (its files were checked with the
+/// settings; a file that changed since fails here, naming its variable), else plain TCP.
+fn transport(settings: &MqttSettings) -> Result<Transport, ConfigError> {
+    Ok(match &settings.tls {
+        Some(tls) => {
+            let config = crate::tls::mqtt_client_config(tls)?;
+            Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config)))
+        }
+        None => Transport::tcp(),
+    })
 }
 
-/// Client options for the settings: persistent session unless configured otherwise, manual
-/// acks, TLS when configured (its files were checked with the settings; a file that changed
-/// since fails here, naming its variable).
-pub fn options(settings: &MqttSettings, client_id: &str) -> Result<MqttOptions, ConfigError> {
-    let mut o = MqttOptions::new(client_id, settings.broker.clone(), settings.port);
-    o.set_keep_alive(settings.keepalive)
-        .set_clean_session(settings.clean_session)
-        .set_manual_acks(true)
-        .set_max_packet_size(MQTT_MAX_PACKET, 64 * 1024);
-    if !settings.username.is_empty() {
-        o.set_credentials(settings.username.clone(), settings.password.expose());
-    }
-    if let Some(tls) = &settings.tls {
-        let config = crate::tls::mqtt_client_config(tls)?;
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(config),
-        )));
-    }
-    Ok(o)
+/// Operator hints shared by both protocol versions' error descriptions.
+const BAD_LOGIN: &str =
+    "broker refused the login: bad user name or password (check MQTT_USERNAME / MQTT_PASSWORD)";
+const NOT_AUTHORIZED: &str = "broker refused the connection: not authorized (check MQTT_USERNAME / MQTT_PASSWORD and the broker's ACL)";
+const BAD_CLIENT_ID: &str = "broker refused the client id (check MQTT_CLIENT_ID)";
+
+fn io_refused(io: &std::io::Error) -> Option<String> {
+    (io.kind() == std::io::ErrorKind::ConnectionRefused)
+        .then(|| format!("{io} (is the broker running? check MQTT_BROKER / MQTT_PORT)"))
 }
 
 /// The filter to subscribe to for `kind`: `PREFIX/+/kind`, or `$share/GROUP/PREFIX/+/kind` in
@@ -131,35 +240,49 @@ pub fn subscription(settings: &MqttSettings, kind: TopicKind) -> String {
     }
 }
 
-/// A client and its event loop (not connected yet: polling connects).
-pub fn client(settings: &MqttSettings) -> Result<(AsyncClient, EventLoop, Acker), ConfigError> {
-    let (client, eventloop) =
-        AsyncClient::new(options(settings, &settings.client_id)?, REQUEST_CAPACITY);
-    let acker = Acker {
-        client: client.clone(),
-        generation: Arc::new(AtomicU64::new(0)),
-    };
-    Ok((client, eventloop, acker))
+/// A client for `client_id` in the configured protocol version. `persistent` keeps the
+/// session (MQTT 3.1.1: clean session off; MQTT 5: clean start off and the configured session
+/// expiry); otherwise the session ends with the connection.
+fn parts(
+    settings: &MqttSettings,
+    client_id: &str,
+    persistent: bool,
+    capacity: usize,
+) -> Result<(Client, Connection), ConfigError> {
+    Ok(match settings.protocol {
+        MqttProtocol::V311 => {
+            let options = v4::options(settings, client_id, persistent)?;
+            let (client, eventloop) = rumqttc::AsyncClient::new(options, capacity);
+            (
+                Client::V4(client),
+                Connection(Loop::V4(Box::new(eventloop))),
+            )
+        }
+        MqttProtocol::V5 => {
+            let options = v5::options(settings, client_id, persistent)?;
+            let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
+            (
+                Client::V5(client),
+                Connection(Loop::V5(Box::new(eventloop))),
+            )
+        }
+    })
 }
 
-/// Describes a connection error for an operator, with a hint where one helps.
-fn describe(e: &ConnectionError) -> String {
-    use rumqttc::ConnectReturnCode as C;
-    match e {
-        ConnectionError::ConnectionRefused(C::BadUserNamePassword) => {
-            "broker refused the login: bad user name or password (check MQTT_USERNAME / MQTT_PASSWORD)".into()
-        }
-        ConnectionError::ConnectionRefused(C::NotAuthorized) => {
-            "broker refused the connection: not authorized (check MQTT_USERNAME / MQTT_PASSWORD and the broker's ACL)".into()
-        }
-        ConnectionError::ConnectionRefused(C::BadClientId) => {
-            "broker refused the client id (check MQTT_CLIENT_ID)".into()
-        }
-        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!("{io} (is the broker running? check MQTT_BROKER / MQTT_PORT)")
-        }
-        other => other.to_string(),
-    }
+/// The service's client and its event loop (not connected yet: polling connects): persistent
+/// session unless `MQTT_CLEAN_SESSION` says otherwise, manual acks, TLS when configured.
+pub fn client(settings: &MqttSettings) -> Result<(Connection, Acker), ConfigError> {
+    let (client, connection) = parts(
+        settings,
+        &settings.client_id,
+        !settings.clean_session,
+        REQUEST_CAPACITY,
+    )?;
+    let acker = Acker {
+        client,
+        generation: Arc::new(AtomicU64::new(0)),
+    };
+    Ok((connection, acker))
 }
 
 /// Runs the event loop until the disconnect that shutdown asks for (or until `shutdown` fires
@@ -169,27 +292,35 @@ fn describe(e: &ConnectionError) -> String {
 pub async fn run_event_loop(
     settings: MqttSettings,
     rules: Rules,
-    mut eventloop: EventLoop,
+    mut connection: Connection,
     acker: Acker,
     jobs: Router,
     rejects: Option<RejectSink>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
-    let filters: Vec<SubscribeFilter> = TopicKind::ALL
+    let filters: Vec<Filter> = TopicKind::ALL
         .iter()
-        .map(|k| SubscribeFilter::new(subscription(&settings, *k), qos(settings.qos)))
+        .map(|k| Filter {
+            path: subscription(&settings, *k),
+            qos: settings.qos,
+        })
         .collect();
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let mut first_connection = true;
     let address = format!("{}:{}", settings.broker, settings.port);
-    info!(broker = %address, client_id = %settings.client_id, "connecting to the MQTT broker");
+    info!(
+        broker = %address,
+        client_id = %settings.client_id,
+        protocol = %settings.protocol,
+        "connecting to the MQTT broker"
+    );
     loop {
-        let polled = eventloop.poll().await;
+        let polled = connection.poll().await;
         // Every poll result, pings included, is a sign of life for the systemd watchdog.
         stats.event_loop_beat();
         match polled {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Polled::Publish(message)) => {
                 let ctx = Intake {
                     settings: &settings,
                     rules: &rules,
@@ -199,45 +330,55 @@ pub async fn run_event_loop(
                     stats: &stats,
                     shutdown: &shutdown,
                 };
-                handle_publish(publish, &ctx).await;
+                handle_publish(message, &ctx).await;
             }
-            Ok(Event::Incoming(Packet::ConnAck(connack))) => {
+            Ok(Polled::ConnAck {
+                session_present,
+                session_expiry,
+            }) => {
                 acker.generation.fetch_add(1, Ordering::AcqRel);
                 stats.connected(first_connection);
                 first_connection = false;
                 backoff.reset();
                 info!(
                     broker = %address,
-                    session_present = connack.session_present,
+                    session_present,
                     "connected to the MQTT broker"
                 );
-                if let Err(e) = acker.client.try_subscribe_many(filters.clone()) {
+                if let Some(granted) = session_expiry
+                    && !settings.clean_session
+                    && u64::from(granted) < settings.session_expiry.as_secs()
+                {
+                    warn!(
+                        granted_secs = granted,
+                        asked_secs = settings.session_expiry.as_secs(),
+                        "the broker shortened the session expiry (MQTT_SESSION_EXPIRY_SECS): messages queue for a shorter outage"
+                    );
+                }
+                if let Err(e) = acker.client.try_subscribe(&filters) {
                     error!(error = %e, "could not queue the subscription request");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                let refused = suback
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, SubscribeReasonCode::Failure));
-                if refused {
-                    error!(
-                        codes = ?suback.return_codes,
-                        "the broker refused a subscription (check its ACL for this user)"
-                    );
-                } else {
-                    stats.subscribed();
-                    for f in &filters {
-                        info!(topic = %f.path, qos = ?f.qos, "subscribed");
-                    }
+            Ok(Polled::SubAck {
+                refused: Some(codes),
+            }) => {
+                error!(
+                    codes = %codes,
+                    "the broker refused a subscription (check its ACL for this user)"
+                );
+            }
+            Ok(Polled::SubAck { refused: None }) => {
+                stats.subscribed();
+                for f in &filters {
+                    info!(topic = %f.path, qos = f.qos, "subscribed");
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+            Ok(Polled::DisconnectSent) => {
                 info!("disconnected from the MQTT broker");
                 stats.disconnected();
                 return;
             }
-            Ok(_) => {}
+            Ok(Polled::Other) => {}
             Err(e) => {
                 stats.disconnected();
                 if shutdown.is_cancelled() {
@@ -247,7 +388,7 @@ pub async fn run_event_loop(
                 let delay = backoff.next_delay();
                 warn!(
                     broker = %address,
-                    error = %describe(&e),
+                    error = %e,
                     retry_in_secs = delay.as_secs_f32(),
                     "MQTT connection failed; retrying"
                 );
@@ -289,7 +430,7 @@ struct Intake<'a> {
     shutdown: &'a CancellationToken,
 }
 
-async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
+async fn handle_publish(message: Message, ctx: &Intake<'_>) {
     let Intake {
         settings,
         rules,
@@ -304,18 +445,19 @@ async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
         return;
     }
     let received_at = Utc::now();
-    // Keep only what an ack needs (QoS and packet id), so queued messages do not hold their
-    // topics and payloads.
-    let topic = std::mem::take(&mut publish.topic);
-    let payload = std::mem::take(&mut publish.payload);
+    let Message {
+        topic,
+        payload,
+        ack,
+    } = message;
     let parsed = settings.topics.parse(&topic);
     let device_key = parsed
         .as_ref()
         .map_or(String::new(), |(d, _)| d.as_str().to_owned());
     let outcome = parsed
         .and_then(|(device, kind)| payload::process(kind, device, &payload, received_at, rules));
-    let ack = (publish.qos != QoS::AtMostOnce).then(|| AckToken {
-        publish,
+    let ack = ack.map(|delivery| AckToken {
+        delivery,
         generation: acker.generation.load(Ordering::Acquire),
     });
     let evidence = rejects.map(|sink| sink.evidence(&topic, &payload));
@@ -378,19 +520,17 @@ async fn handle_publish(mut publish: Publish, ctx: &Intake<'_>) {
     }
 }
 
-/// Connects once with a throw-away client id and a clean session (so the service's persistent
-/// session is not disturbed), for `--check-config`.
+/// Connects once with a throw-away client id and a session that ends with the connection (so
+/// the service's persistent session is not disturbed), for `--check-config`.
 pub async fn check_connection(settings: &MqttSettings, timeout: Duration) -> Result<(), String> {
     let id = format!("{}-check-{}", settings.client_id, std::process::id());
-    let mut o = options(settings, &id).map_err(|e| e.to_string())?;
-    o.set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(o, 10);
+    let (client, mut connection) = parts(settings, &id, false, 10).map_err(|e| e.to_string())?;
     let result = tokio::time::timeout(timeout, async {
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+            match connection.poll().await {
+                Ok(Polled::ConnAck { .. }) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => return Err(describe(&e)),
+                Err(e) => return Err(e),
             }
         }
     })
@@ -398,7 +538,7 @@ pub async fn check_connection(settings: &MqttSettings, timeout: Duration) -> Res
     .unwrap_or_else(|_| Err(format!("no answer within {}s", timeout.as_secs())));
     if result.is_ok() {
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.poll()).await;
     }
     result
 }
@@ -432,12 +572,5 @@ mod tests {
             subscription(&shared, TopicKind::Heartbeat),
             "$share/ingest/devices/+/heartbeat"
         );
-    }
-
-    #[test]
-    fn qos_levels() {
-        assert_eq!(qos(0), QoS::AtMostOnce);
-        assert_eq!(qos(1), QoS::AtLeastOnce);
-        assert_eq!(qos(2), QoS::ExactlyOnce);
     }
 }
