@@ -203,7 +203,8 @@ fn json_text() -> impl Strategy<Value = String> {
 /// and bad values: this is what reaches the deep branches.
 fn shaped() -> impl Strategy<Value = Value> {
     let any_value = prop_oneof![
-        number_text().prop_filter_map("finite", |t| serde_json::from_str::<Value>(&t).ok()),
+        // Text `Value` cannot hold (1e400, NaN) becomes 0 rather than a rejected case.
+        number_text().prop_map(|t| serde_json::from_str::<Value>(&t).unwrap_or(Value::from(0))),
         timestamp_text().prop_map(Value::String),
         key().prop_map(Value::String),
         Just(Value::Null),

@@ -1,11 +1,11 @@
 //! The soak (issue 4): 1,000,000 messages from 1,000 devices through the real binary, its RSS
-//! sampled every 2 s. Passes when RSS after warm-up (the first 10% of the messages) stays
-//! within 10% of the warm-up peak, every device ends at its last acknowledged seq, and the
-//! service's final counters add up. Long: run by `scripts/soak.sh` (`SOAK_MESSAGES`,
-//! `SOAK_DEVICES` scale it).
+//! sampled every 2 s. Passes when RSS after warm-up (the first 30% of the messages,
+//! `SOAK_WARMUP_PCT`) stays within 10% of the warm-up peak, every device ends at its last
+//! acknowledged seq, and the service's final counters add up. Long: run by `scripts/soak.sh`
+//! (`SOAK_MESSAGES`, `SOAK_DEVICES` scale it).
 //!
 //! A private Mosquitto (`max_queued_messages 100000`) and a private MariaDB; the publisher stays
-//! at most 50,000 messages ahead of what the service took in, so the broker never drops any.
+//! at most 10,000 messages ahead of what the service took in, so the broker never drops any.
 
 mod app;
 mod common;
@@ -29,7 +29,9 @@ fn env(name: &str, default: u64) -> u64 {
 async fn soak() {
     let messages = env("SOAK_MESSAGES", 1_000_000);
     let devices = env("SOAK_DEVICES", 1000) as usize;
-    const AHEAD: u64 = 50_000;
+    // A deep queue at the broker slows Mosquitto 2.0.11 down badly (and with it the PINGRESPs):
+    // keep the backlog small, this is a soak of the service, not of the broker.
+    const AHEAD: u64 = 10_000;
     let broker = PrivateMosquitto::start().await;
     let mariadb = PrivateMariaDb::start().await;
     let db = TestDb::on(mariadb.host(), mariadb.port()).await;
@@ -55,7 +57,7 @@ async fn soak() {
     let publisher =
         LedgerPublisher::start_limited(broker.port(), &t.prefix, devices, 1_000_000, messages);
 
-    let warmup = messages / 10;
+    let warmup = messages * env("SOAK_WARMUP_PCT", 30) / 100;
     let mut samples: Vec<(f64, u64, u64)> = Vec::new(); // (seconds, taken in, RSS KiB)
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
