@@ -25,6 +25,8 @@ pub struct DeviceState {
     pub is_online: bool,
     /// `device_status`.
     pub device_status: Option<String>,
+    /// `last_report_data` was NULL when read: it stays NULL until something is put in it.
+    stored_null: bool,
 }
 
 impl DeviceState {
@@ -36,6 +38,7 @@ impl DeviceState {
         is_online: bool,
         device_status: Option<String>,
     ) -> Self {
+        let stored_null = data.is_none();
         let data = match data.map(serde_json::from_str::<Value>) {
             Some(Ok(Value::Object(map))) => map,
             // NULL, text that is not JSON, or JSON that is not an object: start afresh rather
@@ -48,6 +51,7 @@ impl DeviceState {
             last_heartbeat,
             is_online,
             device_status,
+            stored_null,
         }
     }
 
@@ -85,10 +89,14 @@ impl DeviceState {
         self.data.get("status")?.get("timestamp")
     }
 
-    /// `last_report_data` as the JSON text to store.
-    pub fn data_json(&self) -> String {
+    /// `last_report_data` as the JSON text to store; `None` keeps a NULL column NULL when
+    /// nothing was put in it (a heartbeat to a device that never sent data).
+    pub fn data_json(&self) -> Option<String> {
+        if self.stored_null && self.data.is_empty() {
+            return None;
+        }
         // A map of JSON values always serializes (its keys are strings).
-        serde_json::to_string(&self.data).unwrap_or_else(|_| "{}".to_owned())
+        Some(serde_json::to_string(&self.data).unwrap_or_else(|_| "{}".to_owned()))
     }
 
     fn apply_data(&mut self, report: &DataReport, update: &Update) {
@@ -431,7 +439,7 @@ mod tests {
         let mut separately = empty();
         for u in &updates {
             let mut row = DeviceState::from_row(
-                Some(&separately.data_json()),
+                separately.data_json().as_deref(),
                 separately.last_seen,
                 separately.last_heartbeat,
                 separately.is_online,
@@ -440,6 +448,16 @@ mod tests {
             row.apply(u);
             separately = row;
         }
-        assert_eq!(together, separately);
+        // Equal but for whether the column was NULL when first read.
+        let view = |s: &DeviceState| {
+            (
+                s.data_json(),
+                s.last_seen,
+                s.last_heartbeat,
+                s.is_online,
+                s.device_status.clone(),
+            )
+        };
+        assert_eq!(view(&together), view(&separately));
     }
 }

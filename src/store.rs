@@ -45,7 +45,11 @@ pub enum StoreError {
     /// retrying the same message gives the same answer.
     #[error("database refused the data: {0}")]
     Refused(#[source] sqlx::Error),
-    /// Anything else: connection lost, server gone, lock timeout, table missing. Retried.
+    /// Two transactions met on the same locks (deadlock, lock wait timeout): the database
+    /// rolled this one back. Retried at once.
+    #[error("transaction conflict: {0}")]
+    Conflict(#[source] sqlx::Error),
+    /// Anything else: connection lost, server gone, table missing. Retried with backoff.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
 }
@@ -66,14 +70,18 @@ impl From<sqlx::Error> for StoreError {
             4025, // MariaDB: CONSTRAINT_FAILED (the JSON_VALID check)
             4038, // MariaDB: syntax error in JSON text
         ];
-        let refused = e
+        const CONFLICTS: &[u16] = &[
+            1205, // lock wait timeout
+            1213, // deadlock
+        ];
+        let number = e
             .as_database_error()
             .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
-            .is_some_and(|d| DATA_ERRORS.contains(&d.number()));
-        if refused {
-            StoreError::Refused(e)
-        } else {
-            StoreError::Unavailable(e)
+            .map(MySqlDatabaseError::number);
+        match number {
+            Some(n) if DATA_ERRORS.contains(&n) => StoreError::Refused(e),
+            Some(n) if CONFLICTS.contains(&n) => StoreError::Conflict(e),
+            _ => StoreError::Unavailable(e),
         }
     }
 }
@@ -275,13 +283,13 @@ impl Store {
             .collect();
         write_rows(&mut tx, &changed).await?;
         if self.options.history {
-            let rows: Vec<HistoryRow> = updates
+            let mut rows: Vec<HistoryRow> = updates
                 .iter()
                 .zip(&outcomes)
                 .filter(|(_, o)| **o == Applied::Written)
                 .flat_map(|(u, _)| history::rows_of(u))
                 .collect();
-            history::append(&mut tx, &rows).await?;
+            history::append(&mut tx, &mut rows).await?;
         }
         tx.commit().await?;
         Ok(BatchOutcome {

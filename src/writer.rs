@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::mqtt::{Acker, Job};
 use crate::rejection::Rejection;
@@ -217,6 +217,13 @@ async fn write_batch(store: &Store, batch: Vec<Job>, out: &Outcomes<'_>, retry_m
                     Box::pin(write_batch(store, vec![job], out, retry_max)).await;
                 }
                 return;
+            }
+            Err(StoreError::Conflict(e)) => {
+                // Another writer held the locks; the database rolled this batch back. Nothing
+                // is wrong with the database: try again after a moment.
+                stats.db_error();
+                debug!(error = %e, messages = batch.len(), "transaction conflict; retrying the batch");
+                tokio::time::sleep(crate::backoff::with_jitter(Duration::from_millis(20))).await;
             }
             Err(StoreError::Unavailable(e)) => {
                 stats.db_error();

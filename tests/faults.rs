@@ -236,6 +236,10 @@ async fn sigterm_with_messages_in_flight_commits_them_and_exits_zero() {
     assert_eq!(code, Some(0), "clean exit; log:\n{}", process.log());
 
     // Everything the service took in was committed before it exited.
+    // The last lines may still be on their way from the pipe.
+    process
+        .wait_for_log("db errors:", Duration::from_secs(10))
+        .await;
     let log = process.log();
     let field = |name: &str| -> u64 {
         log.lines()
@@ -293,6 +297,10 @@ async fn a_flood_of_bad_messages_is_counted_but_logged_once_per_device_and_reaso
     .await;
     process.signal("TERM");
     assert_eq!(process.wait_exit(Duration::from_secs(30)).await, Some(0));
+    // The last lines may still be on their way from the pipe.
+    process
+        .wait_for_log("db errors:", Duration::from_secs(10))
+        .await;
     let log = process.log();
     let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(

@@ -36,8 +36,8 @@ enum Expect {
         online: bool,
         skipped: u64,
     },
-    /// Committed (a heartbeat): `last_heartbeat` set, online; a NULL `last_report_data` becomes
-    /// `{}` (the merge writes the row's JSON back), nothing else in it.
+    /// Committed (a heartbeat): `last_heartbeat` set, online; a NULL `last_report_data` stays
+    /// NULL (a heartbeat carries no data).
     Heartbeat,
     /// Rejected with this reason; no row anywhere changes.
     Rejected(&'static str),
@@ -904,7 +904,7 @@ async fn every_hostile_row_has_its_outcome_and_counter() {
                     .unwrap()
                     .expect("registered");
                 check(
-                    row.last_heartbeat.is_some() && row.data == Some(json!({})) && row.is_online,
+                    row.last_heartbeat.is_some() && row.data.is_none() && row.is_online,
                     format!("row {row:?}"),
                 );
             }

@@ -172,29 +172,74 @@ impl Connection {
     }
 }
 
+/// Acks held back at most (packet ids are 16-bit: no more can be outstanding on one connection).
+const HELD_ACKS_MAX: usize = 65_536;
+
 /// Sends acknowledgements through the client. Cheap to clone.
+///
+/// rumqttc's event loop takes one request (one ack) per turn but reads up to ten incoming
+/// packets in one, so behind a deep backlog its request channel can fill faster than it empties.
+/// An ack that does not fit is held here and sent on a later turn, rather than lost (which would
+/// make the broker redeliver a message already written).
 #[derive(Debug, Clone)]
 pub struct Acker {
     client: Client,
     generation: Arc<AtomicU64>,
+    // A std Mutex: held only to move tokens in and out, never across an await.
+    held: Arc<std::sync::Mutex<std::collections::VecDeque<AckToken>>>,
 }
 
 impl Acker {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            generation: Arc::new(AtomicU64::new(0)),
+            held: Arc::default(),
+        }
+    }
+
     /// Acknowledges a committed message. An ack for a message that arrived on an earlier
     /// connection is not sent: its packet id may now name another message, and the broker
     /// redelivers the old one anyway (the write is idempotent).
     pub fn ack(&self, token: AckToken) {
-        if token.generation != self.generation.load(Ordering::Acquire) {
-            debug!(
-                pkid = token.delivery.pkid(),
-                "not acknowledging a message from an earlier connection; the broker redelivers it"
-            );
-            return;
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.push_back(token);
+        self.send_held(&mut held);
+    }
+
+    /// Sends held acks, oldest first, while the client takes them.
+    pub fn flush_held(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if !held.is_empty() {
+            self.send_held(&mut held);
         }
-        if let Err(e) = self.client.try_ack(&token.delivery) {
-            // Only possible when the event loop is gone (shutting down): the message stays
-            // unacknowledged and is redelivered.
-            warn!(error = %e, pkid = token.delivery.pkid(), "could not queue an acknowledgement");
+    }
+
+    fn send_held(&self, held: &mut std::collections::VecDeque<AckToken>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        while let Some(token) = held.front() {
+            if token.generation != generation {
+                debug!(
+                    pkid = token.delivery.pkid(),
+                    "not acknowledging a message from an earlier connection; the broker redelivers it"
+                );
+                held.pop_front();
+                continue;
+            }
+            if self.client.try_ack(&token.delivery).is_err() {
+                // Full (sent on a later turn) or closed (shutting down: the broker keeps the
+                // message and redelivers it).
+                break;
+            }
+            held.pop_front();
+        }
+        if held.len() > HELD_ACKS_MAX {
+            let dropped = held.len() - HELD_ACKS_MAX;
+            held.drain(..dropped);
+            warn!(
+                dropped,
+                "acknowledgements dropped: the broker will redeliver those messages"
+            );
         }
     }
 
@@ -278,11 +323,7 @@ pub fn client(settings: &MqttSettings) -> Result<(Connection, Acker), ConfigErro
         !settings.clean_session,
         REQUEST_CAPACITY,
     )?;
-    let acker = Acker {
-        client,
-        generation: Arc::new(AtomicU64::new(0)),
-    };
-    Ok((connection, acker))
+    Ok((connection, Acker::new(client)))
 }
 
 /// Runs the event loop until the disconnect that shutdown asks for (or until `shutdown` fires
@@ -319,6 +360,8 @@ pub async fn run_event_loop(
         let polled = connection.poll().await;
         // Every poll result, pings included, is a sign of life for the systemd watchdog.
         stats.event_loop_beat();
+        // Acks that did not fit in the client's channel go out as it empties.
+        acker.flush_held();
         match polled {
             Ok(Polled::Publish(message)) => {
                 let ctx = Intake {
@@ -572,5 +615,45 @@ mod tests {
             subscription(&shared, TopicKind::Heartbeat),
             "$share/ingest/devices/+/heartbeat"
         );
+    }
+}
+
+#[cfg(test)]
+mod held_ack_tests {
+    use super::*;
+
+    fn token(pkid: u16, generation: u64) -> AckToken {
+        let mut p = rumqttc::Publish::new("t", rumqttc::QoS::AtLeastOnce, "");
+        p.pkid = pkid;
+        AckToken {
+            delivery: Delivery::V4(p),
+            generation,
+        }
+    }
+
+    fn acked(rx: &flume::Receiver<rumqttc::Request>) -> Vec<u16> {
+        rx.drain()
+            .filter_map(|r| match r {
+                rumqttc::Request::PubAck(a) => Some(a.pkid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acks_that_do_not_fit_are_held_and_sent_in_order_later() {
+        let (tx, rx) = flume::bounded(2);
+        let acker = Acker::new(Client::V4(rumqttc::AsyncClient::from_senders(tx)));
+        for pkid in 1..=5 {
+            acker.ack(token(pkid, 0));
+        }
+        assert_eq!(acked(&rx), [1, 2], "the channel holds two");
+        acker.flush_held();
+        assert_eq!(acked(&rx), [3, 4]);
+        // A new connection: what was held for the old one is not sent.
+        acker.generation.fetch_add(1, Ordering::AcqRel);
+        acker.flush_held();
+        acker.ack(token(9, 1));
+        assert_eq!(acked(&rx), [9]);
     }
 }
