@@ -43,20 +43,20 @@ const MQTT_MAX_PACKET: usize = 268_435_455;
 /// into it never waits (a full channel here would deadlock with a writer waiting on us).
 const REQUEST_CAPACITY: usize = 65_535 + 64;
 
-/// A received publish as the protocol version's own type, stripped to what an ack needs (QoS
-/// and packet id), so queued acks do not hold topics and payloads.
-#[derive(Debug)]
-enum Delivery {
-    V4(rumqttc::Publish),
-    V5(rumqttc::v5::mqttbytes::v5::Publish),
+/// What an ack needs of a received QoS 1/2 publish: a few bytes, so that queued and held acks
+/// hold neither topics, payloads nor MQTT 5 properties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Delivery {
+    /// Which client received it.
+    v5: bool,
+    /// QoS 2 (answered with PUBREC) rather than QoS 1 (PUBACK).
+    exactly_once: bool,
+    pkid: u16,
 }
 
 impl Delivery {
     fn pkid(&self) -> u16 {
-        match self {
-            Delivery::V4(p) => p.pkid,
-            Delivery::V5(p) => p.pkid,
-        }
+        self.pkid
     }
 }
 
@@ -88,10 +88,32 @@ enum Client {
 }
 
 impl Client {
-    fn try_ack(&self, delivery: &Delivery) -> Result<(), String> {
-        match (self, delivery) {
-            (Client::V4(c), Delivery::V4(p)) => c.try_ack(p).map_err(|e| e.to_string()),
-            (Client::V5(c), Delivery::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+    fn try_ack(&self, d: &Delivery) -> Result<(), String> {
+        // rumqttc builds the ack from the publish's QoS and packet id only.
+        match self {
+            Client::V4(c) if !d.v5 => {
+                use rumqttc::QoS::{AtLeastOnce, ExactlyOnce};
+                let qos = if d.exactly_once {
+                    ExactlyOnce
+                } else {
+                    AtLeastOnce
+                };
+                let mut p = rumqttc::Publish::new("", qos, Vec::<u8>::new());
+                p.pkid = d.pkid;
+                c.try_ack(&p).map_err(|e| e.to_string())
+            }
+            Client::V5(c) if d.v5 => {
+                use rumqttc::v5::mqttbytes::QoS::{AtLeastOnce, ExactlyOnce};
+                let qos = if d.exactly_once {
+                    ExactlyOnce
+                } else {
+                    AtLeastOnce
+                };
+                let mut p =
+                    rumqttc::v5::mqttbytes::v5::Publish::new("", qos, Vec::<u8>::new(), None);
+                p.pkid = d.pkid;
+                c.try_ack(&p).map_err(|e| e.to_string())
+            }
             // A client only ever acknowledges what its own event loop delivered.
             _ => Err("acknowledgement for the other protocol version".into()),
         }
@@ -623,10 +645,12 @@ mod held_ack_tests {
     use super::*;
 
     fn token(pkid: u16, generation: u64) -> AckToken {
-        let mut p = rumqttc::Publish::new("t", rumqttc::QoS::AtLeastOnce, "");
-        p.pkid = pkid;
         AckToken {
-            delivery: Delivery::V4(p),
+            delivery: Delivery {
+                v5: false,
+                exactly_once: false,
+                pkid,
+            },
             generation,
         }
     }

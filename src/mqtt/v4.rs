@@ -51,7 +51,11 @@ pub(super) fn polled(event: Event) -> Polled {
             Polled::Publish(Message {
                 topic,
                 payload,
-                ack: (publish.qos != QoS::AtMostOnce).then_some(Delivery::V4(publish)),
+                ack: (publish.qos != QoS::AtMostOnce).then_some(Delivery {
+                    v5: false,
+                    exactly_once: publish.qos == QoS::ExactlyOnce,
+                    pkid: publish.pkid,
+                }),
             })
         }
         Event::Incoming(Packet::ConnAck(connack)) => Polled::ConnAck {
@@ -105,11 +109,14 @@ mod tests {
             (m.topic.as_str(), m.payload),
             ("devices/a/data", Bytes::from("{}"))
         );
-        let Some(Delivery::V4(ack)) = m.ack else {
-            panic!("no v4 ack");
-        };
-        assert_eq!((ack.pkid, ack.qos), (7, QoS::AtLeastOnce));
-        assert!(ack.topic.is_empty() && ack.payload.is_empty());
+        assert_eq!(
+            m.ack,
+            Some(Delivery {
+                v5: false,
+                exactly_once: false,
+                pkid: 7
+            })
+        );
         let q0 = rumqttc::Publish::new("t", QoS::AtMostOnce, "x");
         let Polled::Publish(m) = polled(Event::Incoming(Packet::Publish(q0))) else {
             panic!("not a publish");

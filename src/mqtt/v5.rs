@@ -72,11 +72,14 @@ pub(super) fn polled(event: Event) -> Polled {
             // bad_topic rejection with its bad bytes shown as U+FFFD.
             let topic = String::from_utf8_lossy(&std::mem::take(&mut publish.topic)).into_owned();
             let payload = std::mem::take(&mut publish.payload);
-            publish.properties = None;
             Polled::Publish(Message {
                 topic,
                 payload,
-                ack: (publish.qos != QoS::AtMostOnce).then_some(Delivery::V5(publish)),
+                ack: (publish.qos != QoS::AtMostOnce).then_some(Delivery {
+                    v5: true,
+                    exactly_once: publish.qos == QoS::ExactlyOnce,
+                    pkid: publish.pkid,
+                }),
             })
         }
         Event::Incoming(Packet::ConnAck(connack)) => Polled::ConnAck {
@@ -198,11 +201,14 @@ mod tests {
             (m.topic.as_str(), m.payload),
             ("devices/a/data", Bytes::from("{}"))
         );
-        let Some(Delivery::V5(ack)) = m.ack else {
-            panic!("no v5 ack");
-        };
-        assert_eq!((ack.pkid, ack.qos), (9, QoS::ExactlyOnce));
-        assert!(ack.topic.is_empty() && ack.payload.is_empty());
+        assert_eq!(
+            m.ack,
+            Some(Delivery {
+                v5: true,
+                exactly_once: true,
+                pkid: 9
+            })
+        );
         let q0 = Publish::new("t", QoS::AtMostOnce, "x", None);
         let Polled::Publish(m) = polled(Event::Incoming(Packet::Publish(q0))) else {
             panic!("not a publish");
