@@ -7,38 +7,15 @@ mod common;
 
 use std::time::Duration;
 
-use app::{ServiceProcess, Target, migrate, register, sensor, spawn_service, wait_for_device};
+use app::{
+    ServiceProcess, Target, migrate, register, sensor, spawn_service, wait_devices_at_seq,
+    wait_for_device,
+};
 use common::{
     PrivateMariaDb, PrivateMosquitto, QoS, TestDb, clear_session, mqtt_publish, publish_many,
     shared_mqtt_port, wait_until_named,
 };
 use serde_json::json;
-use sqlx::MySqlPool;
-
-/// Waits until every device `dev{i}` for i in 0..n has sensor `seq` equal to `seq`.
-async fn wait_all_devices(pool: &MySqlPool, n: usize, seq: u64, timeout: Duration) {
-    wait_until_named(
-        &format!("{n} devices to reach seq {seq}"),
-        timeout,
-        Duration::from_millis(100),
-        async || {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM device_main \
-                 WHERE JSON_VALUE(last_report_data, '$.sensors.seq.value') = ?",
-            )
-            .bind(seq)
-            .fetch_one(pool)
-            .await?;
-            if done as usize == n {
-                Ok(true)
-            } else {
-                anyhow::bail!("{done} of {n} devices done")
-            }
-        },
-    )
-    .await
-    .unwrap();
-}
 
 fn seq_messages(
     target: &Target,
@@ -138,7 +115,7 @@ async fn database_outage_while_running_loses_nothing_and_acks_nothing_early() {
     )
     .await
     .unwrap();
-    wait_all_devices(&pool, DEVICES, 0, Duration::from_secs(20)).await;
+    wait_devices_at_seq(&pool, DEVICES, 0, Duration::from_secs(20)).await;
 
     mariadb.kill().await;
     publish_many(
@@ -164,7 +141,7 @@ async fn database_outage_while_running_loses_nothing_and_acks_nothing_early() {
     );
 
     mariadb.restart().await;
-    wait_all_devices(&pool, DEVICES, 5, Duration::from_secs(60)).await;
+    wait_devices_at_seq(&pool, DEVICES, 5, Duration::from_secs(60)).await;
     let snap = service.settled(6 * DEVICES as u64).await;
     assert_eq!(snap.succeeded, 6 * DEVICES as u64);
     assert_eq!(snap.failed, 0);
@@ -201,7 +178,7 @@ async fn killed_while_the_database_is_down_the_broker_redelivers_everything() {
     // Had anything been acknowledged before its commit, the broker would not send it again.
     mariadb.restart().await;
     let process = ServiceProcess::start(&target).await;
-    wait_all_devices(&pool, DEVICES, 2, Duration::from_secs(60)).await;
+    wait_devices_at_seq(&pool, DEVICES, 2, Duration::from_secs(60)).await;
     drop(process);
     clear_session(target.mqtt_port, &target.client_id)
         .await
@@ -257,7 +234,7 @@ async fn sigterm_with_messages_in_flight_commits_them_and_exits_zero() {
 
     // What it had not taken waits at the broker: a new start finishes the job.
     let process = ServiceProcess::start(&target).await;
-    wait_all_devices(&pool, DEVICES, SEQS - 1, Duration::from_secs(60)).await;
+    wait_devices_at_seq(&pool, DEVICES, SEQS - 1, Duration::from_secs(60)).await;
     drop(process);
     clear_session(target.mqtt_port, &target.client_id)
         .await

@@ -9,7 +9,6 @@ mod common;
 use app::{Target, migrate, register, sensor, spawn_service, wait_for_device};
 use common::{QoS, TestDb, clear_session, publish_many, shared_mqtt_port};
 use serde_json::json;
-use sqlx::MySqlPool;
 
 const DEVICES: usize = 20;
 
@@ -22,17 +21,6 @@ fn readings(target: &Target, seq: u64) -> Vec<(String, Vec<u8>)> {
             )
         })
         .collect()
-}
-
-async fn devices_at(pool: &MySqlPool, seq: u64) -> i64 {
-    sqlx::query_scalar(
-        "SELECT COUNT(*) FROM device_main \
-         WHERE JSON_VALUE(last_report_data, '$.sensors.seq.value') = ?",
-    )
-    .bind(seq)
-    .fetch_one(pool)
-    .await
-    .unwrap()
 }
 
 /// Runs a v5 service with `expiry`, stops it cleanly (DISCONNECT), publishes one reading per
@@ -57,7 +45,7 @@ async fn published_while_stopped(expiry: &str) -> (i64, u64) {
         .await
         .unwrap();
     first.settled(DEVICES as u64).await;
-    assert_eq!(devices_at(&pool, 1).await, DEVICES as i64);
+    assert_eq!(app::devices_at_seq(&pool, 1).await.unwrap(), DEVICES);
     first.stop_keeping_session().await.unwrap();
 
     // The service is away: only its session, if the broker kept it, can take these.
@@ -79,7 +67,7 @@ async fn published_while_stopped(expiry: &str) -> (i64, u64) {
     .await;
     assert!(row.data.is_some());
     let received = second.stats.snapshot().received;
-    let landed = devices_at(&pool, 2).await;
+    let landed = app::devices_at_seq(&pool, 2).await.unwrap() as i64;
     second.stop().await.unwrap();
     clear_session(target.mqtt_port, &target.client_id)
         .await

@@ -6,9 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use app::{Target, migrate, register, spawn_service};
+use app::{Target, migrate, register, spawn_service, wait_devices_at_seq};
 use common::{QoS, TestDb, publish_many, shared_mqtt_port, unique_name, wait_until_named};
-use sqlx::MySqlPool;
 
 const DEVICES: usize = 40;
 
@@ -23,30 +22,6 @@ fn messages(target: &Target, seqs: std::ops::Range<u64>) -> Vec<(String, Vec<u8>
         }
     }
     out
-}
-
-async fn wait_all_devices(pool: &MySqlPool, seq: u64) {
-    wait_until_named(
-        &format!("every device to reach seq {seq}"),
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        async || {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM device_main \
-                 WHERE JSON_VALUE(last_report_data, '$.sensors.seq.value') = ?",
-            )
-            .bind(seq)
-            .fetch_one(pool)
-            .await?;
-            if done as usize == DEVICES {
-                Ok(true)
-            } else {
-                anyhow::bail!("{done} of {DEVICES} devices")
-            }
-        },
-    )
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +45,7 @@ async fn two_instances_share_the_load_and_one_carries_on_when_the_other_dies() {
     publish_many(a.mqtt_port, messages(&a, 0..ROUND), QoS::AtLeastOnce)
         .await
         .unwrap();
-    wait_all_devices(&pool, ROUND - 1).await;
+    wait_devices_at_seq(&pool, DEVICES, ROUND - 1, Duration::from_secs(30)).await;
     let (sa, sb) = (first.stats.clone(), second.stats.clone());
     wait_until_named(
         "both instances' written counts to add up",
@@ -127,7 +102,7 @@ async fn two_instances_share_the_load_and_one_carries_on_when_the_other_dies() {
     .unwrap();
     // The dead one's share, and what it had taken but not committed, wait in its session.
     let back = spawn_service(&b).await;
-    wait_all_devices(&pool, 3 * ROUND - 1).await;
+    wait_devices_at_seq(&pool, DEVICES, 3 * ROUND - 1, Duration::from_secs(30)).await;
     let sc = back.stats.clone();
     wait_until_named(
         "every message of all rounds to be written",

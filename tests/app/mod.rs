@@ -447,3 +447,34 @@ pub fn sensor(row: &DeviceRow, name: &str) -> Option<Value> {
         .get("value")
         .cloned()
 }
+
+/// How many devices have sensor `seq` at `seq` (tests publish `{"seq": N}` per device).
+pub async fn devices_at_seq(pool: &MySqlPool, seq: u64) -> anyhow::Result<usize> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM device_main \
+         WHERE JSON_VALUE(last_report_data, '$.sensors.seq.value') = ?",
+    )
+    .bind(seq)
+    .fetch_one(pool)
+    .await?;
+    Ok(n as usize)
+}
+
+/// Waits until `n` devices are at `seq`.
+pub async fn wait_devices_at_seq(pool: &MySqlPool, n: usize, seq: u64, timeout: Duration) {
+    wait_until_named(
+        &format!("{n} devices to reach seq {seq}"),
+        timeout,
+        Duration::from_millis(100),
+        async || {
+            let done = devices_at_seq(pool, seq).await?;
+            if done == n {
+                Ok(true)
+            } else {
+                anyhow::bail!("{done} of {n} devices done")
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
