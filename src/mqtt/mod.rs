@@ -515,11 +515,9 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
         payload,
         ack,
     } = message;
-    let parsed = settings.topics.parse(&topic);
-    let device_key = parsed
-        .as_ref()
-        .map_or(String::new(), |(d, _)| d.as_str().to_owned());
-    let outcome = parsed
+    let outcome = settings
+        .topics
+        .parse(&topic)
         .and_then(|(device, kind)| payload::process(kind, device, &payload, received_at, rules));
     let ack = ack.map(|delivery| AckToken {
         delivery,
@@ -530,8 +528,11 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
         Err(rejection) => {
             stats.received();
             stats.rejected(&rejection);
-            // A device with a bad topic has no valid id: such warnings share one key.
-            if let Some(left_out) = stats.should_warn(&device_key, rejection.reason()) {
+            // Parsed again only here, off the accepted path. A bad topic has no valid device
+            // id: its warnings share one key.
+            let device = settings.topics.parse(&topic).ok().map(|(d, _)| d);
+            let device_key = device.as_ref().map_or("", |d| d.as_str());
+            if let Some(left_out) = stats.should_warn(device_key, rejection.reason()) {
                 warn!(
                     topic = %shown_topic(&topic),
                     reason = rejection.reason(),
@@ -541,8 +542,12 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
                 );
             }
             if let (Some(sink), Some(evidence)) = (rejects, evidence) {
-                let device = (!device_key.is_empty()).then_some(device_key.as_str());
-                sink.record(evidence, device, &rejection, received_at);
+                sink.record(
+                    evidence,
+                    device.as_ref().map(|d| d.as_str()),
+                    &rejection,
+                    received_at,
+                );
             }
             // Final: the same message would be rejected again.
             if let Some(token) = ack {
@@ -552,7 +557,8 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
         Ok(accepted) => {
             if !accepted.skipped.is_empty() {
                 stats.parts_skipped(accepted.skipped.len() as u64);
-                if let Some(left_out) = stats.should_warn(&device_key, "parts_skipped") {
+                let device_key = accepted.update.device.as_str();
+                if let Some(left_out) = stats.should_warn(device_key, "parts_skipped") {
                     let parts: Vec<String> = accepted
                         .skipped
                         .iter()
