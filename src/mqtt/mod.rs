@@ -208,7 +208,17 @@ pub struct Acker {
     client: Client,
     generation: Arc<AtomicU64>,
     // A std Mutex: held only to move tokens in and out, never across an await.
-    held: Arc<std::sync::Mutex<std::collections::VecDeque<AckToken>>>,
+    held: Arc<std::sync::Mutex<Held>>,
+}
+
+/// What waits for room in the client's request channel, in the order it must go out.
+#[derive(Debug, Default)]
+struct Held {
+    acks: std::collections::VecDeque<AckToken>,
+    /// Shutdown asked to disconnect: sent once every held ack is in the channel, never
+    /// before (the broker would redeliver what was written but not acknowledged) and never
+    /// lost (the event loop waits for it to go out).
+    disconnect: bool,
 }
 
 impl Acker {
@@ -225,19 +235,31 @@ impl Acker {
     /// redelivers the old one anyway (the write is idempotent).
     pub fn ack(&self, token: AckToken) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.push_back(token);
+        held.acks.push_back(token);
         self.send_held(&mut held);
     }
 
-    /// Sends held acks, oldest first, while the client takes them.
+    /// Sends held acks, oldest first, while the client takes them, then a disconnect that
+    /// was asked for.
     pub fn flush_held(&self) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if !held.is_empty() {
+        if !held.acks.is_empty() || held.disconnect {
             self.send_held(&mut held);
         }
     }
 
-    fn send_held(&self, held: &mut std::collections::VecDeque<AckToken>) {
+    fn send_held(&self, held: &mut Held) {
+        self.send_held_acks(&mut held.acks);
+        if held.disconnect && held.acks.is_empty() {
+            // Not taken: the channel is full (the event loop flushes again after each request
+            // it takes) or closed (the event loop has stopped; nothing left to disconnect).
+            if self.client.try_disconnect().is_ok() {
+                held.disconnect = false;
+            }
+        }
+    }
+
+    fn send_held_acks(&self, held: &mut std::collections::VecDeque<AckToken>) {
         let generation = self.generation.load(Ordering::Acquire);
         while let Some(token) = held.front() {
             if token.generation != generation {
@@ -265,11 +287,12 @@ impl Acker {
         }
     }
 
-    /// Asks the event loop to disconnect after the acknowledgements already queued.
+    /// Asks the event loop to disconnect after every acknowledgement already given, also those
+    /// still held for room in the client's channel.
     pub fn disconnect(&self) {
-        if let Err(e) = self.client.try_disconnect() {
-            debug!(error = %e, "disconnect request not queued: event loop already stopped");
-        }
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.disconnect = true;
+        self.send_held(&mut held);
     }
 }
 
@@ -685,5 +708,26 @@ mod held_ack_tests {
         acker.flush_held();
         acker.ack(token(9, 1));
         assert_eq!(acked(&rx), [9]);
+    }
+
+    #[test]
+    fn a_disconnect_waits_for_held_acks_and_is_not_lost_to_a_full_channel() {
+        let (tx, rx) = flume::bounded(2);
+        let acker = Acker::new(Client::V4(rumqttc::AsyncClient::from_senders(tx)));
+        for pkid in 1..=5 {
+            acker.ack(token(pkid, 0));
+        }
+        // The channel is full: the disconnect must wait behind the three held acks.
+        acker.disconnect();
+        let mut sent = Vec::new();
+        for _ in 0..5 {
+            sent.extend(rx.drain().map(|r| match r {
+                rumqttc::Request::PubAck(a) => a.pkid.to_string(),
+                rumqttc::Request::Disconnect(_) => "disconnect".to_string(),
+                other => format!("{other:?}"),
+            }));
+            acker.flush_held();
+        }
+        assert_eq!(sent, ["1", "2", "3", "4", "5", "disconnect"]);
     }
 }
