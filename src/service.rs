@@ -144,9 +144,25 @@ impl Service {
                 shutdown.clone(),
             )));
         }
+        let write_mode = match store::write_mode(&pool).await {
+            Ok((mode, None)) => {
+                info!(mode = %mode, "device rows are written by primary key");
+                mode
+            }
+            Ok((mode, Some(why))) => {
+                info!(mode = %mode, reason = %why, "device rows are written with the portable statement");
+                mode
+            }
+            Err(e) => {
+                let mode = store::WriteMode::JoinUpdate;
+                warn!(mode = %mode, error = %e, "could not inspect device_main; using the portable statement");
+                mode
+            }
+        };
         let store_options = StoreOptions {
             register_unknown_devices: settings.ingest.register_unknown_devices,
             history: keep.history,
+            write_mode,
         };
         let ingest = &settings.ingest;
         let per_writer = (ingest.queue_capacity / ingest.writers).max(1);

@@ -86,6 +86,14 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// Errors an upsert can meet where the join cannot: the insert half needs a value for a column
+/// (1364), a CHECK constraint (MariaDB 4025, MySQL 3819) or a trigger (1442) refuses it.
+fn refuses_upserts(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
+        .is_some_and(|d| matches!(d.number(), 1364 | 1442 | 3819 | 4025))
+}
+
 /// Connection options for the settings; the session time zone is UTC.
 pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
     let mut options = MySqlConnectOptions::new()
@@ -193,28 +201,150 @@ pub fn placeholders(rows: usize, per_row: &str, separator: &str) -> String {
 pub struct Store {
     pool: MySqlPool,
     options: StoreOptions,
+    /// Set when the database refused an upsert in a way the portable statement avoids (a
+    /// table [`write_mode`] misjudged): from then on this store writes with the join.
+    upsert_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// What a store writes besides the device rows.
+/// What a store writes besides the device rows, and how.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreOptions {
     /// Create a `device_main` row for an unknown uuid instead of rejecting its messages.
     pub register_unknown_devices: bool,
     /// Append every accepted reading to `device_history`.
     pub history: bool,
+    /// How merged rows go back ([`write_mode`] picks it for the table at start-up).
+    pub write_mode: WriteMode,
 }
 
-/// A device row read under lock: its primary key and its state.
+/// How merged rows are written back. Either way each row was read and locked first in the same
+/// transaction, so both only ever change rows that exist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WriteMode {
+    /// `INSERT … ON DUPLICATE KEY UPDATE` keyed by the primary key `id`: for an existing (locked)
+    /// row it can only update, and MariaDB takes many rows this way at about twice the rate of
+    /// the join below. Used only where the insert half can never get in the way: see
+    /// [`write_mode`].
+    Upsert,
+    /// `UPDATE … JOIN` a derived table of the new values: works on any table.
+    #[default]
+    JoinUpdate,
+}
+
+impl std::fmt::Display for WriteMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteMode::Upsert => "insert-on-duplicate-key by id",
+            WriteMode::JoinUpdate => "update-join by id",
+        })
+    }
+}
+
+/// Columns the service writes or fills in itself; any other column that must have a value
+/// (NOT NULL, no default, not generated, not auto-increment) would make the insert half of an
+/// upsert fail.
+const OWN_COLUMNS: &str = "'id', 'device_id', 'uuid', 'name', 'is_online', 'last_seen', \
+                           'last_heartbeat', 'device_status', 'last_report_data'";
+
+/// Picks how to write rows to this database's `device_main`: [`WriteMode::Upsert`] when its
+/// primary key is exactly `id`, no other column needs a value, no trigger fires on INSERT (a
+/// BEFORE INSERT trigger runs even when the statement ends up updating) and no CHECK
+/// constraint other than MariaDB's JSON check on `last_report_data` could refuse the row;
+/// otherwise [`WriteMode::JoinUpdate`]. Returns the mode and, for the join, why.
+pub async fn write_mode(pool: &MySqlPool) -> Result<(WriteMode, Option<String>), sqlx::Error> {
+    let primary: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.KEY_COLUMN_USAGE \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
+           AND CONSTRAINT_NAME = 'PRIMARY'",
+    )
+    .fetch_all(pool)
+    .await?;
+    if primary != ["id"] {
+        return Ok((
+            WriteMode::JoinUpdate,
+            Some(format!(
+                "the primary key is ({}), not (id)",
+                primary.join(", ")
+            )),
+        ));
+    }
+    let required: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
+           AND IS_NULLABLE = 'NO' AND COLUMN_DEFAULT IS NULL \
+           AND EXTRA NOT LIKE '%auto_increment%' AND COALESCE(GENERATION_EXPRESSION, '') = '' \
+           AND COLUMN_NAME NOT IN ({OWN_COLUMNS})"
+    )))
+    .fetch_all(pool)
+    .await?;
+    if !required.is_empty() {
+        return Ok((
+            WriteMode::JoinUpdate,
+            Some(format!(
+                "column(s) {} need a value on insert",
+                required.join(", ")
+            )),
+        ));
+    }
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.TRIGGERS \
+         WHERE EVENT_OBJECT_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = 'device_main' \
+           AND EVENT_MANIPULATION = 'INSERT'",
+    )
+    .fetch_one(pool)
+    .await?;
+    if triggers > 0 {
+        return Ok((
+            WriteMode::JoinUpdate,
+            Some("the table has an INSERT trigger".into()),
+        ));
+    }
+    let checks: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(CONSTRAINT_NAME AS CHAR) FROM information_schema.TABLE_CONSTRAINTS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
+           AND CONSTRAINT_TYPE = 'CHECK' AND CONSTRAINT_NAME <> 'last_report_data'",
+    )
+    .fetch_all(pool)
+    .await?;
+    if !checks.is_empty() {
+        return Ok((
+            WriteMode::JoinUpdate,
+            Some(format!("CHECK constraint(s) {}", checks.join(", "))),
+        ));
+    }
+    Ok((WriteMode::Upsert, None))
+}
+
+/// A device row read under lock: its primary key, the columns an upsert must repeat, and its
+/// state.
 struct LockedRow {
     id: u64,
     uuid: String,
+    device_id: String,
+    name: String,
     state: DeviceState,
 }
 
 impl Store {
     /// A store on `pool`.
     pub fn new(pool: MySqlPool, options: StoreOptions) -> Self {
-        Self { pool, options }
+        Self {
+            pool,
+            options,
+            upsert_refused: Default::default(),
+        }
+    }
+
+    /// How this store writes rows now.
+    pub fn write_mode(&self) -> WriteMode {
+        if self
+            .upsert_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            WriteMode::JoinUpdate
+        } else {
+            self.options.write_mode
+        }
     }
 
     /// The pool, for health checks and shutdown.
@@ -226,6 +356,29 @@ impl Store {
     /// every update of that device is merged into it in order, and the rows are written back
     /// with a few multi-row statements. Either all commit or none.
     pub async fn apply(&self, updates: &[&Update]) -> Result<BatchOutcome, StoreError> {
+        let mode = self.write_mode();
+        match self.apply_with(updates, mode).await {
+            Err(StoreError::Refused(e) | StoreError::Unavailable(e))
+                if mode == WriteMode::Upsert && refuses_upserts(&e) =>
+            {
+                self.upsert_refused
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    error = %e,
+                    "the database refused the upsert statement for device_main; writing with the portable statement from now on"
+                );
+                // Rolled back: write the same batch again, the other way.
+                Err(StoreError::Conflict(e))
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_with(
+        &self,
+        updates: &[&Update],
+        mode: WriteMode,
+    ) -> Result<BatchOutcome, StoreError> {
         let mut devices: Vec<&str> = Vec::new();
         let mut seen = HashSet::new();
         for u in updates {
@@ -281,7 +434,10 @@ impl Store {
             .zip(&touched)
             .filter_map(|(r, t)| t.then_some(r))
             .collect();
-        write_rows(&mut tx, &changed).await?;
+        match mode {
+            WriteMode::Upsert => upsert_rows(&mut tx, &changed).await?,
+            WriteMode::JoinUpdate => write_rows(&mut tx, &changed).await?,
+        }
         if self.options.history {
             let mut rows: Vec<HistoryRow> = updates
                 .iter()
@@ -330,8 +486,9 @@ async fn lock_rows(
         // MariaDB keeps JSON as LONGTEXT: read it as text. The casts make the column types
         // whatever the backend chose (INT or BIGINT id, TINYINT or BOOLEAN flag).
         let sql = format!(
-            "SELECT CAST(id AS UNSIGNED) AS id, uuid, CAST(last_report_data AS CHAR) AS data, \
-                    last_seen, last_heartbeat, CAST(is_online AS SIGNED) AS is_online, device_status \
+            "SELECT CAST(id AS UNSIGNED) AS id, uuid, device_id, name, \
+                    CAST(last_report_data AS CHAR) AS data, last_seen, last_heartbeat, \
+                    CAST(is_online AS SIGNED) AS is_online, device_status \
              FROM device_main WHERE uuid IN ({}) FOR UPDATE",
             placeholders(chunk.len(), "?", ", ")
         );
@@ -349,6 +506,8 @@ async fn lock_rows(
             rows.push(LockedRow {
                 id,
                 uuid: row.try_get("uuid")?,
+                device_id: row.try_get("device_id")?,
+                name: row.try_get("name")?,
                 state: DeviceState::from_row(
                     data.as_deref(),
                     row.try_get("last_seen")?,
@@ -360,6 +519,41 @@ async fn lock_rows(
         }
     }
     Ok(rows)
+}
+
+/// Writes the merged rows back with one multi-row `INSERT … ON DUPLICATE KEY UPDATE` per chunk,
+/// keyed by the primary key: every row exists and is locked by this transaction, so each one
+/// is an update (device_id, uuid and name go in unchanged, for the insert half only).
+async fn upsert_rows(
+    tx: &mut Transaction<'static, MySql>,
+    rows: &[&LockedRow],
+) -> Result<(), StoreError> {
+    for chunk in shaped_chunks(rows) {
+        let sql = format!(
+            "INSERT INTO device_main (id, device_id, uuid, name, last_report_data, last_seen, \
+                                      last_heartbeat, is_online, device_status) VALUES {} \
+             ON DUPLICATE KEY UPDATE last_report_data = VALUES(last_report_data), \
+                 last_seen = VALUES(last_seen), last_heartbeat = VALUES(last_heartbeat), \
+                 is_online = VALUES(is_online), device_status = VALUES(device_status)",
+            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?)", ", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in &chunk {
+            let s = &r.state;
+            q = q
+                .bind(r.id)
+                .bind(r.device_id.as_str())
+                .bind(r.uuid.as_str())
+                .bind(r.name.as_str())
+                .bind(s.data_json())
+                .bind(s.last_seen)
+                .bind(s.last_heartbeat)
+                .bind(i8::from(s.is_online))
+                .bind(s.device_status.as_deref());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// Writes the merged rows back: one multi-row UPDATE per chunk, joined on the primary key.

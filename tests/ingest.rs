@@ -462,6 +462,174 @@ async fn migrations_are_harmless_on_the_backends_existing_table() {
     migrate(&pool).await;
 }
 
+/// The backend's table as in the test above, with `extra` added to its columns and `after`
+/// run once it exists.
+async fn backend_table(pool: &sqlx::MySqlPool, extra: &str, after: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE device_main (
+            id INT AUTO_INCREMENT PRIMARY KEY,
+            device_id VARCHAR(100) NOT NULL UNIQUE,
+            uuid VARCHAR(64) NOT NULL UNIQUE,
+            name VARCHAR(100) NOT NULL,
+            is_online TINYINT(1) NOT NULL DEFAULT 0,
+            last_seen DATETIME NULL,
+            last_heartbeat DATETIME NULL,
+            device_status VARCHAR(50) NULL,
+            last_report_data JSON NULL,
+            created_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP
+            {extra}
+        ); {after}"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_statement_is_chosen_for_the_table() {
+    use mqtt_ingest::store::{WriteMode, write_mode};
+    // (what the table adds, what runs after, the mode, a word the reason must contain)
+    let cases: [(&str, &str, WriteMode, &str); 6] = [
+        ("", "", WriteMode::Upsert, ""),
+        (
+            ", product_id INT NULL, note VARCHAR(10) NOT NULL DEFAULT '', \
+             code VARCHAR(80) AS (CONCAT(device_id, '-', uuid)) VIRTUAL",
+            "",
+            WriteMode::Upsert,
+            "",
+        ),
+        (
+            ", owner_id INT NOT NULL",
+            "",
+            WriteMode::JoinUpdate,
+            "owner_id",
+        ),
+        (
+            "",
+            "CREATE TRIGGER stamp BEFORE INSERT ON device_main FOR EACH ROW SET NEW.name = UPPER(NEW.name);",
+            WriteMode::JoinUpdate,
+            "trigger",
+        ),
+        (
+            ", CONSTRAINT named_device CHECK (name <> '')",
+            "",
+            WriteMode::JoinUpdate,
+            "named_device",
+        ),
+        (
+            "",
+            "ALTER TABLE device_main DROP PRIMARY KEY, MODIFY id INT NOT NULL UNIQUE, ADD PRIMARY KEY (uuid);",
+            WriteMode::JoinUpdate,
+            "primary key",
+        ),
+    ];
+    for (extra, after, mode, why) in cases {
+        let db = TestDb::new().await;
+        let pool = db.pool();
+        backend_table(&pool, extra, after).await;
+        let (got, reason) = write_mode(&pool).await.unwrap();
+        assert_eq!(got, mode, "table + {extra:?} / {after:?}: {reason:?}");
+        assert!(
+            reason.as_deref().unwrap_or("").contains(why),
+            "{why:?} in {reason:?}"
+        );
+        // Our own migration's table takes the fast path.
+        if extra.is_empty() && after.is_empty() {
+            let db = TestDb::new().await;
+            migrate(&db.pool()).await;
+            assert_eq!(
+                write_mode(&db.pool()).await.unwrap(),
+                (WriteMode::Upsert, None)
+            );
+        }
+    }
+}
+
+/// Should the choice be wrong for some table, the first refused upsert turns the store to the
+/// portable statement, and the batch is written that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
+    use mqtt_ingest::model::{DeviceUuid, TopicKind};
+    use mqtt_ingest::store::{Store, StoreError, StoreOptions, WriteMode};
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    backend_table(
+        &pool,
+        ", owner_id INT NOT NULL",
+        "INSERT INTO device_main (device_id, uuid, name, owner_id) VALUES ('D-1', 'own', 'Own', 42);",
+    )
+    .await;
+    let store = Store::new(
+        pool.clone(),
+        StoreOptions {
+            write_mode: WriteMode::Upsert,
+            ..StoreOptions::default()
+        },
+    );
+    let accepted = mqtt_ingest::payload::process(
+        TopicKind::Data,
+        DeviceUuid::parse("own").unwrap(),
+        br#"{"temperature": 20}"#,
+        chrono::Utc::now(),
+        &mqtt_ingest::payload::Rules::default(),
+    )
+    .unwrap();
+    let first = store.apply(&[&accepted.update]).await;
+    assert!(matches!(first, Err(StoreError::Conflict(_))), "{first:?}");
+    assert_eq!(store.write_mode(), WriteMode::JoinUpdate);
+    let second = store.apply(&[&accepted.update]).await.unwrap();
+    assert_eq!(second.rows_written, 1);
+    let row = device(&pool, "own").await.unwrap().unwrap();
+    assert_eq!(sensor(&row, "temperature"), Some(json!(20)));
+}
+
+/// A table the fast statement cannot write (a column it would have to fill): the portable one
+/// does everything the fast one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_a_required_column_of_its_own_is_written_with_the_portable_statement() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    backend_table(
+        &pool,
+        ", owner_id INT NOT NULL",
+        "INSERT INTO device_main (device_id, uuid, name, owner_id) VALUES ('D-1', 'own', 'Own', 42);",
+    )
+    .await;
+    let target = Target::new(&db, shared_mqtt_port());
+    let service = spawn_service(&target).await;
+    let publish = |kind: &'static str, payload: &'static str| {
+        let topic = target.topic("own", kind);
+        async move {
+            mqtt_publish(target.mqtt_port, &topic, payload, QoS::AtLeastOnce)
+                .await
+                .unwrap()
+        }
+    };
+    publish(
+        "data",
+        r#"{"temperature": 21.5, "timestamp": "2026-01-01T00:00:00Z"}"#,
+    )
+    .await;
+    publish("status", r#"{"status": "charging", "battery": 80}"#).await;
+    publish("heartbeat", "").await;
+    let row = wait_for_device(&pool, "own", "data, status and heartbeat", |r| {
+        r.last_heartbeat.is_some()
+            && r.device_status.as_deref() == Some("charging")
+            && sensor(r, "temperature").is_some()
+    })
+    .await;
+    assert!(row.is_online);
+    assert_eq!(sensor(&row, "temperature"), Some(json!(21.5)));
+    let owner: i32 = sqlx::query_scalar("SELECT owner_id FROM device_main WHERE uuid = 'own'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, 42);
+    let snap = service.settled(3).await;
+    assert_eq!((snap.succeeded, snap.failed), (3, 0));
+    service.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_data_that_is_not_json_is_replaced_not_a_poison_message() {
     let (db, target) = setup().await;
