@@ -39,9 +39,11 @@ use crate::writer::Router;
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
 /// Capacity of the client's request channel. Acks, subscriptions and the disconnect go through
-/// it; packet ids are 16-bit, so no more than 65,535 acks can ever be outstanding and sending
-/// into it never waits (a full channel here would deadlock with a writer waiting on us).
-const REQUEST_CAPACITY: usize = 65_535 + 64;
+/// it, always with `try_` sends: what does not fit waits in the [`Acker`] (4-byte tokens rather
+/// than rumqttc's request enum, which made a 65,535-deep channel several MB at the end of a
+/// large drain), so nothing ever waits on the event loop (a writer waiting on it while it waits
+/// on the writer would deadlock).
+const REQUEST_CAPACITY: usize = 1024;
 
 /// What an ack needs of a received QoS 1/2 publish: a few bytes, so that queued and held acks
 /// hold neither topics, payloads nor MQTT 5 properties.
@@ -214,6 +216,8 @@ pub struct Acker {
 /// What waits for room in the client's request channel, in the order it must go out.
 #[derive(Debug, Default)]
 struct Held {
+    /// The subscriptions for the newest connection, until the channel takes them.
+    subscribe: Option<Vec<Filter>>,
     acks: std::collections::VecDeque<AckToken>,
     /// Shutdown asked to disconnect: sent once every held ack is in the channel, never
     /// before (the broker would redeliver what was written but not acknowledged) and never
@@ -243,12 +247,28 @@ impl Acker {
     /// was asked for.
     pub fn flush_held(&self) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if !held.acks.is_empty() || held.disconnect {
+        if !held.acks.is_empty() || held.disconnect || held.subscribe.is_some() {
             self.send_held(&mut held);
         }
     }
 
+    /// Subscribes to `filters` on the current connection: at once when the channel has room,
+    /// else as soon as it has.
+    fn subscribe(&self, filters: &[Filter]) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.subscribe = Some(filters.to_vec());
+        self.send_held(&mut held);
+        if held.subscribe.is_some() {
+            debug!("subscription request waits for room in the client's request channel");
+        }
+    }
+
     fn send_held(&self, held: &mut Held) {
+        if let Some(filters) = &held.subscribe
+            && self.client.try_subscribe(filters).is_ok()
+        {
+            held.subscribe = None;
+        }
         self.send_held_acks(&mut held.acks);
         if held.disconnect && held.acks.is_empty() {
             // Not taken: the channel is full (the event loop flushes again after each request
@@ -443,9 +463,7 @@ pub async fn run_event_loop(
                         "the broker shortened the session expiry (MQTT_SESSION_EXPIRY_SECS): messages queue for a shorter outage"
                     );
                 }
-                if let Err(e) = acker.client.try_subscribe(&filters) {
-                    error!(error = %e, "could not queue the subscription request");
-                }
+                acker.subscribe(&filters);
             }
             Ok(Polled::SubAck {
                 refused: Some(codes),
@@ -729,5 +747,27 @@ mod held_ack_tests {
             acker.flush_held();
         }
         assert_eq!(sent, ["1", "2", "3", "4", "5", "disconnect"]);
+    }
+
+    #[test]
+    fn a_subscription_is_not_lost_to_a_full_channel() {
+        let (tx, rx) = flume::bounded(1);
+        let acker = Acker::new(Client::V4(rumqttc::AsyncClient::from_senders(tx)));
+        acker.ack(token(1, 0));
+        acker.subscribe(&[Filter {
+            path: "devices/+/data".into(),
+            qos: 1,
+        }]);
+        let first: Vec<_> = rx.drain().collect();
+        assert!(
+            matches!(first[..], [rumqttc::Request::PubAck(_)]),
+            "{first:?}"
+        );
+        acker.flush_held();
+        let second: Vec<_> = rx.drain().collect();
+        assert!(
+            matches!(&second[..], [rumqttc::Request::Subscribe(s)] if s.filters[0].path == "devices/+/data"),
+            "{second:?}"
+        );
     }
 }
