@@ -86,12 +86,13 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// Errors an upsert can meet where the join cannot: the insert half needs a value for a column
-/// (1364), a CHECK constraint (MariaDB 4025, MySQL 3819) or a trigger (1442) refuses it.
+/// Errors an upsert can meet where the join cannot: the user may UPDATE but not INSERT into
+/// `device_main` (1142), the insert half needs a value for a column (1364), a CHECK constraint
+/// (MariaDB 4025, MySQL 3819) or a trigger (1442) refuses it.
 fn refuses_upserts(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
-        .is_some_and(|d| matches!(d.number(), 1364 | 1442 | 3819 | 4025))
+        .is_some_and(|d| matches!(d.number(), 1142 | 1364 | 1442 | 3819 | 4025))
 }
 
 /// Connection options for the settings; the session time zone is UTC.

@@ -581,6 +581,49 @@ async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
     assert_eq!(second.rows_written, 1);
     let row = device(&pool, "own").await.unwrap().unwrap();
     assert_eq!(sensor(&row, "temperature"), Some(json!(20)));
+
+    // A user granted only SELECT and UPDATE on device_main (README's tight grant) on a table
+    // the upsert would otherwise suit.
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    migrate(&pool).await;
+    register(&pool, "own").await;
+    let user = format!("u_{}", db.name);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE USER '{user}'@'%' IDENTIFIED BY 'pw-{user}'; \
+         GRANT SELECT, UPDATE ON `{db}`.device_main TO '{user}'@'%';",
+        db = db.name
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let limited = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            db.connect_options()
+                .username(&user)
+                .password(&format!("pw-{user}")),
+        )
+        .await
+        .unwrap();
+    let store = Store::new(
+        limited.clone(),
+        StoreOptions {
+            write_mode: WriteMode::Upsert,
+            ..StoreOptions::default()
+        },
+    );
+    let first = store.apply(&[&accepted.update]).await;
+    let second = store.apply(&[&accepted.update]).await;
+    limited.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP USER '{user}'@'%'")))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(matches!(first, Err(StoreError::Conflict(_))), "{first:?}");
+    assert_eq!(second.unwrap().rows_written, 1);
+    let row = device(&pool, "own").await.unwrap().unwrap();
+    assert_eq!(sensor(&row, "temperature"), Some(json!(20)));
 }
 
 /// A table the fast statement cannot write (a column it would have to fill): the portable one
