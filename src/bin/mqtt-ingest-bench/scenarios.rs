@@ -241,7 +241,10 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
         service_succeeded: stopped.counters.succeeded,
         service_failed: stopped.counters.failed,
         service_start_s: stopped.started_in.map(|d| d.as_secs_f64()),
-        note: Some(format!("{polls} polls, {full_scans} full scans{cpu_note}")),
+        note: Some(format!(
+            "{polls} polls, {full_scans} full scans{cpu_note}, {} warning lines",
+            stopped.counters.warnings
+        )),
         ..Row::default()
     })
 }

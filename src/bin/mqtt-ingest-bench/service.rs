@@ -24,6 +24,8 @@ pub struct Counters {
     pub total: Option<u64>,
     pub succeeded: Option<u64>,
     pub failed: Option<u64>,
+    /// Lines logged at WARN or ERROR: a clean run has none.
+    pub warnings: u64,
 }
 
 #[derive(Default)]
@@ -115,6 +117,9 @@ impl Service {
                 let mut s = reader_log.lock().unwrap_or_else(|e| e.into_inner());
                 if s.subscribed.is_none() && line.contains(&ready_marker) {
                     s.subscribed = Some(Instant::now());
+                }
+                if line.contains(" WARN ") || line.contains(" ERROR ") {
+                    s.counters.warnings += 1;
                 }
                 if let Some(n) = counter(&line, "total") {
                     s.counters.total = Some(n);
