@@ -559,13 +559,16 @@ async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
         "INSERT INTO device_main (device_id, uuid, name, owner_id) VALUES ('D-1', 'own', 'Own', 42);",
     )
     .await;
-    let store = Store::new(
-        pool.clone(),
-        StoreOptions {
-            write_mode: WriteMode::Upsert,
-            ..StoreOptions::default()
-        },
-    );
+    let upserting = |pool: &sqlx::MySqlPool| {
+        Store::new(
+            pool.clone(),
+            StoreOptions {
+                write_mode: WriteMode::Upsert,
+                ..StoreOptions::default()
+            },
+        )
+    };
+    let store = upserting(&pool);
     let accepted = mqtt_ingest::payload::process(
         TopicKind::Data,
         DeviceUuid::parse("own").unwrap(),
@@ -606,13 +609,7 @@ async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
         )
         .await
         .unwrap();
-    let store = Store::new(
-        limited.clone(),
-        StoreOptions {
-            write_mode: WriteMode::Upsert,
-            ..StoreOptions::default()
-        },
-    );
+    let store = upserting(&limited);
     let first = store.apply(&[&accepted.update]).await;
     let second = store.apply(&[&accepted.update]).await;
     limited.close().await;
