@@ -435,10 +435,7 @@ impl Store {
             .zip(&touched)
             .filter_map(|(r, t)| t.then_some(r))
             .collect();
-        match mode {
-            WriteMode::Upsert => upsert_rows(&mut tx, &changed).await?,
-            WriteMode::JoinUpdate => write_rows(&mut tx, &changed).await?,
-        }
+        write_rows(&mut tx, &changed, mode).await?;
         if self.options.history {
             let mut rows: Vec<HistoryRow> = updates
                 .iter()
@@ -522,67 +519,51 @@ async fn lock_rows(
     Ok(rows)
 }
 
-/// Writes the merged rows back with one multi-row `INSERT … ON DUPLICATE KEY UPDATE` per chunk,
-/// keyed by the primary key: every row exists and is locked by this transaction, so each one
-/// is an update (device_id, uuid and name go in unchanged, for the insert half only).
-async fn upsert_rows(
-    tx: &mut Transaction<'static, MySql>,
-    rows: &[&LockedRow],
-) -> Result<(), StoreError> {
-    for chunk in shaped_chunks(rows) {
-        let sql = format!(
+/// The statement that writes `rows` merged rows back in `mode`.
+fn write_sql(mode: WriteMode, rows: usize) -> String {
+    match mode {
+        // Every row exists and is locked by this transaction, so each one is an update;
+        // device_id, uuid and name go in unchanged, for the insert half only.
+        WriteMode::Upsert => format!(
             "INSERT INTO device_main (id, device_id, uuid, name, last_report_data, last_seen, \
                                       last_heartbeat, is_online, device_status) VALUES {} \
              ON DUPLICATE KEY UPDATE last_report_data = VALUES(last_report_data), \
                  last_seen = VALUES(last_seen), last_heartbeat = VALUES(last_heartbeat), \
                  is_online = VALUES(is_online), device_status = VALUES(device_status)",
-            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?)", ", ")
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for r in &chunk {
-            let s = &r.state;
-            q = q
-                .bind(r.id)
-                .bind(r.device_id.as_str())
-                .bind(r.uuid.as_str())
-                .bind(r.name.as_str())
-                .bind(s.data_json())
-                .bind(s.last_seen)
-                .bind(s.last_heartbeat)
-                .bind(i8::from(s.is_online))
-                .bind(s.device_status.as_deref());
+            placeholders(rows, "(?, ?, ?, ?, ?, ?, ?, ?, ?)", ", ")
+        ),
+        WriteMode::JoinUpdate => {
+            let derived = format!(
+                "SELECT ? AS id, ? AS data, ? AS seen, ? AS hb, ? AS online, ? AS st{}",
+                " UNION ALL SELECT ?, ?, ?, ?, ?, ?".repeat(rows.saturating_sub(1))
+            );
+            format!(
+                "UPDATE device_main AS d JOIN ({derived}) AS v ON d.id = v.id \
+                 SET d.last_report_data = v.data, d.last_seen = v.seen, d.last_heartbeat = v.hb, \
+                     d.is_online = v.online, d.device_status = v.st"
+            )
         }
-        q.execute(&mut **tx).await?;
     }
-    Ok(())
 }
 
-/// Writes the merged rows back: one multi-row UPDATE per chunk, joined on the primary key.
+/// Writes the merged rows back, one multi-row statement per chunk, keyed by the primary key.
 async fn write_rows(
     tx: &mut Transaction<'static, MySql>,
     rows: &[&LockedRow],
+    mode: WriteMode,
 ) -> Result<(), StoreError> {
-    const ROW: &str = "SELECT ? AS id, ? AS data, ? AS seen, ? AS hb, ? AS online, ? AS st";
     for chunk in shaped_chunks(rows) {
-        let mut derived = ROW.to_owned();
-        if chunk.len() > 1 {
-            derived.push_str(" UNION ALL ");
-            derived.push_str(&placeholders(
-                chunk.len() - 1,
-                "SELECT ?, ?, ?, ?, ?, ?",
-                " UNION ALL ",
-            ));
-        }
-        let sql = format!(
-            "UPDATE device_main AS d JOIN ({derived}) AS v ON d.id = v.id \
-             SET d.last_report_data = v.data, d.last_seen = v.seen, d.last_heartbeat = v.hb, \
-                 d.is_online = v.online, d.device_status = v.st"
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(write_sql(mode, chunk.len())));
         for r in &chunk {
             let s = &r.state;
+            q = q.bind(r.id);
+            if mode == WriteMode::Upsert {
+                q = q
+                    .bind(r.device_id.as_str())
+                    .bind(r.uuid.as_str())
+                    .bind(r.name.as_str());
+            }
             q = q
-                .bind(r.id)
                 .bind(s.data_json())
                 .bind(s.last_seen)
                 .bind(s.last_heartbeat)

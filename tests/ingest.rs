@@ -485,6 +485,16 @@ async fn backend_table(pool: &sqlx::MySqlPool, extra: &str, after: &str) {
     .unwrap();
 }
 
+/// The backend's table with a required column of its own, and device `own` registered in it.
+async fn table_with_a_required_column(pool: &sqlx::MySqlPool) {
+    backend_table(
+        pool,
+        ", owner_id INT NOT NULL",
+        "INSERT INTO device_main (device_id, uuid, name, owner_id) VALUES ('D-1', 'own', 'Own', 42);",
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_statement_is_chosen_for_the_table() {
     use mqtt_ingest::store::{WriteMode, write_mode};
@@ -553,12 +563,7 @@ async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
     use mqtt_ingest::store::{Store, StoreError, StoreOptions, WriteMode};
     let db = TestDb::new().await;
     let pool = db.pool();
-    backend_table(
-        &pool,
-        ", owner_id INT NOT NULL",
-        "INSERT INTO device_main (device_id, uuid, name, owner_id) VALUES ('D-1', 'own', 'Own', 42);",
-    )
-    .await;
+    table_with_a_required_column(&pool).await;
     let upserting = |pool: &sqlx::MySqlPool| {
         Store::new(
             pool.clone(),
@@ -629,12 +634,7 @@ async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
 async fn a_table_with_a_required_column_of_its_own_is_written_with_the_portable_statement() {
     let db = TestDb::new().await;
     let pool = db.pool();
-    backend_table(
-        &pool,
-        ", owner_id INT NOT NULL",
-        "INSERT INTO device_main (device_id, uuid, name, owner_id) VALUES ('D-1', 'own', 'Own', 42);",
-    )
-    .await;
+    table_with_a_required_column(&pool).await;
     let target = Target::new(&db, shared_mqtt_port());
     let service = spawn_service(&target).await;
     let publish = |kind: &'static str, payload: &'static str| {
