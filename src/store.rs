@@ -391,51 +391,28 @@ impl Store {
         if self.options.register_unknown_devices {
             register(&mut tx, &devices).await?;
         }
-        let mut rows = lock_rows(&mut tx, &devices).await?;
-
-        // Which row each device of the batch is (the column's collation may match ids that
-        // differ in case: an exact match first, then one that ignores ASCII case).
-        let exact: HashMap<&str, usize> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.uuid.as_str(), i))
-            .collect();
-        let mut folded: Option<HashMap<String, usize>> = None;
-        let mut row_of: HashMap<&str, usize> = HashMap::with_capacity(devices.len());
-        for d in &devices {
-            let found = exact.get(d).copied().or_else(|| {
-                folded
-                    .get_or_insert_with(|| {
-                        rows.iter()
-                            .enumerate()
-                            .map(|(i, r)| (r.uuid.to_ascii_lowercase(), i))
-                            .collect()
-                    })
-                    .get(&d.to_ascii_lowercase())
-                    .copied()
+        // A device's updates in message order, its case variants together (the column's
+        // collation may make them one row, and the router gives them to one writer).
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_of: HashMap<String, usize> = HashMap::with_capacity(devices.len());
+        for (i, u) in updates.iter().enumerate() {
+            let key = u.device.as_str().to_ascii_lowercase();
+            let g = *group_of.entry(key).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
             });
-            if let Some(i) = found {
-                row_of.insert(d, i);
-            }
+            groups[g].push(i);
         }
-        let mut touched = vec![false; rows.len()];
-        let outcomes: Vec<Applied> = updates
-            .iter()
-            .map(|u| match row_of.get(u.device.as_str()) {
-                Some(&i) => {
-                    rows[i].state.apply(u);
-                    touched[i] = true;
-                    Applied::Written
-                }
-                None => Applied::UnknownDevice,
-            })
-            .collect();
-        let changed: Vec<&LockedRow> = rows
-            .iter()
-            .zip(&touched)
-            .filter_map(|(r, t)| t.then_some(r))
-            .collect();
-        write_rows(&mut tx, &changed, mode).await?;
+        drop(group_of);
+        // Rows are read, merged and written a chunk at a time, all in this one transaction:
+        // a large batch never holds more than a chunk of merged rows in memory.
+        let mut outcomes = vec![Applied::UnknownDevice; updates.len()];
+        let mut rows_written = 0;
+        for chunk in groups.chunks(ROWS_PER_CHUNK) {
+            let mut indices: Vec<usize> = chunk.iter().flatten().copied().collect();
+            indices.sort_unstable();
+            rows_written += merge_chunk(&mut tx, updates, &indices, &mut outcomes, mode).await?;
+        }
         if self.options.history {
             let mut rows: Vec<HistoryRow> = updates
                 .iter()
@@ -448,9 +425,75 @@ impl Store {
         tx.commit().await?;
         Ok(BatchOutcome {
             applied: outcomes,
-            rows_written: changed.len(),
+            rows_written,
         })
     }
+}
+
+/// Most device rows read, merged and written back at a time (the largest statement shape).
+const ROWS_PER_CHUNK: usize = 256;
+
+/// Reads and locks the rows of the devices of `updates[indices]` (ascending), merges those
+/// updates into them in order, writes the changed rows back and records each update's outcome.
+/// Returns the number of rows written.
+async fn merge_chunk(
+    tx: &mut Transaction<'static, MySql>,
+    updates: &[&Update],
+    indices: &[usize],
+    outcomes: &mut [Applied],
+    mode: WriteMode,
+) -> Result<usize, StoreError> {
+    let mut devices: Vec<&str> = Vec::new();
+    let mut seen = HashSet::new();
+    for &i in indices {
+        let d = updates[i].device.as_str();
+        if seen.insert(d) {
+            devices.push(d);
+        }
+    }
+    let mut rows = lock_rows(tx, &devices).await?;
+
+    // Which row each device is (the column's collation may match ids that differ in case: an
+    // exact match first, then one that ignores ASCII case).
+    let exact: HashMap<&str, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.uuid.as_str(), i))
+        .collect();
+    let mut folded: Option<HashMap<String, usize>> = None;
+    let mut row_of: HashMap<&str, usize> = HashMap::with_capacity(devices.len());
+    for d in &devices {
+        let found = exact.get(d).copied().or_else(|| {
+            folded
+                .get_or_insert_with(|| {
+                    rows.iter()
+                        .enumerate()
+                        .map(|(i, r)| (r.uuid.to_ascii_lowercase(), i))
+                        .collect()
+                })
+                .get(&d.to_ascii_lowercase())
+                .copied()
+        });
+        if let Some(i) = found {
+            row_of.insert(d, i);
+        }
+    }
+    let mut touched = vec![false; rows.len()];
+    for &i in indices {
+        let u = updates[i];
+        if let Some(&r) = row_of.get(u.device.as_str()) {
+            rows[r].state.apply(u);
+            touched[r] = true;
+            outcomes[i] = Applied::Written;
+        }
+    }
+    let changed: Vec<&LockedRow> = rows
+        .iter()
+        .zip(&touched)
+        .filter_map(|(r, t)| t.then_some(r))
+        .collect();
+    write_rows(tx, &changed, mode).await?;
+    Ok(changed.len())
 }
 
 /// Creates rows for devices that have none, as the backend registers one: `device_id`, `uuid`

@@ -743,6 +743,120 @@ async fn a_devices_messages_in_one_batch_become_one_row_write() {
     service.stop().await.unwrap();
 }
 
+/// A batch of more devices than the store reads and writes at a time (256) is merged chunk by
+/// chunk in one transaction: every device's updates apply in message order, also when they
+/// arrive interleaved with hundreds of others and under ids that differ only in case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_more_devices_than_a_chunk_merges_each_in_message_order() {
+    use mqtt_ingest::model::{DeviceUuid, TopicKind};
+    use mqtt_ingest::store::{Applied, Store, StoreOptions, WriteMode};
+    const DEVICES: usize = 600;
+    for mode in [WriteMode::Upsert, WriteMode::JoinUpdate] {
+        let db = TestDb::new().await;
+        let pool = db.pool();
+        migrate(&pool).await;
+        let values: Vec<String> = (0..DEVICES)
+            .map(|d| format!("('dev-{d}', 'many-{d}', 'Many {d}')"))
+            .collect();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO device_main (device_id, uuid, name) VALUES {}, \
+             ('dev-mixed', 'Mixed-Case', 'Mixed')",
+            values.join(", ")
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+        let start = chrono::Utc::now();
+        let mut accepted = Vec::new();
+        // Three rounds over every device (round-robin, as a backlog arrives), each round a
+        // new `seq`, its own sensor and a status field (merged without a time guard, so only
+        // the order of application decides it); the mixed-case device spelt one way in the
+        // first and last round, another way in the middle one (its first appearance under
+        // that spelling is hundreds of devices later).
+        for round in 1..=3u32 {
+            let mut devices: Vec<String> = (0..DEVICES).map(|d| format!("many-{d}")).collect();
+            match round {
+                1 => devices.insert(0, "mixed-case".into()),
+                2 => devices.push("MIXED-CASE".into()),
+                3 => devices.push("mixed-case".into()),
+                _ => {}
+            }
+            for d in devices {
+                let at = start + chrono::Duration::milliseconds(accepted.len() as i64);
+                let payload = format!(
+                    r#"{{"sensors": [{{"sensor_name": "seq", "value": {round}}},
+                                     {{"sensor_name": "round{round}", "value": {round}}}],
+                        "status": {{"round": {round}}}}}"#
+                );
+                accepted.push(
+                    mqtt_ingest::payload::process(
+                        TopicKind::Data,
+                        DeviceUuid::parse(&d).unwrap(),
+                        payload.as_bytes(),
+                        at,
+                        &mqtt_ingest::payload::Rules::default(),
+                    )
+                    .unwrap(),
+                );
+            }
+        }
+        // Plus one device the table does not have, in the middle.
+        let unknown = mqtt_ingest::payload::process(
+            TopicKind::Data,
+            DeviceUuid::parse("not-registered").unwrap(),
+            br#"{"seq": 9}"#,
+            start,
+            &mqtt_ingest::payload::Rules::default(),
+        )
+        .unwrap();
+        let mut updates: Vec<_> = accepted.iter().map(|a| &a.update).collect();
+        updates.insert(DEVICES, &unknown.update);
+        let store = Store::new(
+            pool.clone(),
+            StoreOptions {
+                write_mode: mode,
+                ..StoreOptions::default()
+            },
+        );
+        let outcome = store.apply(&updates).await.unwrap();
+        assert_eq!(outcome.rows_written, DEVICES + 1, "{mode:?}");
+        assert_eq!(outcome.applied[DEVICES], Applied::UnknownDevice);
+        assert_eq!(
+            outcome
+                .applied
+                .iter()
+                .filter(|a| **a == Applied::Written)
+                .count(),
+            updates.len() - 1
+        );
+        let wrong: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM device_main WHERE uuid LIKE 'many-%' AND ( \
+                 JSON_VALUE(last_report_data, '$.sensors.seq.value') = 3 AND \
+                 JSON_VALUE(last_report_data, '$.sensors.round1.value') = 1 AND \
+                 JSON_VALUE(last_report_data, '$.sensors.round2.value') = 2 AND \
+                 JSON_VALUE(last_report_data, '$.sensors.round3.value') = 3 AND \
+                 JSON_VALUE(last_report_data, '$.status.round') = 3) IS NOT TRUE",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            wrong, 0,
+            "{mode:?}: devices not at their merged final state"
+        );
+        let mixed = device(&pool, "Mixed-Case").await.unwrap().unwrap();
+        assert_eq!(sensor(&mixed, "seq"), Some(json!(3)), "{mode:?}");
+        assert_eq!(sensor(&mixed, "round1"), Some(json!(1)), "{mode:?}");
+        assert_eq!(sensor(&mixed, "round2"), Some(json!(2)), "{mode:?}");
+        assert_eq!(sensor(&mixed, "round3"), Some(json!(3)), "{mode:?}");
+        assert_eq!(
+            mixed.data.as_ref().unwrap()["status"],
+            json!({"round": 3}),
+            "{mode:?}: {mixed:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_reading_or_status_does_not_roll_the_state_back() {
     let (db, target) = setup().await;
