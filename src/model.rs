@@ -3,7 +3,6 @@
 //! Everything here has already passed the checks in [`crate::topic`] and [`crate::payload`]:
 //! the store accepts only these types, so it never sees raw bytes (parse, don't validate).
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -74,6 +73,91 @@ pub struct SensorReading {
     pub timestamp: String,
 }
 
+/// Readings by sensor name: sorted by name, each name once. A flat vector rather than a map: an
+/// update may wait in a queue for a while, and a map's node (about 1 KB) for two or three readings
+/// was most of a queued message's memory.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Sensors(Vec<(String, SensorReading)>);
+
+impl Sensors {
+    /// Adds or replaces one reading (for a few; collect many with [`FromIterator`]).
+    pub fn insert(&mut self, name: String, reading: SensorReading) {
+        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
+            Ok(i) => self.0[i].1 = reading,
+            Err(i) => self.0.insert(i, (name, reading)),
+        }
+    }
+
+    /// The reading of `name`.
+    pub fn get(&self, name: &str) -> Option<&SensorReading> {
+        self.0
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Whether `name` has a reading.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// How many readings.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No readings.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The readings in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &SensorReading)> {
+        self.0.iter().map(|(n, r)| (n, r))
+    }
+
+    /// The names, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(n, _)| n)
+    }
+}
+
+/// Readings in message order: a name given twice keeps its last reading.
+impl FromIterator<(String, SensorReading)> for Sensors {
+    fn from_iter<I: IntoIterator<Item = (String, SensorReading)>>(iter: I) -> Self {
+        let mut all: Vec<(String, SensorReading)> = iter.into_iter().collect();
+        // Stable: equal names stay in message order, and the last of each run is kept.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut kept: Vec<(String, SensorReading)> = Vec::with_capacity(all.len());
+        for entry in all {
+            match kept.last_mut() {
+                Some(last) if last.0 == entry.0 => *last = entry,
+                _ => kept.push(entry),
+            }
+        }
+        Self(kept)
+    }
+}
+
+impl<'a> IntoIterator for &'a Sensors {
+    type Item = (&'a String, &'a SensorReading);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, SensorReading)>,
+        fn(&'a (String, SensorReading)) -> (&'a String, &'a SensorReading),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(n, r)| (n, r))
+    }
+}
+
+impl std::ops::Index<&str> for Sensors {
+    type Output = SensorReading;
+    fn index(&self, name: &str) -> &SensorReading {
+        self.get(name)
+            .unwrap_or_else(|| panic!("no reading of sensor {name:?}"))
+    }
+}
+
 /// A location that passed the range checks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Location {
@@ -87,7 +171,7 @@ pub struct Location {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DataReport {
     /// Readings by sensor name (a name repeated in one message: the last one wins).
-    pub sensors: BTreeMap<String, SensorReading>,
+    pub sensors: Sensors,
     /// Status fields to merge by key into the stored `status`.
     pub status: Option<Map<String, Value>>,
     /// Replaces the stored location when present.
@@ -138,5 +222,50 @@ impl Update {
             Change::Status(_) => TopicKind::Status,
             Change::Heartbeat => TopicKind::Heartbeat,
         }
+    }
+}
+
+#[cfg(test)]
+mod sensors_tests {
+    use super::*;
+
+    fn r(v: u64) -> SensorReading {
+        SensorReading {
+            value: Number::from(v),
+            unit: String::new(),
+            timestamp: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn collected_readings_are_sorted_and_a_repeated_name_keeps_its_last() {
+        let s: Sensors = [("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5), ("b", 6)]
+            .into_iter()
+            .map(|(n, v)| (n.to_owned(), r(v)))
+            .collect();
+        let got: Vec<(&str, u64)> = s
+            .iter()
+            .map(|(n, x)| (n.as_str(), x.value.as_u64().unwrap()))
+            .collect();
+        assert_eq!(got, [("a", 5), ("b", 6), ("c", 4)]);
+        assert_eq!(s.len(), 3);
+        assert!(s.contains_key("c") && !s.contains_key("d"));
+        assert_eq!(s["a"].value.as_u64(), Some(5));
+    }
+
+    #[test]
+    fn insert_replaces_or_adds_in_order() {
+        let mut s = Sensors::default();
+        assert!(s.is_empty());
+        s.insert("m".into(), r(1));
+        s.insert("a".into(), r(2));
+        s.insert("z".into(), r(3));
+        s.insert("m".into(), r(4));
+        assert_eq!(
+            s.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a", "m", "z"]
+        );
+        assert_eq!(s.get("m").unwrap().value.as_u64(), Some(4));
+        assert_eq!(s.get("q"), None);
     }
 }

@@ -233,7 +233,9 @@ fn full_format(
     skipped: &mut Vec<Skipped>,
 ) -> DataReport {
     let mut report = DataReport::default();
+    let mut readings = Vec::new();
     if let Some(Value::Array(entries)) = object.remove("sensors") {
+        readings.reserve(entries.len());
         for (i, entry) in entries.into_iter().enumerate() {
             let Value::Object(mut entry) = entry else {
                 skip(skipped, format!("sensors[{i}]"), "not an object");
@@ -274,13 +276,12 @@ fn full_format(
             };
             let value = entry.remove("value").unwrap_or(Value::Null);
             match reading(&name, value, unit, timestamp, rules) {
-                Ok(r) => {
-                    report.sensors.insert(name, r);
-                }
+                Ok(r) => readings.push((name, r)),
                 Err(reason) => skip(skipped, part(), reason),
             }
         }
     }
+    report.sensors = readings.into_iter().collect();
     match object.remove("status") {
         None | Some(Value::Null) => {}
         Some(Value::Object(status)) => report.status = Some(status),
@@ -319,14 +320,14 @@ fn simple_format(
             return report;
         }
     };
+    let mut readings = Vec::with_capacity(object.len());
     for (name, value) in object {
         match reading(&name, value, String::new(), timestamp.clone(), rules) {
-            Ok(r) => {
-                report.sensors.insert(name, r);
-            }
+            Ok(r) => readings.push((name, r)),
             Err(reason) => skip(skipped, format!("sensor {}", shown(&name)), reason),
         }
     }
+    report.sensors = readings.into_iter().collect();
     report
 }
 
