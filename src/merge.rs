@@ -293,7 +293,7 @@ impl DeviceState {
             }
         }
         if let Some(status) = &report.status {
-            merge_by_key(self.data.status(), status);
+            merge_by_key(self.data.status(), status.iter().map(|(k, v)| (k, v)));
         }
         if let Some(l) = &report.location {
             let mut location = Map::new();
@@ -340,7 +340,10 @@ fn later(stored: Option<NaiveDateTime>, new: NaiveDateTime) -> Option<NaiveDateT
 }
 
 /// Top-level keys of `patch` replace those in `target`; a `null` removes the key.
-fn merge_by_key(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+fn merge_by_key<'a>(
+    target: &mut Map<String, Value>,
+    patch: impl IntoIterator<Item = (&'a String, &'a Value)>,
+) {
     for (k, v) in patch {
         if v.is_null() {
             target.remove(k);
@@ -683,7 +686,10 @@ mod tests {
                         }
                     }
                     if let Some(status) = &report.status {
-                        merge_by_key(object_at(data, "status"), status);
+                        merge_by_key(
+                            object_at(data, "status"),
+                            status.iter().map(|(k, v)| (k, v)),
+                        );
                     }
                     if let Some(l) = &report.location {
                         data.insert(

@@ -172,8 +172,9 @@ pub struct Location {
 pub struct DataReport {
     /// Readings by sensor name (a name repeated in one message: the last one wins).
     pub sensors: Sensors,
-    /// Status fields to merge by key into the stored `status`.
-    pub status: Option<Map<String, Value>>,
+    /// Status fields to merge by key into the stored `status`, in key order (a vector for the
+    /// same reason as [`Sensors`]).
+    pub status: Option<Vec<(String, Value)>>,
     /// Replaces the stored location when present.
     pub location: Option<Location>,
 }

@@ -63,7 +63,7 @@ fn seed_full_format_example() {
         "no per-sensor timestamp: receive time"
     );
     assert_eq!(
-        Value::Object(d.status.unwrap()),
+        Value::Object(d.status.unwrap().into_iter().collect()),
         json!({"ip_address": "192.168.1.100", "rssi": -50, "battery": 95})
     );
     let l = d.location.unwrap();
