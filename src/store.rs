@@ -391,26 +391,28 @@ impl Store {
         if self.options.register_unknown_devices {
             register(&mut tx, &devices).await?;
         }
-        // A device's updates in message order, its case variants together (the column's
-        // collation may make them one row, and the router gives them to one writer).
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut group_of: HashMap<String, usize> = HashMap::with_capacity(devices.len());
-        for (i, u) in updates.iter().enumerate() {
-            let key = u.device.as_str().to_ascii_lowercase();
-            let g = *group_of.entry(key).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(i);
-        }
+        // Each update's device group: its case variants together (the column's collation may
+        // make them one row, and the router gives them to one writer), numbered in order of
+        // first appearance.
+        let mut group_of: HashMap<Folded<'_>, usize> = HashMap::with_capacity(devices.len());
+        let group: Vec<usize> = updates
+            .iter()
+            .map(|u| {
+                let next = group_of.len();
+                *group_of.entry(Folded(u.device.as_str())).or_insert(next)
+            })
+            .collect();
+        let groups = group_of.len();
         drop(group_of);
-        // Rows are read, merged and written a chunk at a time, all in this one transaction:
-        // a large batch never holds more than a chunk of merged rows in memory.
+        // Rows are read, merged and written a chunk of devices at a time, all in this one
+        // transaction: a large batch never holds more than a chunk of merged rows in memory.
         let mut outcomes = vec![Applied::UnknownDevice; updates.len()];
         let mut rows_written = 0;
-        for chunk in groups.chunks(ROWS_PER_CHUNK) {
-            let mut indices: Vec<usize> = chunk.iter().flatten().copied().collect();
-            indices.sort_unstable();
+        for first in (0..groups).step_by(ROWS_PER_CHUNK) {
+            let chunk = first..first + ROWS_PER_CHUNK;
+            let indices: Vec<usize> = (0..updates.len())
+                .filter(|&i| chunk.contains(&group[i]))
+                .collect();
             rows_written += merge_chunk(&mut tx, updates, &indices, &mut outcomes, mode).await?;
         }
         if self.options.history {
@@ -432,6 +434,26 @@ impl Store {
 
 /// Most device rows read, merged and written back at a time (the largest statement shape).
 const ROWS_PER_CHUNK: usize = 256;
+
+/// A device id that compares and hashes without ASCII case, as the usual collations do.
+#[derive(Debug, Clone, Copy)]
+struct Folded<'a>(&'a str);
+
+impl PartialEq for Folded<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(other.0)
+    }
+}
+
+impl Eq for Folded<'_> {}
+
+impl std::hash::Hash for Folded<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for b in self.0.bytes() {
+            state.write_u8(b.to_ascii_lowercase());
+        }
+    }
+}
 
 /// Reads and locks the rows of the devices of `updates[indices]` (ascending), merges those
 /// updates into them in order, writes the changed rows back and records each update's outcome.
