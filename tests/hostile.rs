@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use app::{Running, Target, migrate, register, sensor, spawn_service, wait_for_device};
-use common::{PrivateMosquitto, QoS, TestDb, mqtt_publish, publish_many, wait_until_named};
+use common::{PrivateMosquitto, QoS, TestDb, mqtt_publish, publish_many};
 use mqtt_ingest::rejection::Rejection;
 use mqtt_ingest::stats::Snapshot;
 use mqtt_ingest::topic::TopicLayout;
@@ -691,23 +691,9 @@ fn delta(a: &Snapshot, b: &Snapshot) -> (u64, u64, u64, u64, BTreeMap<&'static s
     )
 }
 
+/// The service's counters once `done` messages finished, waiting up to 30 s.
 async fn settled(service: &Running, done: u64) -> Snapshot {
-    let stats = service.stats.clone();
-    wait_until_named(
-        &format!("{done} messages finished"),
-        Duration::from_secs(30),
-        Duration::from_millis(10),
-        async || {
-            let s = stats.snapshot();
-            if s.succeeded + s.failed >= done {
-                Ok(Some(s))
-            } else {
-                anyhow::bail!("{} + {} finished", s.succeeded, s.failed)
-            }
-        },
-    )
-    .await
-    .unwrap()
+    service.settled_within(done, Duration::from_secs(30)).await
 }
 
 struct Setup {

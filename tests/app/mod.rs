@@ -176,10 +176,15 @@ impl Running {
     /// Waits until `done` messages have finished (committed or rejected) and returns the
     /// counters then. A row can be visible a moment before the writer counts its commit.
     pub async fn settled(&self, done: u64) -> mqtt_ingest::stats::Snapshot {
+        self.settled_within(done, Duration::from_secs(20)).await
+    }
+
+    /// [`Running::settled`], waiting up to `limit`.
+    pub async fn settled_within(&self, done: u64, limit: Duration) -> mqtt_ingest::stats::Snapshot {
         let stats = self.stats.clone();
         wait_until_named(
             &format!("{done} messages finished"),
-            Duration::from_secs(20),
+            limit,
             Duration::from_millis(10),
             async || {
                 let s = stats.snapshot();
