@@ -127,6 +127,12 @@ impl Stats {
             .store(Utc::now().timestamp_millis(), Relaxed);
     }
 
+    /// A message counted by [`Stats::received`] was not taken after all (the writers had
+    /// stopped; the broker keeps it for redelivery).
+    pub fn not_received(&self) {
+        self.received.fetch_sub(1, Relaxed);
+    }
+
     /// `n` messages were committed.
     pub fn succeeded(&self, n: u64) {
         self.succeeded.fetch_add(n, Relaxed);

@@ -635,12 +635,15 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
             };
             // Waits only when the writer is behind by a whole queue: that is the backpressure
             // towards the broker. With QoS 1 the broker's inflight window keeps it from filling.
+            // Counted before it is queued: once queued, a writer on another thread may commit
+            // and count it before this line would run, and `received` must never trail
+            // `succeeded + failed`.
+            stats.received();
             stats.event_loop_waiting();
             let sent = jobs.send(job).await;
             stats.event_loop_beat();
-            if sent.is_ok() {
-                stats.received();
-            } else {
+            if sent.is_err() {
+                stats.not_received();
                 debug!("writer closed; message left to the broker for redelivery");
             }
         }
