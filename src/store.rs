@@ -380,13 +380,7 @@ impl Store {
         updates: &[&Update],
         mode: WriteMode,
     ) -> Result<BatchOutcome, StoreError> {
-        let mut devices: Vec<&str> = Vec::new();
-        let mut seen = HashSet::new();
-        for u in updates {
-            if seen.insert(u.device.as_str()) {
-                devices.push(u.device.as_str());
-            }
-        }
+        let devices = distinct(updates.iter().map(|u| u.device.as_str()));
         let mut tx = self.pool.begin().await?;
         if self.options.register_unknown_devices {
             register(&mut tx, &devices).await?;
@@ -435,6 +429,12 @@ impl Store {
 /// Most device rows read, merged and written back at a time (the largest statement shape).
 const ROWS_PER_CHUNK: usize = 256;
 
+/// The ids in order of first appearance, each once.
+fn distinct<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = HashSet::new();
+    ids.filter(|d| seen.insert(*d)).collect()
+}
+
 /// A device id that compares and hashes without ASCII case, as the usual collations do.
 #[derive(Debug, Clone, Copy)]
 struct Folded<'a>(&'a str);
@@ -465,14 +465,7 @@ async fn merge_chunk(
     outcomes: &mut [Applied],
     mode: WriteMode,
 ) -> Result<usize, StoreError> {
-    let mut devices: Vec<&str> = Vec::new();
-    let mut seen = HashSet::new();
-    for &i in indices {
-        let d = updates[i].device.as_str();
-        if seen.insert(d) {
-            devices.push(d);
-        }
-    }
+    let devices = distinct(indices.iter().map(|&i| updates[i].device.as_str()));
     let mut rows = lock_rows(tx, &devices).await?;
 
     // Which row each device is (the column's collation may match ids that differ in case: an
