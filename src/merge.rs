@@ -335,6 +335,69 @@ impl DeviceState {
     }
 }
 
+/// Folds `next` into `into`, an earlier update of the same device, when one update can do
+/// exactly what the two do one after the other, whatever the stored row: then a device's
+/// messages that wait together cost one parsed update, not one each. Gives `next` back when
+/// it cannot:
+/// - only data into data and heartbeat into heartbeat (one update is one kind);
+/// - not a data message whose `status` fields set or remove `timestamp`: the stored status
+///   time decides whether each message marks the device online, so it must not move between
+///   the two;
+/// - not across device ids that differ (in case only, say: the store may map them to one
+///   row, but they are still two ids).
+///
+/// The fold keeps, per sensor, the reading `apply` would end with (the later one by its
+/// reading time; the second on a tie), the second message's status fields over the first's,
+/// the second location when it has one, the later receive time (`last_seen`,
+/// `last_heartbeat`, `upload_timestamp`) and the later reading time, or none if either has
+/// none (without one a message marks the device online unconditionally). Timestamps in
+/// updates are RFC 3339, as [`crate::payload`] accepts them; see the property test
+/// `absorbing_equals_applying_in_order`.
+pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
+    let foldable = into.device == next.device
+        && match (&into.change, &next.change) {
+            (Change::Heartbeat, Change::Heartbeat) => true,
+            (Change::Data(_), Change::Data(b)) => !b
+                .status
+                .as_ref()
+                .is_some_and(|fields| fields.iter().any(|(k, _)| k == "timestamp")),
+            _ => false,
+        };
+    if !foldable {
+        return Err(next);
+    }
+    if let (Change::Data(a), Change::Data(b)) = (&mut into.change, next.change) {
+        for (name, reading) in b.sensors {
+            match a.sensors.get_mut(&name) {
+                Some(held) => {
+                    if !is_older(&reading.timestamp, &held.timestamp) {
+                        *held = reading;
+                    }
+                }
+                None => a.sensors.insert(name, reading),
+            }
+        }
+        if let Some(fields) = b.status {
+            let held = a.status.get_or_insert_default();
+            for (k, v) in fields {
+                match held.binary_search_by(|(h, _)| h.as_str().cmp(&k)) {
+                    Ok(i) => held[i].1 = v,
+                    Err(i) => held.insert(i, (k, v)),
+                }
+            }
+        }
+        if b.location.is_some() {
+            a.location = b.location;
+        }
+    }
+    into.received_at = into.received_at.max(next.received_at);
+    into.reading_time = match (into.reading_time.take(), next.reading_time) {
+        (Some(a), Some(b)) => Some(if is_older(&b, &a) { a } else { b }),
+        _ => None,
+    };
+    Ok(())
+}
+
 fn later(stored: Option<NaiveDateTime>, new: NaiveDateTime) -> Option<NaiveDateTime> {
     Some(stored.map_or(new, |s| s.max(new)))
 }
@@ -725,7 +788,7 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn stamp() -> impl Strategy<Value = Value> {
+        pub(super) fn stamp() -> impl Strategy<Value = Value> {
             prop_oneof![
                 (0i64..20).prop_map(|s| json!(at(s).to_rfc3339_opts(SecondsFormat::Millis, true))),
                 (0i64..20).prop_map(|s| json!(format!("2025-12-17T{:02}:00:00+08:00", s))),
@@ -735,7 +798,7 @@ mod tests {
             ]
         }
 
-        fn leaf() -> impl Strategy<Value = Value> {
+        pub(super) fn leaf() -> impl Strategy<Value = Value> {
             prop_oneof![
                 Just(Value::Null),
                 any::<bool>().prop_map(Value::from),
@@ -753,7 +816,7 @@ mod tests {
             ]
         }
 
-        fn key() -> impl Strategy<Value = String> {
+        pub(super) fn key() -> impl Strategy<Value = String> {
             prop_oneof![
                 Just("t".to_owned()),
                 Just("a".to_owned()),
@@ -763,7 +826,7 @@ mod tests {
             ]
         }
 
-        fn stored() -> impl Strategy<Value = Option<String>> {
+        pub(super) fn stored() -> impl Strategy<Value = Option<String>> {
             let sensors = prop_oneof![
                 prop::collection::btree_map(key(), sensor_obj(), 0..4)
                     .prop_map(|m| Value::Object(m.into_iter().collect())),
@@ -804,7 +867,7 @@ mod tests {
             ]
         }
 
-        fn update() -> impl Strategy<Value = Update> {
+        pub(super) fn update() -> impl Strategy<Value = Update> {
             let reading = (key(), -3i64..3, prop::option::of(stamp()));
             let data_msg = (
                 0i64..20,
@@ -890,6 +953,175 @@ mod tests {
                     prop_assert_eq!(got, Some(serde_json::to_string(&expected).unwrap()));
                 }
             }
+        }
+    }
+
+    mod absorbing_equals_applying_in_order {
+        use super::partial_parse_equals_reference::{key, leaf, stored, update};
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Times as the payload accepts them: RFC 3339, in the service's own format or a
+        /// device's, close enough together to tie and to cross.
+        fn valid_stamp() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0i64..12).prop_map(|s| at(s).to_rfc3339_opts(SecondsFormat::Millis, true)),
+                (0i64..12).prop_map(|s| at(s)
+                    .with_timezone(&FixedOffset::east_opt(8 * 3600).unwrap())
+                    .to_rfc3339()),
+            ]
+        }
+
+        /// Data messages and heartbeats with valid times (each maybe with a reading time), and
+        /// status messages as [`update`] makes them.
+        fn message() -> impl Strategy<Value = Update> {
+            let reading = (
+                prop_oneof![Just("t".to_owned()), Just("a".to_owned()), "[a-c]"],
+                -3i64..3,
+                prop::option::of(valid_stamp()),
+            );
+            let data_msg = (
+                0i64..12,
+                prop::collection::vec(reading, 0..3),
+                prop::option::of((
+                    prop::collection::btree_map(key(), leaf(), 0..3),
+                    prop::option::of(prop::option::of(valid_stamp())),
+                )),
+                any::<bool>(),
+                prop::option::of(valid_stamp()),
+            )
+                .prop_map(|(secs, readings, status, located, reading_time)| {
+                    // Status fields may also set the status time, or remove it (null).
+                    let status = status.map(|(mut fields, time)| {
+                        if let Some(t) = time {
+                            fields.insert("timestamp".into(), t.map_or(Value::Null, Value::from));
+                        }
+                        fields
+                    });
+                    let mut u = data(secs, &[]);
+                    u.reading_time = reading_time;
+                    if let Change::Data(r) = &mut u.change {
+                        r.sensors = readings
+                            .into_iter()
+                            .map(|(name, v, t)| {
+                                let timestamp = t.unwrap_or_else(|| {
+                                    at(secs).to_rfc3339_opts(SecondsFormat::Millis, true)
+                                });
+                                let value = Number::from(v);
+                                (
+                                    name,
+                                    SensorReading {
+                                        value,
+                                        unit: "u".into(),
+                                        timestamp,
+                                    },
+                                )
+                            })
+                            .collect();
+                        r.status = status.map(|m| m.into_iter().collect());
+                        if located {
+                            r.location = Some(Location {
+                                latitude: Number::from(secs),
+                                longitude: Number::from(-secs),
+                            });
+                        }
+                    }
+                    u
+                });
+            let heartbeat =
+                (0i64..12, prop::option::of(valid_stamp())).prop_map(|(secs, t)| Update {
+                    device: DeviceUuid::parse("d").unwrap(),
+                    received_at: at(secs),
+                    reading_time: t,
+                    change: Change::Heartbeat,
+                });
+            let status_msg =
+                update().prop_filter("status messages", |u| matches!(u.change, Change::Status(_)));
+            prop_oneof![4 => data_msg, 2 => heartbeat, 1 => status_msg]
+        }
+
+        fn view(s: &DeviceState) -> impl PartialEq + std::fmt::Debug {
+            (
+                s.data_json(),
+                s.last_seen,
+                s.last_heartbeat,
+                s.is_online,
+                s.device_status.clone(),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(4000))]
+
+            #[test]
+            fn absorbing_equals_applying_in_order(
+                stored in stored(),
+                seen in prop::option::of(0i64..12),
+                heartbeat in prop::option::of(0i64..12),
+                online in any::<bool>(),
+                updates in prop::collection::vec(message(), 1..7),
+            ) {
+                let start = || DeviceState::from_row(
+                    stored.as_deref(),
+                    seen.map(|s| at(s).naive_utc()),
+                    heartbeat.map(|s| at(s).naive_utc()),
+                    online,
+                    Some("was".into()),
+                );
+                let mut one_by_one = start();
+                for u in &updates {
+                    one_by_one.apply(u);
+                }
+                let mut folded: Vec<Update> = Vec::new();
+                for u in updates.iter().cloned() {
+                    let rest = match folded.last_mut() {
+                        Some(last) => absorb(last, u).err(),
+                        None => Some(u),
+                    };
+                    folded.extend(rest);
+                }
+                let mut together = start();
+                for u in &folded {
+                    together.apply(u);
+                }
+                prop_assert_eq!(view(&together), view(&one_by_one));
+            }
+        }
+
+        #[test]
+        fn folds_data_into_data_and_heartbeat_into_heartbeat_only() {
+            let mut a = data(1, &[("t", 1.0, None), ("h", 5.0, None)]);
+            assert!(absorb(&mut a, data(3, &[("t", 2.0, None)])).is_ok());
+            let Change::Data(r) = &a.change else { panic!() };
+            assert_eq!(r.sensors["t"].value, Number::from_f64(2.0).unwrap());
+            assert_eq!(r.sensors["h"].value, Number::from_f64(5.0).unwrap());
+            assert_eq!(a.received_at, at(3));
+            // An older reading that arrives later does not replace the newer one.
+            assert!(absorb(&mut a, data(9, &[("t", 0.0, Some("2020-01-01T00:00:00Z"))])).is_ok());
+            let Change::Data(r) = &a.change else { panic!() };
+            assert_eq!(r.sensors["t"].value, Number::from_f64(2.0).unwrap());
+            let beat = |secs| Update {
+                device: DeviceUuid::parse("d").unwrap(),
+                received_at: at(secs),
+                reading_time: None,
+                change: Change::Heartbeat,
+            };
+            assert!(absorb(&mut a, beat(10)).is_err());
+            assert!(absorb(&mut a, status(10, json!({"battery": 1}))).is_err());
+            let mut other = data(10, &[]);
+            other.device = DeviceUuid::parse("D").unwrap();
+            assert!(
+                absorb(&mut a, other).is_err(),
+                "another id, if only by case"
+            );
+            let mut stamped = data(10, &[]);
+            if let Change::Data(r) = &mut stamped.change {
+                r.status = Some(vec![("timestamp".into(), json!("2026-01-01T00:00:00Z"))]);
+            }
+            assert!(absorb(&mut a, stamped).is_err(), "moves the status time");
+            let mut b = beat(1);
+            assert!(absorb(&mut b, beat(2)).is_ok());
+            assert_eq!(b.received_at, at(2));
         }
     }
 }

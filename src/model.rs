@@ -96,6 +96,14 @@ impl Sensors {
             .map(|i| &self.0[i].1)
     }
 
+    /// The reading of `name`, to change in place.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut SensorReading> {
+        self.0
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()
+            .map(|i| &mut self.0[i].1)
+    }
+
     /// Whether `name` has a reading.
     pub fn contains_key(&self, name: &str) -> bool {
         self.get(name).is_some()
@@ -136,6 +144,14 @@ impl FromIterator<(String, SensorReading)> for Sensors {
             }
         }
         Self(kept)
+    }
+}
+
+impl IntoIterator for Sensors {
+    type Item = (String, SensorReading);
+    type IntoIter = std::vec::IntoIter<(String, SensorReading)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
     }
 }
 
