@@ -175,12 +175,13 @@ pub struct DbSettings {
 /// How validated messages flow into the database.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestSettings {
-    /// `INGEST_QUEUE_CAPACITY`: validated messages waiting for the writers (shared out
-    /// between them).
+    /// `INGEST_QUEUE_CAPACITY`: parsed updates waiting for the writers (shared out between
+    /// them); messages folded into a waiting update do not count.
     pub queue_capacity: usize,
     /// `INGEST_WRITERS`: parallel writers, each with its own connection and its own devices.
     pub writers: usize,
-    /// `INGEST_BATCH_MAX_MESSAGES`: most messages in one transaction.
+    /// `INGEST_BATCH_MAX_MESSAGES`: most updates in one transaction (folded messages count
+    /// once).
     pub batch_max_messages: usize,
     /// `INGEST_BATCH_MAX_WAIT_MS`: how long a batch waits to fill before it is written.
     pub batch_max_wait: Duration,
@@ -529,7 +530,7 @@ impl Settings {
                 }
             })?;
         let ingest = IngestSettings {
-            queue_capacity: v.number("INGEST_QUEUE_CAPACITY", 1024, 1, 1_000_000)?,
+            queue_capacity: v.number("INGEST_QUEUE_CAPACITY", 12_288, 1, 1_000_000)?,
             writers: v.number("INGEST_WRITERS", 2, 1, 64)?,
             batch_max_messages: v.number("INGEST_BATCH_MAX_MESSAGES", 500, 1, 10_000)?,
             batch_max_wait: Duration::from_millis(v.number(

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -20,7 +19,7 @@ use crate::rejects::RejectSink;
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreOptions};
 use crate::systemd;
-use crate::writer::{Batching, Router, run_writer};
+use crate::writer::{Batching, Queue, Router, run_writer};
 use crate::{history, presence, rejects};
 
 /// The service, before it runs. [`Service::stats`] gives the live counters (tests and the
@@ -174,11 +173,12 @@ impl Service {
         let mut queues = Vec::with_capacity(ingest.writers);
         let mut writers = Vec::with_capacity(ingest.writers);
         for _ in 0..ingest.writers {
-            let (tx, rx) = mpsc::channel(per_writer);
-            queues.push(tx);
+            // Every reading of a folded message would be missing from the history table.
+            let queue = Arc::new(Queue::new(per_writer, !keep.history));
+            queues.push(queue.clone());
             writers.push(tokio::spawn(run_writer(
                 Store::new(pool.clone(), store_options),
-                rx,
+                queue,
                 acker.clone(),
                 rejects.clone(),
                 stats.clone(),

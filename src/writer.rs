@@ -1,19 +1,28 @@
-//! The writer: takes validated updates from the bounded channel, writes them in batches (one
+//! The writer: takes validated updates from its queue, writes them in batches (one
 //! transaction each), and acknowledges each message only after its batch committed.
 //!
+//! Each writer has a bounded queue of parsed updates, grouped by device in order of arrival. A
+//! device's data message or heartbeat that arrives while an earlier one of the same kind still
+//! waits is folded into it ([`crate::merge::absorb`], exact: the row ends the same) and costs
+//! only its acknowledgement. So while the database is busy with one batch, the messages of the
+//! devices in the next one fold together, and a backlog of many messages per device is written
+//! as few rows per device.
+//!
 //! A database that is down or slow makes the writer retry with backoff while the messages wait;
-//! the channel fills and the event loop stops taking more, so memory stays bounded. A message the
+//! the queue fills and the event loop stops taking more, so memory stays bounded. A message the
 //! database refuses for its own data is isolated and rejected, so it cannot stall the rest.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::mqtt::{Acker, Job};
+use crate::merge::absorb;
+use crate::mqtt::{AckToken, Acker, Job};
 use crate::rejection::Rejection;
 use crate::rejects::RejectSink;
 use crate::stats::Stats;
@@ -24,12 +33,12 @@ use crate::store::{Applied, Store, StoreError, retry_delay};
 /// compared without ASCII case, as the database's usual collations do.
 #[derive(Debug, Clone)]
 pub struct Router {
-    writers: Vec<mpsc::Sender<Job>>,
+    writers: Vec<Arc<Queue>>,
 }
 
 impl Router {
     /// A router over the writers' queues (at least one).
-    pub fn new(writers: Vec<mpsc::Sender<Job>>) -> Self {
+    pub fn new(writers: Vec<Arc<Queue>>) -> Self {
         assert!(!writers.is_empty(), "at least one writer");
         Self { writers }
     }
@@ -37,56 +46,276 @@ impl Router {
     /// Queues `job` for its device's writer; waits while that queue is full. Gives the job
     /// back if the writer has stopped taking messages (shutdown).
     pub async fn send(&self, job: Job) -> Result<(), Job> {
-        let i = shard(job.update.device.as_str(), self.writers.len());
-        self.writers[i].send(job).await.map_err(|e| e.0)
+        let hash = folded_hash(job.update.device.as_str());
+        let queue = &self.writers[(hash % self.writers.len() as u64) as usize];
+        queue.send(job, hash).await
     }
-}
 
-impl Router {
     /// A handle that measures how full the writers' queues are, for `/metrics`.
     pub fn depth_probe(&self) -> QueueDepth {
         QueueDepth {
-            // Weak: the probe must not keep a queue open once its writers are gone.
-            queues: self.writers.iter().map(mpsc::Sender::downgrade).collect(),
+            queues: self.writers.clone(),
         }
     }
 }
 
-/// Measures the writers' queues without holding them open.
+/// Measures the writers' queues.
 #[derive(Debug, Clone)]
 pub struct QueueDepth {
-    queues: Vec<mpsc::WeakSender<Job>>,
+    queues: Vec<Arc<Queue>>,
 }
 
 impl QueueDepth {
-    /// Messages waiting in all the queues together, and their total capacity.
+    /// Parsed updates waiting in all the queues together, and their total capacity.
     pub fn current(&self) -> (usize, usize) {
-        self.queues
-            .iter()
-            .filter_map(mpsc::WeakSender::upgrade)
-            .fold((0, 0), |(depth, cap), q| {
-                (
-                    depth + q.max_capacity() - q.capacity(),
-                    cap + q.max_capacity(),
-                )
-            })
+        self.queues.iter().fold((0, 0), |(depth, cap), q| {
+            (depth + q.lock().updates, cap + q.capacity)
+        })
     }
 }
 
-/// Which of `n` writers takes `device` (FNV-1a over the lower-cased id: stable and cheap).
-pub fn shard(device: &str, n: usize) -> usize {
+/// One parsed update waiting for its batch, and the messages folded into it.
+#[derive(Debug)]
+pub struct Held {
+    job: Job,
+    /// Acknowledgements of the messages folded into `job` (QoS 0 ones have none).
+    folded_acks: Vec<AckToken>,
+    /// How many messages were folded into `job`.
+    folded: u64,
+}
+
+impl Held {
+    fn new(job: Job) -> Self {
+        Self {
+            job,
+            folded_acks: Vec::new(),
+            folded: 0,
+        }
+    }
+
+    /// Messages this update stands for.
+    fn messages(&self) -> u64 {
+        1 + self.folded
+    }
+
+    fn ack(self, acker: &Acker) {
+        self.job
+            .ack
+            .into_iter()
+            .chain(self.folded_acks)
+            .for_each(|t| acker.ack(t));
+    }
+}
+
+/// The updates of one device (ids that differ only in case count as one) in order.
+#[derive(Debug)]
+struct Entry {
+    hash: u64,
+    items: Vec<Held>,
+}
+
+/// A writer's queue: devices in order of their oldest waiting message, each with its updates.
+#[derive(Debug)]
+pub struct Queue {
+    state: Mutex<QueueState>,
+    /// Wakes the writer: something was queued, or the queue closed.
+    ready: Notify,
+    /// Wakes the event loop: the writer took a batch, or the queue closed.
+    room: Notify,
+    /// Most parsed updates held (folded messages do not count).
+    capacity: usize,
+    /// Whether later messages may be folded into waiting updates (off while every reading must
+    /// reach the history table).
+    coalesce: bool,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`; entry `n` is at `n - front`.
+    front: u64,
+    /// A device's entry, by [`folded_hash`] of its id. Two ids with the same hash share an
+    /// entry: harmless, each keeps its own updates in order.
+    index: HashMap<u64, u64>,
+    /// Parsed updates held.
+    updates: usize,
+    /// Messages held, folded ones included.
+    messages: usize,
+    closed: bool,
+}
+
+/// What a queue did with a job.
+enum Offer {
+    Taken,
+    Full(Job),
+    Closed(Job),
+}
+
+/// Most messages a queue holds per unit of capacity, folded ones included: each folded message
+/// keeps a 16-byte acknowledgement.
+const MESSAGES_PER_SLOT: usize = 64;
+
+impl Queue {
+    /// A queue of at most `capacity` parsed updates.
+    pub fn new(capacity: usize, coalesce: bool) -> Self {
+        Self {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            room: Notify::new(),
+            capacity: capacity.max(1),
+            coalesce,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Held only to move updates in and out, never across an await.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn send(&self, mut job: Job, hash: u64) -> Result<(), Job> {
+        loop {
+            match self.offer(job, hash) {
+                Offer::Taken => {
+                    self.ready.notify_one();
+                    return Ok(());
+                }
+                Offer::Closed(j) => return Err(j),
+                Offer::Full(j) => {
+                    job = j;
+                    self.room.notified().await;
+                }
+            }
+        }
+    }
+
+    fn offer(&self, job: Job, hash: u64) -> Offer {
+        let mut q = self.lock();
+        if q.closed {
+            return Offer::Closed(job);
+        }
+        if q.messages >= self.capacity.saturating_mul(MESSAGES_PER_SLOT) {
+            return Offer::Full(job);
+        }
+        let state = &mut *q;
+        let slot = state
+            .index
+            .get(&hash)
+            .map(|&seq| (seq - state.front) as usize);
+        let Job {
+            update,
+            ack,
+            evidence,
+        } = job;
+        let mut update = update;
+        if let Some(i) = slot
+            && self.coalesce
+            && evidence.is_none()
+            && let Some(last) = state.entries[i].items.last_mut()
+            && last.job.evidence.is_none()
+        {
+            match absorb(&mut last.job.update, update) {
+                Ok(()) => {
+                    last.folded += 1;
+                    last.folded_acks.extend(ack);
+                    state.messages += 1;
+                    return Offer::Taken;
+                }
+                Err(back) => update = back,
+            }
+        }
+        let job = Job {
+            update,
+            ack,
+            evidence,
+        };
+        if state.updates >= self.capacity {
+            return Offer::Full(job);
+        }
+        match slot {
+            Some(i) => state.entries[i].items.push(Held::new(job)),
+            None => {
+                let seq = state.front + state.entries.len() as u64;
+                state.index.insert(hash, seq);
+                state.entries.push_back(Entry {
+                    hash,
+                    items: vec![Held::new(job)],
+                });
+            }
+        }
+        state.updates += 1;
+        state.messages += 1;
+        Offer::Taken
+    }
+
+    /// Takes devices from the front while their updates fit in `max` (at least one device).
+    fn take(&self, max: usize) -> Vec<Held> {
+        let mut q = self.lock();
+        let mut batch = Vec::new();
+        while let Some(entry) = q.entries.front() {
+            if !batch.is_empty() && batch.len() + entry.items.len() > max {
+                break;
+            }
+            let entry = q.entries.pop_front().expect("front exists");
+            let seq = q.front;
+            q.front += 1;
+            if q.index.get(&entry.hash) == Some(&seq) {
+                q.index.remove(&entry.hash);
+            }
+            q.updates -= entry.items.len();
+            q.messages -= entry
+                .items
+                .iter()
+                .map(|h| h.messages() as usize)
+                .sum::<usize>();
+            batch.extend(entry.items);
+        }
+        drop(q);
+        self.room.notify_one();
+        batch
+    }
+
+    /// Takes no more messages: the event loop gets them back and leaves them to the broker.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.room.notify_one();
+        self.ready.notify_one();
+    }
+
+    /// Parsed updates waiting.
+    fn updates(&self) -> usize {
+        self.lock().updates
+    }
+}
+
+/// Closes the queue when the writer ends, however it ends, so the event loop never waits for
+/// room that will not come.
+struct CloseOnDrop<'a>(&'a Queue);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// FNV-1a over the ASCII-lower-cased id: picks the writer and keys the device's entry.
+fn folded_hash(device: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in device.bytes() {
         h ^= u64::from(b.to_ascii_lowercase());
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h % n as u64) as usize
+    h
+}
+
+/// Which of `n` writers takes `device`.
+pub fn shard(device: &str, n: usize) -> usize {
+    (folded_hash(device) % n as u64) as usize
 }
 
 /// How the writer groups messages.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
-    /// Most messages in one transaction.
+    /// Most parsed updates in one transaction (messages folded into one count once).
     pub max_messages: usize,
     /// How long a batch waits to fill once its first message is there.
     pub max_wait: Duration,
@@ -94,58 +323,62 @@ pub struct Batching {
     pub retry_max: Duration,
 }
 
-/// Writes until `shutdown` fires and the channel is drained: every message the event loop
+/// Writes until `shutdown` fires and the queue is drained: every message the event loop
 /// handed over is committed (or rejected) and acknowledged before this returns.
 #[allow(clippy::too_many_arguments)] // the parts it connects; a struct would only rename them
 pub async fn run_writer(
     store: Store,
-    mut jobs: mpsc::Receiver<Job>,
+    queue: Arc<Queue>,
     acker: Acker,
     rejects: Option<RejectSink>,
     stats: Arc<Stats>,
     batching: Batching,
     shutdown: CancellationToken,
 ) {
+    let _close = CloseOnDrop(&queue);
     let out = Outcomes {
         acker: &acker,
         rejects: rejects.as_ref(),
         stats: &stats,
     };
     let mut closing = false;
-    let mut batch: Vec<Job> = Vec::with_capacity(batching.max_messages);
     loop {
-        let received = if closing {
-            jobs.recv_many(&mut batch, batching.max_messages).await
-        } else {
+        // Wait for the first update (or the end).
+        loop {
+            if queue.updates() > 0 {
+                break;
+            }
+            if closing {
+                info!("writer finished: everything taken in is committed and acknowledged");
+                return;
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     // No new messages from here on; what is already queued is still written.
-                    jobs.close();
+                    queue.close();
                     closing = true;
-                    info!(queued = jobs.len(), "shutting down: writing the queued messages");
-                    continue;
+                    info!(queued = queue.updates(), "shutting down: writing the queued messages");
                 }
-                n = jobs.recv_many(&mut batch, batching.max_messages) => n,
+                _ = queue.ready.notified() => {}
             }
-        };
-        if received == 0 {
-            break; // closed and drained
         }
         if !closing && !batching.max_wait.is_zero() {
             let deadline = Instant::now() + batching.max_wait;
-            while batch.len() < batching.max_messages {
-                let room = batching.max_messages - batch.len();
-                match tokio::time::timeout_at(deadline, jobs.recv_many(&mut batch, room)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+            while queue.updates() < batching.max_messages {
+                let more = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => false,
+                    r = tokio::time::timeout_at(deadline, queue.ready.notified()) => r.is_ok(),
+                };
+                if !more {
+                    break;
                 }
             }
         }
-        write_batch(&store, std::mem::take(&mut batch), &out, batching.retry_max).await;
-        batch.reserve(batching.max_messages);
+        let batch = queue.take(batching.max_messages);
+        write_batch(&store, batch, &out, batching.retry_max).await;
     }
-    info!("writer finished: everything taken in is committed and acknowledged");
 }
 
 /// Where a batch's outcomes go: acks, kept rejects, counters.
@@ -156,9 +389,13 @@ struct Outcomes<'a> {
 }
 
 impl Outcomes<'_> {
-    /// Counts, logs and keeps a message the writer rejected, then acknowledges it (final).
-    fn reject(&self, job: Job, rejection: Rejection) {
-        self.stats.rejected(&rejection);
+    /// Counts, logs and keeps the messages of an update the writer rejected, then
+    /// acknowledges them (final).
+    fn reject(&self, held: Held, rejection: Rejection) {
+        for _ in 0..held.messages() {
+            self.stats.rejected(&rejection);
+        }
+        let job = &held.job;
         if let Some(left_out) = self
             .stats
             .should_warn(job.update.device.as_str(), rejection.reason())
@@ -173,10 +410,14 @@ impl Outcomes<'_> {
                 device = %job.update.device,
                 reason = rejection.reason(),
                 error = %rejection,
+                messages = held.messages(),
                 similar_left_out = left_out,
                 "message rejected{hint}"
             );
         }
+        let Held {
+            job, folded_acks, ..
+        } = held;
         if let (Some(sink), Some(evidence)) = (self.rejects, job.evidence) {
             sink.record(
                 evidence,
@@ -185,18 +426,19 @@ impl Outcomes<'_> {
                 job.update.received_at,
             );
         }
-        if let Some(token) = job.ack {
-            self.acker.ack(token);
-        }
+        job.ack
+            .into_iter()
+            .chain(folded_acks)
+            .for_each(|t| self.acker.ack(t));
     }
 }
 
-/// Writes one batch, retrying until it commits; isolates messages the database refuses.
-async fn write_batch(store: &Store, batch: Vec<Job>, out: &Outcomes<'_>, retry_max: Duration) {
+/// Writes one batch, retrying until it commits; isolates updates the database refuses.
+async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_max: Duration) {
     let stats = out.stats;
     let mut attempt = 0u32;
     loop {
-        let updates: Vec<_> = batch.iter().map(|j| &j.update).collect();
+        let updates: Vec<_> = batch.iter().map(|h| &h.job.update).collect();
         let started = Instant::now();
         match store.apply(&updates).await {
             Ok(outcome) => {
@@ -206,15 +448,15 @@ async fn write_batch(store: &Store, batch: Vec<Job>, out: &Outcomes<'_>, retry_m
                 return;
             }
             Err(StoreError::Refused(e)) if batch.len() == 1 => {
-                for job in batch {
-                    out.reject(job, Rejection::DbRefused(e.to_string()));
+                for held in batch {
+                    out.reject(held, Rejection::DbRefused(e.to_string()));
                 }
                 return;
             }
             Err(StoreError::Refused(e)) => {
                 warn!(error = %e, messages = batch.len(), "the database refused a batch; writing its messages one by one");
-                for job in batch {
-                    Box::pin(write_batch(store, vec![job], out, retry_max)).await;
+                for held in batch {
+                    Box::pin(write_batch(store, vec![held], out, retry_max)).await;
                 }
                 return;
             }
@@ -241,17 +483,15 @@ async fn write_batch(store: &Store, batch: Vec<Job>, out: &Outcomes<'_>, retry_m
     }
 }
 
-fn finish(batch: Vec<Job>, outcomes: Vec<Applied>, out: &Outcomes<'_>) {
+fn finish(batch: Vec<Held>, outcomes: Vec<Applied>, out: &Outcomes<'_>) {
     let mut written = 0;
-    for (job, outcome) in batch.into_iter().zip(outcomes) {
+    for (held, outcome) in batch.into_iter().zip(outcomes) {
         match outcome {
             Applied::Written => {
-                written += 1;
-                if let Some(token) = job.ack {
-                    out.acker.ack(token);
-                }
+                written += held.messages();
+                held.ack(out.acker);
             }
-            Applied::UnknownDevice => out.reject(job, Rejection::UnknownDevice),
+            Applied::UnknownDevice => out.reject(held, Rejection::UnknownDevice),
         }
     }
     out.stats.succeeded(written);
@@ -270,5 +510,122 @@ mod tests {
             counts[shard(&format!("dev{i}"), 4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+
+    use crate::model::{Change, DataReport, DeviceUuid, StatusReport, Update};
+    use chrono::{TimeZone, Utc};
+
+    fn job(device: &str, secs: i64, change: Change) -> Job {
+        Job {
+            update: Update {
+                device: DeviceUuid::parse(device).unwrap(),
+                received_at: Utc.timestamp_opt(1_766_000_000 + secs, 0).unwrap(),
+                reading_time: None,
+                change,
+            },
+            ack: None,
+            evidence: None,
+        }
+    }
+
+    fn data(device: &str, secs: i64) -> Job {
+        job(device, secs, Change::Data(DataReport::default()))
+    }
+
+    fn status(device: &str, secs: i64) -> Job {
+        let change = Change::Status(StatusReport {
+            fields: Default::default(),
+            device_status: None,
+            online: None,
+        });
+        job(device, secs, change)
+    }
+
+    fn put(q: &Queue, j: Job) -> &'static str {
+        let hash = folded_hash(j.update.device.as_str());
+        match q.offer(j, hash) {
+            Offer::Taken => "taken",
+            Offer::Full(_) => "full",
+            Offer::Closed(_) => "closed",
+        }
+    }
+
+    /// (device, messages) of each update taken, in order.
+    fn shape(batch: &[Held]) -> Vec<(String, u64)> {
+        batch
+            .iter()
+            .map(|h| (h.job.update.device.to_string(), h.messages()))
+            .collect()
+    }
+
+    #[test]
+    fn a_device_s_waiting_messages_fold_and_keep_their_order() {
+        let q = Queue::new(10, true);
+        for j in [
+            data("a", 1),
+            data("b", 1),
+            data("a", 2),
+            status("a", 3),
+            data("a", 4),
+            data("A", 5),
+            data("a", 6),
+            data("b", 7),
+        ] {
+            assert_eq!(put(&q, j), "taken");
+        }
+        assert_eq!((q.updates(), q.lock().messages), (6, 8));
+        let batch = q.take(100);
+        assert_eq!(
+            shape(&batch),
+            [("a", 2), ("a", 1), ("a", 1), ("A", 1), ("a", 1), ("b", 2)]
+                .map(|(d, n)| (d.to_owned(), n))
+        );
+        assert_eq!(batch[0].job.update.received_at.timestamp(), 1_766_000_002);
+        assert_eq!((q.updates(), q.lock().messages), (0, 0));
+    }
+
+    #[test]
+    fn capacity_counts_parsed_updates_and_a_batch_takes_whole_devices() {
+        let q = Queue::new(3, true);
+        for j in [data("a", 1), status("a", 2), data("b", 1)] {
+            assert_eq!(put(&q, j), "taken");
+        }
+        assert_eq!(put(&q, data("c", 1)), "full", "a new update needs room");
+        assert_eq!(put(&q, data("b", 2)), "taken", "a folded one does not");
+        assert_eq!(put(&q, status("b", 3)), "full");
+        // "a" has two updates: a batch of at most two takes it alone.
+        assert_eq!(
+            shape(&q.take(2)),
+            [("a".to_owned(), 1), ("a".to_owned(), 1)]
+        );
+        // A device taken starts a new entry, behind those still waiting.
+        assert_eq!(put(&q, data("a", 4)), "taken");
+        assert_eq!(put(&q, data("a", 5)), "taken");
+        assert_eq!(
+            shape(&q.take(1)),
+            [("b".to_owned(), 2)],
+            "at least one device, even past the limit"
+        );
+        assert_eq!(shape(&q.take(10)), [("a".to_owned(), 2)]);
+        q.close();
+        assert_eq!(put(&q, data("a", 6)), "closed");
+    }
+
+    #[test]
+    fn without_coalescing_or_with_evidence_nothing_folds() {
+        let q = Queue::new(10, false);
+        assert_eq!(put(&q, data("a", 1)), "taken");
+        assert_eq!(put(&q, data("a", 2)), "taken");
+        assert_eq!(shape(&q.take(10)).len(), 2);
+        let q = Queue::new(10, true);
+        let mut kept = data("a", 1);
+        kept.evidence = Some(crate::rejects::Evidence {
+            topic: "devices/a/data".into(),
+            payload: b"{}".to_vec(),
+            payload_bytes: 2,
+        });
+        assert_eq!(put(&q, kept), "taken");
+        assert_eq!(put(&q, data("a", 2)), "taken");
+        assert_eq!(shape(&q.take(10)).len(), 2);
     }
 }

@@ -159,7 +159,7 @@ async fn metrics_count_exactly_what_was_published() {
     let rows = get("mqtt_ingest_rows_written_total");
     assert!((DEVICES as f64..=written as f64).contains(&rows), "{rows}");
     assert_eq!(get("mqtt_ingest_queue_depth"), 0.0);
-    assert_eq!(get("mqtt_ingest_queue_capacity"), 1024.0);
+    assert_eq!(get("mqtt_ingest_queue_capacity"), 12288.0);
     assert_eq!(get("mqtt_ingest_mqtt_connected"), 1.0);
     assert_eq!(get("mqtt_ingest_mqtt_subscribed"), 1.0);
     assert_eq!(get("mqtt_ingest_mqtt_reconnects_total"), 0.0);

@@ -46,7 +46,7 @@ Environment of the benchmark:
   --db-port N             [3306]
   --db-user NAME          needs CREATE/DROP DATABASE                        [root]
   --db-password PW        empty: log in without a password                  [empty]
-  --broker-inflight N     max_inflight_messages of the benchmark broker       [1000]
+  --broker-inflight N     max_inflight_messages of the benchmark broker      [20000]
   --publishers N          parallel publisher connections for backlogs        [1]
   --mosquitto PATH        [/usr/sbin/mosquitto]
   --mosquitto-sub PATH    [/usr/bin/mosquitto_sub]
@@ -72,7 +72,7 @@ How it measures:
               the last publish.
   broker      Mosquitto persistence is off (the benchmark broker is never restarted) and its
               queues are unlimited (max_queued_messages 0, max_queued_bytes 0). The default
-              window is config/mosquitto-sample.conf's 1000. Mosquitto before 2.0.13 (Debian
+              window is config/mosquitto-sample.conf's 20000. Mosquitto before 2.0.13 (Debian
               12 ships 2.0.11) does not hold the window after the first one: each PUBACK
               releases a whole new window, so there it does not bound the drains.
   sessions    every persistent session the benchmark made is removed after each scenario
@@ -281,7 +281,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Op
     };
     let mut service_bin = PathBuf::from("target/release/mqtt-ingest");
     let mut extra_env = Vec::new();
-    let mut broker_inflight = 1000u32;
+    let mut broker_inflight = 20_000u32;
     let mut publishers = 1usize;
     let mut mosquitto = PathBuf::from("/usr/sbin/mosquitto");
     let mut mosquitto_sub = PathBuf::from("/usr/bin/mosquitto_sub");
