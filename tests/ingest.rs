@@ -976,3 +976,84 @@ async fn several_writers_share_many_devices_and_every_final_reading_lands() {
     assert_eq!((snap.succeeded, snap.failed), (3 * DEVICES as u64, 0));
     service.stop().await.unwrap();
 }
+
+/// A backlog that waited at the broker: each device's messages wait for a writer together
+/// (data folded into one update), so far fewer rows are written than messages arrive; the table ends as if
+/// every message had been applied in turn (a status message in the middle stays in its place),
+/// and every message is acknowledged: a restart gets nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_folds_per_device_and_every_message_is_acknowledged() {
+    // A private broker that lets the backlog be in flight at once, whatever the shared one allows.
+    let broker = common::PrivateMosquitto::start().await;
+    let db = TestDb::new().await;
+    migrate(&db.pool()).await;
+    // Batches smaller than a round of devices: a device's waiting messages still go together
+    // (folded, or at least in one batch), so rows stay far fewer than messages.
+    let target = Target::new(&db, broker.port()).with("INGEST_BATCH_MAX_MESSAGES", "10");
+    let pool = db.pool();
+    const DEVICES: usize = 20;
+    const ROUNDS: usize = 40;
+    for d in 0..DEVICES {
+        register(&pool, &format!("fold{d}")).await;
+    }
+    // Create the persistent session, then queue the backlog for it.
+    spawn_service(&target)
+        .await
+        .stop_keeping_session()
+        .await
+        .unwrap();
+    let mut messages = Vec::new();
+    for round in 0..ROUNDS {
+        for d in 0..DEVICES {
+            // Two sensors on alternate rounds, one on every round: merged by name. The
+            // reading time orders them, whatever the arrival order (see the test above).
+            let at = format!("2026-01-01T00:00:{round:02}Z");
+            let payload = if round % 2 == 0 {
+                json!({"seq": round, "even": round, "timestamp": at})
+            } else {
+                json!({"seq": round, "timestamp": at})
+            };
+            messages.push((
+                target.topic(&format!("fold{d}"), "data"),
+                payload.to_string(),
+            ));
+        }
+        if round == ROUNDS / 2 {
+            messages.push((
+                target.topic("fold0", "status"),
+                json!({"status": "offline", "battery": 7}).to_string(),
+            ));
+        }
+    }
+    let total = messages.len() as u64;
+    common::publish_many(broker.port(), messages, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+
+    let service = spawn_service(&target).await;
+    let snap = service.settled(total).await;
+    assert_eq!((snap.succeeded, snap.failed), (total, 0));
+    assert!(
+        snap.rows_written * 4 <= total,
+        "{} rows written for {total} messages: the backlog did not fold",
+        snap.rows_written
+    );
+    for d in 0..DEVICES {
+        let row = device(&pool, &format!("fold{d}")).await.unwrap().unwrap();
+        assert_eq!(sensor(&row, "seq"), Some(json!(ROUNDS - 1)), "fold{d}");
+        assert_eq!(sensor(&row, "even"), Some(json!(ROUNDS - 2)), "fold{d}");
+        if d > 0 {
+            assert!(row.is_online, "fold{d}");
+        }
+    }
+    let row = device(&pool, "fold0").await.unwrap().unwrap();
+    assert_eq!(row.device_status.as_deref(), Some("offline"));
+    assert_eq!(row.data.unwrap()["status"]["battery"], json!(7));
+    service.stop_keeping_session().await.unwrap();
+
+    // Every message was acknowledged: the session holds nothing to deliver again.
+    let again = spawn_service(&target).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(again.stats.snapshot().received, 0, "redelivered after acks");
+    again.stop().await.unwrap();
+}

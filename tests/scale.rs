@@ -17,7 +17,14 @@ fn messages(target: &Target, seqs: std::ops::Range<u64>) -> Vec<(String, Vec<u8>
         for d in 0..DEVICES {
             out.push((
                 target.topic(&format!("dev{d}"), "data"),
-                format!(r#"{{"seq": {seq}}}"#).into_bytes(),
+                // With a reading time: what the dead member held is delivered after its
+                // restart, and by arrival order alone that would count as newest.
+                format!(
+                    r#"{{"seq": {seq}, "timestamp": "2026-01-01T00:{:02}:{:02}Z"}}"#,
+                    seq / 60,
+                    seq % 60
+                )
+                .into_bytes(),
             ));
         }
     }
