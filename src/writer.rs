@@ -99,12 +99,13 @@ impl Held {
     }
 
     fn ack(self, acker: &Acker) {
-        self.job
-            .ack
-            .into_iter()
-            .chain(self.folded_acks)
-            .for_each(|t| acker.ack(t));
+        ack_all(self.job.ack, self.folded_acks, acker);
     }
+}
+
+/// Acknowledges a message and those folded into it.
+fn ack_all(own: Option<AckToken>, folded: Vec<AckToken>, acker: &Acker) {
+    own.into_iter().chain(folded).for_each(|t| acker.ack(t));
 }
 
 /// The updates of one device (ids that differ only in case count as one) in order.
@@ -202,11 +203,10 @@ impl Queue {
             .get(&hash)
             .map(|&seq| (seq - state.front) as usize);
         let Job {
-            update,
+            mut update,
             ack,
             evidence,
         } = job;
-        let mut update = update;
         if let Some(i) = slot
             && self.coalesce
             && evidence.is_none()
@@ -426,10 +426,7 @@ impl Outcomes<'_> {
                 job.update.received_at,
             );
         }
-        job.ack
-            .into_iter()
-            .chain(folded_acks)
-            .for_each(|t| self.acker.ack(t));
+        ack_all(job.ack, folded_acks, self.acker);
     }
 }
 
