@@ -345,6 +345,12 @@ pub async fn run_writer(
     loop {
         // Wait for the first update (or the end).
         loop {
+            if !closing && shutdown.is_cancelled() {
+                // No new messages from here on; what is already queued is still written.
+                queue.close();
+                closing = true;
+                info!(queued = queue.updates(), "shutting down: writing the queued messages");
+            }
             if queue.updates() > 0 {
                 break;
             }
@@ -354,12 +360,7 @@ pub async fn run_writer(
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    // No new messages from here on; what is already queued is still written.
-                    queue.close();
-                    closing = true;
-                    info!(queued = queue.updates(), "shutting down: writing the queued messages");
-                }
+                _ = shutdown.cancelled() => {}
                 _ = queue.ready.notified() => {}
             }
         }
