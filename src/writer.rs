@@ -349,7 +349,10 @@ pub async fn run_writer(
                 // No new messages from here on; what is already queued is still written.
                 queue.close();
                 closing = true;
-                info!(queued = queue.updates(), "shutting down: writing the queued messages");
+                info!(
+                    queued = queue.updates(),
+                    "shutting down: writing the queued messages"
+                );
             }
             if queue.updates() > 0 {
                 break;
