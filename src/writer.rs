@@ -47,7 +47,7 @@ impl Router {
     /// back if the writer has stopped taking messages (shutdown).
     pub async fn send(&self, job: Job) -> Result<(), Job> {
         let hash = folded_hash(job.update.device.as_str());
-        let queue = &self.writers[(hash % self.writers.len() as u64) as usize];
+        let queue = &self.writers[writer_of(hash, self.writers.len())];
         queue.send(job, hash).await
     }
 
@@ -147,7 +147,10 @@ struct QueueState {
 
 /// What a queue did with a job.
 enum Offer {
-    Taken,
+    /// Queued as an update of its own: the writer may be waiting for it.
+    Queued,
+    /// Folded into a waiting update: nothing for the writer to wake up for.
+    Folded,
     Full(Job),
     Closed(Job),
 }
@@ -176,10 +179,11 @@ impl Queue {
     async fn send(&self, mut job: Job, hash: u64) -> Result<(), Job> {
         loop {
             match self.offer(job, hash) {
-                Offer::Taken => {
+                Offer::Queued => {
                     self.ready.notify_one();
                     return Ok(());
                 }
+                Offer::Folded => return Ok(()),
                 Offer::Closed(j) => return Err(j),
                 Offer::Full(j) => {
                     job = j;
@@ -218,7 +222,7 @@ impl Queue {
                     last.folded += 1;
                     last.folded_acks.extend(ack);
                     state.messages += 1;
-                    return Offer::Taken;
+                    return Offer::Folded;
                 }
                 Err(back) => update = back,
             }
@@ -244,7 +248,7 @@ impl Queue {
         }
         state.updates += 1;
         state.messages += 1;
-        Offer::Taken
+        Offer::Queued
     }
 
     /// Takes devices from the front while their updates fit in `max` (at least one device).
@@ -307,9 +311,9 @@ fn folded_hash(device: &str) -> u64 {
     h
 }
 
-/// Which of `n` writers takes `device`.
-pub fn shard(device: &str, n: usize) -> usize {
-    (folded_hash(device) % n as u64) as usize
+/// Which of `n` writers takes the device whose [`folded_hash`] is `hash`.
+fn writer_of(hash: u64, n: usize) -> usize {
+    (hash % n as u64) as usize
 }
 
 /// How the writer groups messages.
@@ -502,6 +506,10 @@ fn finish(batch: Vec<Held>, outcomes: Vec<Applied>, out: &Outcomes<'_>) {
 mod tests {
     use super::*;
 
+    fn shard(device: &str, n: usize) -> usize {
+        writer_of(folded_hash(device), n)
+    }
+
     #[test]
     fn shards_ignore_case_and_spread() {
         assert_eq!(shard("AB:CD", 4), shard("ab:cd", 4));
@@ -545,7 +553,7 @@ mod tests {
     fn put(q: &Queue, j: Job) -> &'static str {
         let hash = folded_hash(j.update.device.as_str());
         match q.offer(j, hash) {
-            Offer::Taken => "taken",
+            Offer::Queued | Offer::Folded => "taken",
             Offer::Full(_) => "full",
             Offer::Closed(_) => "closed",
         }
