@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::payload::{Rules, parse_sensor_ranges};
+use crate::payload::{Renames, Rules, parse_sensor_ranges};
+use crate::timestamp::TimeRules;
 use crate::topic::TopicLayout;
+use crate::zone::Zone;
 
 /// A value that must never reach a log line: `Debug` and `Display` print `***`.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -170,6 +172,9 @@ pub struct DbSettings {
     pub ssl_ca_file: Option<PathBuf>,
     /// `DB_SSL_CERT_FILE` and `DB_SSL_KEY_FILE`: a client certificate.
     pub ssl_client_cert: Option<(PathBuf, PathBuf)>,
+    /// `DB_TIMEZONE`: the zone DATETIME columns are written in (and the session's
+    /// `time_zone`); Beijing time by default, as CodeHubot's backend reads them.
+    pub zone: Zone,
 }
 
 /// How validated messages flow into the database.
@@ -221,6 +226,19 @@ pub struct KeepSettings {
     pub rejects_retention: Duration,
     /// `MAINTENANCE_INTERVAL_SECS`: how often old history and rejects are removed.
     pub maintenance_interval: Duration,
+    /// `DEVICE_SENSORS_TABLE`: the table of one row per device and sensor (CodeHubot's
+    /// `device_sensors`), written when it exists; `None` (empty) turns it off.
+    pub device_sensors_table: Option<String>,
+}
+
+/// Which words the service's log uses for the lines operators grep for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStyle {
+    /// The service's own English lines.
+    Default,
+    /// The statistics block, unknown devices, bad sensor names and JSON errors also in the
+    /// words of CodeHubot's Python service (`📊 MQTT服务统计信息`, `⚠️ 设备不存在: …`).
+    Codehubot,
 }
 
 /// Log output format.
@@ -253,6 +271,8 @@ pub struct LogSettings {
     pub dir: Option<std::path::PathBuf>,
     /// `LOG_KEEP_DAYS`: how many daily files of each kind are kept.
     pub keep_days: usize,
+    /// `LOG_STYLE`.
+    pub style: LogStyle,
 }
 
 /// The operations side: the HTTP listener and the health checks behind it.
@@ -283,6 +303,65 @@ pub struct Settings {
     pub keep: KeepSettings,
     /// Metrics, health and the service manager.
     pub ops: OpsSettings,
+    /// For each broker setting that has other names, the name its value came from
+    /// (`"default"` when none was set), for `--check-config`.
+    pub origins: Vec<(&'static str, &'static str)>,
+}
+
+/// Broker settings and the other names real `.env` files give them: the Python service's
+/// `MQTT_SERVICE_*` (at the seed's version) and the backend's `MQTT_BROKER_HOST` /
+/// `MQTT_BROKER_PORT` (the Python service's later versions).
+pub const ALIASES: [(&str, &[&str]); 4] = [
+    ("MQTT_BROKER", &["MQTT_SERVICE_BROKER", "MQTT_BROKER_HOST"]),
+    ("MQTT_PORT", &["MQTT_SERVICE_PORT", "MQTT_BROKER_PORT"]),
+    ("MQTT_USERNAME", &["MQTT_SERVICE_USERNAME"]),
+    ("MQTT_PASSWORD", &["MQTT_SERVICE_PASSWORD"]),
+];
+
+/// The value of each aliased setting and the name it came from. An empty value counts as not
+/// set (example files leave `MQTT_USERNAME=` empty beside the name actually used); two names
+/// with different values are an error naming both, without the values (one may be a password).
+fn resolve_aliases(
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<(&'static str, Option<String>, &'static str)>, ConfigError> {
+    let mut out = Vec::with_capacity(ALIASES.len());
+    for (canonical, aliases) in ALIASES {
+        let secret = canonical.ends_with("PASSWORD");
+        let set: Vec<(&'static str, String)> = std::iter::once(canonical)
+            .chain(aliases.iter().copied())
+            .filter_map(|name| lookup(name).map(|v| (name, v)))
+            .collect();
+        let meaningful = |v: &str| {
+            if secret {
+                !v.is_empty()
+            } else {
+                !v.trim().is_empty()
+            }
+        };
+        let same = |a: &str, b: &str| if secret { a == b } else { a.trim() == b.trim() };
+        let mut chosen: Option<&(&'static str, String)> = None;
+        for candidate in set.iter().filter(|(_, v)| meaningful(v)) {
+            match chosen {
+                None => chosen = Some(candidate),
+                Some(first) if !same(&first.1, &candidate.1) => {
+                    return Err(ConfigError {
+                        var: first.0,
+                        problem: format!(
+                            "{} is also set, to a different value; they name one setting: keep one",
+                            candidate.0
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let (origin, value) = match chosen.or(set.first()) {
+            Some((name, value)) => (*name, Some(value.clone())),
+            None => ("default", None),
+        };
+        out.push((canonical, value, origin));
+    }
+    Ok(out)
 }
 
 /// Reads variables by name from some source: the process environment or a map in tests.
@@ -407,7 +486,15 @@ impl Settings {
 
     /// Reads the settings through `lookup`, which returns a variable's value by name.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let v = Vars { lookup };
+        let resolved = resolve_aliases(lookup)?;
+        let origins = resolved.iter().map(|(c, _, o)| (*c, *o)).collect();
+        let with_aliases = |name: &str| match resolved.iter().find(|(c, _, _)| *c == name) {
+            Some((_, value, _)) => value.clone(),
+            None => lookup(name),
+        };
+        let v = Vars {
+            lookup: &with_aliases,
+        };
         let topics =
             TopicLayout::new(&v.string("MQTT_TOPIC_PREFIX", "devices")).map_err(|problem| {
                 ConfigError {
@@ -505,6 +592,13 @@ impl Settings {
                 problem: "must be set for DB_SSL_MODE verify_ca or verify_identity".into(),
             });
         }
+        let zone = v
+            .string("DB_TIMEZONE", "Asia/Shanghai")
+            .parse::<Zone>()
+            .map_err(|problem| ConfigError {
+                var: "DB_TIMEZONE",
+                problem,
+            })?;
         let db = DbSettings {
             host: v.non_empty("DB_HOST", "localhost")?,
             port: v.number("DB_PORT", 3306, 1, 65_535)?,
@@ -520,6 +614,7 @@ impl Settings {
             ssl_mode,
             ssl_ca_file,
             ssl_client_cert: v.cert_pair("DB_SSL_CERT_FILE", "DB_SSL_KEY_FILE")?,
+            zone,
         };
 
         let sensor_ranges =
@@ -544,6 +639,16 @@ impl Settings {
                 // MQTT's own limit on a packet is 256 MiB.
                 max_payload_bytes: v.number("MQTT_MAX_PAYLOAD_BYTES", 262_144, 1, 268_435_455)?,
                 sensor_ranges,
+                time: TimeRules {
+                    zone,
+                    max_clock_skew: v.secs("INGEST_MAX_CLOCK_SKEW_SECS", 300, 0, 31_536_000)?,
+                },
+                renames: Renames::parse(&v.string("SENSOR_RENAMES", Renames::CODEHUBOT)).map_err(
+                    |problem| ConfigError {
+                        var: "SENSOR_RENAMES",
+                        problem,
+                    },
+                )?,
             },
             shutdown_timeout: v.secs("SHUTDOWN_TIMEOUT_SECS", 30, 1, 3600)?,
         };
@@ -576,6 +681,20 @@ impl Settings {
                 .filter(|d| !d.is_empty())
                 .map(Into::into),
             keep_days: v.number("LOG_KEEP_DAYS", 7, 1, 3650)?,
+            style: match v
+                .string("LOG_STYLE", "default")
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "default" => LogStyle::Default,
+                "codehubot" => LogStyle::Codehubot,
+                other => {
+                    return Err(ConfigError {
+                        var: "LOG_STYLE",
+                        problem: format!("must be default or codehubot, got {other:?}"),
+                    });
+                }
+            },
         };
         const DAY: u64 = 86_400;
         let days = |var, default| -> Result<Duration, ConfigError> {
@@ -586,6 +705,20 @@ impl Settings {
             timeout: v.secs("PRESENCE_TIMEOUT_SECS", 90, 0, 31_536_000)?,
             sweep_interval: v.secs("PRESENCE_SWEEP_SECS", 15, 1, 3600)?,
         };
+        let table = v.string("DEVICE_SENSORS_TABLE", "device_sensors");
+        if table.len() > 64
+            || !table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$'))
+        {
+            return Err(ConfigError {
+                var: "DEVICE_SENSORS_TABLE",
+                problem: format!(
+                    "must be a table name of up to 64 of [A-Za-z0-9_$], or empty for off, got {table:?}"
+                ),
+            });
+        }
+        let device_sensors_table = Some(table).filter(|t| !t.is_empty());
         let keep = KeepSettings {
             history: v.boolean("HISTORY_ENABLED", false)?,
             history_retention: days("HISTORY_RETENTION_DAYS", 30)?,
@@ -594,6 +727,7 @@ impl Settings {
             rejects_keep: v.number("REJECTS_KEEP", 10_000, 1, 100_000_000)?,
             rejects_retention: days("REJECTS_RETENTION_DAYS", 7)?,
             maintenance_interval: v.secs("MAINTENANCE_INTERVAL_SECS", 60, 1, 86_400)?,
+            device_sensors_table,
         };
         let listen = v.string("HTTP_LISTEN", "127.0.0.1:9464");
         let http_listen = if listen.is_empty() {
@@ -618,6 +752,7 @@ impl Settings {
             presence,
             keep,
             ops,
+            origins,
         })
     }
 }
@@ -805,5 +940,117 @@ mod tests {
         assert!(!s.db.auto_migrate);
         assert!(s.ingest.register_unknown_devices);
         assert_eq!(s.ingest.rules.sensor_ranges["humidity"], 0.0..=100.0);
+    }
+
+    #[test]
+    fn the_python_services_broker_names_are_read() {
+        let s = settings(&[
+            ("MQTT_SERVICE_BROKER", "mosquitto"),
+            ("MQTT_SERVICE_PORT", "1884"),
+            ("MQTT_SERVICE_USERNAME", "svc"),
+            ("MQTT_SERVICE_PASSWORD", "pw"),
+        ])
+        .unwrap();
+        assert_eq!((s.mqtt.broker.as_str(), s.mqtt.port), ("mosquitto", 1884));
+        assert_eq!(
+            (s.mqtt.username.as_str(), s.mqtt.password.expose()),
+            ("svc", "pw")
+        );
+        assert_eq!(
+            s.origins,
+            [
+                ("MQTT_BROKER", "MQTT_SERVICE_BROKER"),
+                ("MQTT_PORT", "MQTT_SERVICE_PORT"),
+                ("MQTT_USERNAME", "MQTT_SERVICE_USERNAME"),
+                ("MQTT_PASSWORD", "MQTT_SERVICE_PASSWORD"),
+            ]
+        );
+        // The backend's names, as the Python service's later versions read them; an empty
+        // MQTT_USERNAME= beside them, as the example files have, is no conflict.
+        let s = settings(&[
+            ("MQTT_BROKER_HOST", "mqtt"),
+            ("MQTT_BROKER_PORT", "1885"),
+            ("MQTT_USERNAME", ""),
+            ("MQTT_SERVICE_USERNAME", ""),
+        ])
+        .unwrap();
+        assert_eq!((s.mqtt.broker.as_str(), s.mqtt.port), ("mqtt", 1885));
+        assert_eq!(s.origins[0], ("MQTT_BROKER", "MQTT_BROKER_HOST"));
+        assert_eq!(s.origins[2], ("MQTT_USERNAME", "MQTT_USERNAME"));
+        assert_eq!(
+            settings(&[]).unwrap().origins[0],
+            ("MQTT_BROKER", "default")
+        );
+        // The same value under two names is fine.
+        let s = settings(&[("MQTT_BROKER", "b"), ("MQTT_BROKER_HOST", " b ")]).unwrap();
+        assert_eq!(s.mqtt.broker, "b");
+        // A wrong value under another name still names a variable.
+        assert_eq!(
+            settings(&[("MQTT_SERVICE_PORT", "x")]).unwrap_err().var,
+            "MQTT_PORT"
+        );
+    }
+
+    #[test]
+    fn two_names_with_different_values_stop_the_start() {
+        let e = settings(&[("MQTT_BROKER", "a"), ("MQTT_BROKER_HOST", "b")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration error: MQTT_BROKER: MQTT_BROKER_HOST is also set, to a different value; they name one setting: keep one"
+        );
+        let e = settings(&[
+            ("MQTT_SERVICE_PASSWORD", "first-secret"),
+            ("MQTT_PASSWORD", "second-secret"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "MQTT_PASSWORD");
+        assert!(e.to_string().contains("MQTT_SERVICE_PASSWORD"));
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e =
+            settings(&[("MQTT_SERVICE_PORT", "1883"), ("MQTT_BROKER_PORT", "1884")]).unwrap_err();
+        assert_eq!(e.var, "MQTT_SERVICE_PORT");
+        assert!(e.to_string().contains("MQTT_BROKER_PORT"));
+    }
+
+    #[test]
+    fn database_zone_clock_skew_renames_and_sensor_table() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.db.zone, Zone::default());
+        assert_eq!(s.db.zone.to_string(), "Asia/Shanghai");
+        assert_eq!(s.ingest.rules.time.zone, s.db.zone);
+        assert_eq!(s.ingest.rules.time.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(s.ingest.rules.renames, Renames::codehubot());
+        assert_eq!(
+            s.keep.device_sensors_table.as_deref(),
+            Some("device_sensors")
+        );
+        assert_eq!(s.log.style, LogStyle::Default);
+        let s = settings(&[
+            ("DB_TIMEZONE", "UTC"),
+            ("INGEST_MAX_CLOCK_SKEW_SECS", "0"),
+            ("SENSOR_RENAMES", ""),
+            ("DEVICE_SENSORS_TABLE", ""),
+            ("LOG_STYLE", "CodeHubot"),
+        ])
+        .unwrap();
+        assert_eq!(s.db.zone, Zone::utc());
+        assert_eq!(s.ingest.rules.time.zone, Zone::utc());
+        assert!(s.ingest.rules.time.max_clock_skew.is_zero());
+        assert_eq!(s.ingest.rules.renames, Renames::default());
+        assert_eq!(s.keep.device_sensors_table, None);
+        assert_eq!(s.log.style, LogStyle::Codehubot);
+        for (var, value) in [
+            ("DB_TIMEZONE", "Beijing"),
+            ("DB_TIMEZONE", "+25:00"),
+            ("SENSOR_RENAMES", "RAIN_SENSOR:is_raining"),
+            ("SENSOR_RENAMES", "x=Rain"),
+            ("DEVICE_SENSORS_TABLE", "a`b"),
+            ("DEVICE_SENSORS_TABLE", "db.table"),
+            ("LOG_STYLE", "python"),
+            ("INGEST_MAX_CLOCK_SKEW_SECS", "-1"),
+        ] {
+            let e = settings(&[(var, value)]).unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}: {e}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 
 use crate::model::{Change, Update};
 use crate::store::{StoreError, delete_in_batches, placeholders, shaped_chunks};
+use crate::zone::Zone;
 
 /// Longest unit kept in history (the column is `VARCHAR(64)`).
 const UNIT_MAX_CHARS: usize = 64;
@@ -28,14 +29,14 @@ pub struct HistoryRow {
     pub value: f64,
     /// Unit text (cut to 64 characters).
     pub unit: String,
-    /// When the device read it (UTC).
+    /// When the device read it, on the database zone's wall clock.
     pub reading_time: NaiveDateTime,
-    /// When the service received it (UTC).
+    /// When the service received it, on the database zone's wall clock.
     pub received_at: NaiveDateTime,
 }
 
 /// The history rows of `update`'s readings.
-pub fn rows_of(update: &Update) -> impl Iterator<Item = HistoryRow> + '_ {
+pub fn rows_of(update: &Update, zone: Zone) -> impl Iterator<Item = HistoryRow> + '_ {
     let sensors = match &update.change {
         Change::Data(report) => Some(&report.sensors),
         _ => None,
@@ -43,17 +44,18 @@ pub fn rows_of(update: &Update) -> impl Iterator<Item = HistoryRow> + '_ {
     sensors.into_iter().flatten().filter_map(move |(name, r)| {
         // Validated already: a number and an RFC 3339 time.
         let value = r.value.as_f64()?;
-        let reading_time = DateTime::parse_from_rfc3339(&r.timestamp)
-            .ok()?
-            .with_timezone(&Utc)
-            .naive_utc();
+        let reading_time = zone.naive(
+            DateTime::parse_from_rfc3339(&r.timestamp)
+                .ok()?
+                .with_timezone(&Utc),
+        );
         Some(HistoryRow {
             device: update.device.as_str().to_owned(),
             sensor: name.clone(),
             value,
             unit: r.unit.chars().take(UNIT_MAX_CHARS).collect(),
             reading_time,
-            received_at: update.received_at.naive_utc(),
+            received_at: zone.naive(update.received_at.with_timezone(&Utc)),
         })
     })
 }
@@ -106,13 +108,14 @@ pub async fn run_retention(
     pool: MySqlPool,
     retention: Duration,
     interval: Duration,
+    zone: Zone,
     shutdown: CancellationToken,
 ) {
     let Ok(retention) = chrono::Duration::from_std(retention) else {
         return;
     };
     loop {
-        let cutoff = Utc::now().naive_utc() - retention;
+        let cutoff = zone.naive(Utc::now()) - retention;
         match prune(&pool, cutoff).await {
             Ok(0) => {}
             Ok(n) => debug!(deleted = n, "old history removed"),
@@ -132,35 +135,40 @@ mod tests {
     use serde_json::Number;
 
     #[test]
-    fn readings_become_rows_in_utc() {
+    fn readings_become_rows_on_the_database_zones_clock() {
         let mut report = DataReport::default();
         report.sensors.insert(
             "temperature".into(),
             SensorReading {
-                value: Number::from_f64(25.5).unwrap(),
+                value: Number::from_f64(25.5).unwrap().into(),
                 unit: "°C".repeat(40),
-                timestamp: "2025-12-19T14:30:00+08:00".into(),
+                timestamp: "2025-12-19T06:30:00Z".into(),
+                sensor_type: String::new(),
             },
         );
-        let received = DateTime::parse_from_rfc3339("2025-12-19T06:31:00Z")
+        let zone = Zone::default();
+        let received = zone.at(DateTime::parse_from_rfc3339("2025-12-19T06:31:00Z")
             .unwrap()
-            .with_timezone(&Utc);
+            .with_timezone(&Utc));
         let update = Update {
             device: DeviceUuid::parse("d1").unwrap(),
             received_at: received,
             reading_time: None,
             change: Change::Data(report),
         };
-        let rows: Vec<_> = rows_of(&update).collect();
+        let rows: Vec<_> = rows_of(&update, zone).collect();
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].reading_time.to_string(), "2025-12-19 06:30:00");
-        assert_eq!(rows[0].received_at.to_string(), "2025-12-19 06:31:00");
+        assert_eq!(rows[0].reading_time.to_string(), "2025-12-19 14:30:00");
+        assert_eq!(rows[0].received_at.to_string(), "2025-12-19 14:31:00");
+        let utc: Vec<_> = rows_of(&update, Zone::utc()).collect();
+        assert_eq!(utc[0].reading_time.to_string(), "2025-12-19 06:30:00");
+        assert_eq!(utc[0].received_at.to_string(), "2025-12-19 06:31:00");
         assert_eq!(rows[0].unit.chars().count(), 64);
         assert_eq!(rows[0].value, 25.5);
         let heartbeat = Update {
             change: Change::Heartbeat,
             ..update
         };
-        assert_eq!(rows_of(&heartbeat).count(), 0);
+        assert_eq!(rows_of(&heartbeat, zone).count(), 0);
     }
 }

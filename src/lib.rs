@@ -7,9 +7,11 @@
 //! * [`mqtt`]: the event loop: connects, (re)subscribes, hands each message on, acknowledges
 //!   after commit.
 //! * [`topic`] and [`payload`]: pure parsing and validation of topic and bytes into a
-//!   [`model::Update`] or a [`rejection::Rejection`].
+//!   [`model::Update`] or a [`rejection::Rejection`]; [`timestamp`] reads a device's
+//!   timestamp, [`zone`] is the database's time zone.
 //! * [`writer`]: takes updates from a bounded channel, batches them into transactions through
-//!   [`store`] (the SQL, the pool and the migrations), then acknowledges.
+//!   [`store`] (the SQL, the pool and the migrations; [`sensors`] for `device_sensors`), then
+//!   acknowledges.
 //! * [`stats`]: counters and the periodic statistics block; [`telemetry`]: log output.
 //! * [`service`]: wires them together and runs until a shutdown token fires.
 
@@ -26,12 +28,15 @@ pub mod payload;
 pub mod presence;
 pub mod rejection;
 pub mod rejects;
+pub mod sensors;
 pub mod service;
 pub mod stats;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod timestamp;
 pub mod tls;
 pub mod topic;
 pub mod warn_limit;
 pub mod writer;
+pub mod zone;

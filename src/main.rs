@@ -264,6 +264,19 @@ async fn check_config(settings: Settings) -> ExitCode {
     let db = &settings.db;
     let mut ok = true;
     println!("configuration: valid");
+    // Which of the names a setting goes by each value came from (the Python service's
+    // MQTT_SERVICE_*, the backend's MQTT_BROKER_HOST / MQTT_BROKER_PORT, or ours).
+    for (setting, origin) in &settings.origins {
+        match *origin {
+            "default" => println!("  {setting}: not set, default"),
+            o if o == *setting => println!("  {setting}: from {o}"),
+            o => println!("  {setting}: from {o} (another name for {setting})"),
+        }
+    }
+    println!(
+        "  DB_TIMEZONE: {} (DATETIME columns and the session time_zone)",
+        db.zone
+    );
     let pool = store::pool(db);
     match tokio::time::timeout(timeout, store::ping(&pool)).await {
         Ok(Ok(())) => println!(

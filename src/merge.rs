@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Number, Value};
+use serde_json::{Map, Value};
 
-use crate::model::{Change, DataReport, StatusReport, Update};
+use crate::model::{Change, DataReport, SensorValue, StatusReport, Update};
 
 /// `last_report_data`, parsed only as deep as merging needs: the top-level keys with their
 /// values kept as JSON text, and `sensors` and `status` opened into their keys only when an
@@ -45,7 +45,7 @@ struct Stamped<'a> {
 struct StoredSensor<'a> {
     timestamp: &'a str,
     unit: &'a str,
-    value: &'a Number,
+    value: &'a SensorValue,
 }
 
 /// JSON text for a value that always serializes (strings, numbers, maps with string keys).
@@ -194,9 +194,9 @@ fn push_key(out: &mut Vec<u8>, key: &str) {
 pub struct DeviceState {
     /// `last_report_data` (an object; NULL or anything unusable reads as `{}`).
     data: StoredData,
-    /// `last_seen` (UTC).
+    /// `last_seen`, on the database zone's wall clock.
     pub last_seen: Option<NaiveDateTime>,
-    /// `last_heartbeat` (UTC).
+    /// `last_heartbeat`, on the database zone's wall clock.
     pub last_heartbeat: Option<NaiveDateTime>,
     /// `is_online`.
     pub is_online: bool,
@@ -227,7 +227,9 @@ impl DeviceState {
 
     /// Applies one update.
     pub fn apply(&mut self, update: &Update) {
-        let received = update.received_at.naive_utc();
+        // The receive time is already in the database's zone: its wall clock is what the
+        // DATETIME columns hold (naive Beijing time for a CodeHubot backend).
+        let received = update.received_at.naive_local();
         self.last_seen = later(self.last_seen, received);
         match &update.change {
             Change::Data(report) => {
@@ -329,9 +331,7 @@ impl DeviceState {
         if let Some(s) = &status.device_status {
             self.device_status = Some(s.clone());
         }
-        if let Some(online) = status.online {
-            self.is_online = online;
-        }
+        self.is_online = status.online;
     }
 }
 
@@ -419,11 +419,17 @@ fn merge_by_key<'a>(
 
 /// Whether RFC 3339 time `new` is strictly before `stored`. Text that does not parse is never
 /// "older" (it cannot be compared, so the newer message wins).
-fn is_older(new: &str, stored: &str) -> bool {
-    // Fast path for the service's own receive times (`2026-01-02T03:04:05.678Z`, UTC, fixed
-    // width): these compare as text. Parsing every stored timestamp was a visible cost.
-    let own_format = |s: &str| s.len() == 24 && s.as_bytes()[19] == b'.' && s.ends_with('Z');
-    if own_format(new) && own_format(stored) {
+pub fn is_older(new: &str, stored: &str) -> bool {
+    // Fast path for the service's own receive times (`2026-01-02T03:04:05.678+08:00`, or `…Z`
+    // in UTC: fixed width): two with the same offset compare as text. Parsing every stored
+    // timestamp was a visible cost.
+    let own_format = |s: &str| {
+        let b = s.as_bytes();
+        (s.len() == 24 && s.ends_with('Z') || s.len() == 29 && matches!(b[23], b'+' | b'-'))
+            && b[10] == b'T'
+            && b[19] == b'.'
+    };
+    if own_format(new) && own_format(stored) && new.as_bytes()[23..] == stored.as_bytes()[23..] {
         return new < stored;
     }
     let parse = |s: &str| DateTime::<FixedOffset>::parse_from_rfc3339(s).ok();
@@ -437,8 +443,11 @@ mod tests {
     use chrono::{TimeZone, Utc};
     use serde_json::{Number, json};
 
-    fn at(secs: i64) -> chrono::DateTime<Utc> {
-        Utc.timestamp_opt(1_766_000_000 + secs, 0).unwrap()
+    /// A receive time as the payload makes them: in the database's zone (Beijing here).
+    fn at(secs: i64) -> chrono::DateTime<FixedOffset> {
+        Utc.timestamp_opt(1_766_000_000 + secs, 0)
+            .unwrap()
+            .with_timezone(&FixedOffset::east_opt(8 * 3600).unwrap())
     }
 
     fn data(secs: i64, sensors: &[(&str, f64, Option<&str>)]) -> Update {
@@ -447,12 +456,13 @@ mod tests {
             report.sensors.insert(
                 (*name).into(),
                 SensorReading {
-                    value: Number::from_f64(*v).unwrap(),
+                    value: Number::from_f64(*v).unwrap().into(),
                     unit: "u".into(),
                     timestamp: ts.map_or_else(
                         || at(secs).to_rfc3339_opts(SecondsFormat::Millis, true),
                         str::to_owned,
                     ),
+                    sensor_type: String::new(),
                 },
             );
         }
@@ -472,11 +482,7 @@ mod tests {
             .get("status")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let online = match device_status.as_deref() {
-            Some("online") => Some(true),
-            Some("offline") => Some(false),
-            _ => None,
-        };
+        let online = device_status.as_deref() != Some("offline");
         Update {
             device: DeviceUuid::parse("d").unwrap(),
             received_at: at(secs),
@@ -538,7 +544,7 @@ mod tests {
         assert_eq!(value(&s, "temperature"), Some(20.0));
         assert_eq!(value(&s, "humidity"), Some(60.0));
         assert!(s.is_online);
-        assert_eq!(s.last_seen, Some(at(2).naive_utc()));
+        assert_eq!(s.last_seen, Some(at(2).naive_local()));
     }
 
     #[test]
@@ -549,7 +555,7 @@ mod tests {
         assert_eq!(value(&s, "t"), Some(2.0));
         assert_eq!(
             s.last_seen,
-            Some(at(5).naive_utc()),
+            Some(at(5).naive_local()),
             "last_seen never moves back"
         );
         // The device's own reading time counts, whatever the receive order.
@@ -592,7 +598,7 @@ mod tests {
         ));
         assert!(!s.is_online);
         assert_eq!(s.device_status.as_deref(), Some("offline"));
-        assert_eq!(s.last_seen, Some(at(2).naive_utc()));
+        assert_eq!(s.last_seen, Some(at(2).naive_local()));
     }
 
     #[test]
@@ -629,7 +635,7 @@ mod tests {
             reading_time: None,
             change: Change::Heartbeat,
         });
-        assert_eq!(s.last_heartbeat, Some(at(4).naive_utc()));
+        assert_eq!(s.last_heartbeat, Some(at(4).naive_local()));
         assert!(s.is_online);
         assert!(
             s.data_value() == json!({}),
@@ -649,7 +655,8 @@ mod tests {
         );
         assert_eq!(
             s.data_value()["upload_timestamp"],
-            json!("2025-12-17T19:33:25.000Z")
+            json!("2025-12-18T03:33:25.000+08:00"),
+            "the receive time, with the database zone's offset"
         );
     }
 
@@ -887,9 +894,10 @@ mod tests {
                             r.sensors.insert(
                                 name,
                                 SensorReading {
-                                    value: Number::from(v),
+                                    value: Number::from(v).into(),
                                     unit: "°C".into(),
                                     timestamp,
+                                    sensor_type: String::new(),
                                 },
                             );
                         }
@@ -968,6 +976,9 @@ mod tests {
             prop_oneof![
                 (0i64..12).prop_map(|s| at(s).to_rfc3339_opts(SecondsFormat::Millis, true)),
                 (0i64..12).prop_map(|s| at(s)
+                    .with_timezone(&Utc)
+                    .to_rfc3339_opts(SecondsFormat::Millis, true)),
+                (0i64..12).prop_map(|s| at(s)
                     .with_timezone(&FixedOffset::east_opt(8 * 3600).unwrap())
                     .to_rfc3339()),
             ]
@@ -1012,9 +1023,10 @@ mod tests {
                                 (
                                     name,
                                     SensorReading {
-                                        value,
+                                        value: value.into(),
                                         unit: "u".into(),
                                         timestamp,
+                                        sensor_type: String::new(),
                                     },
                                 )
                             })
@@ -1064,8 +1076,8 @@ mod tests {
             ) {
                 let start = || DeviceState::from_row(
                     stored.as_deref(),
-                    seen.map(|s| at(s).naive_utc()),
-                    heartbeat.map(|s| at(s).naive_utc()),
+                    seen.map(|s| at(s).naive_local()),
+                    heartbeat.map(|s| at(s).naive_local()),
                     online,
                     Some("was".into()),
                 );
@@ -1094,13 +1106,13 @@ mod tests {
             let mut a = data(1, &[("t", 1.0, None), ("h", 5.0, None)]);
             assert!(absorb(&mut a, data(3, &[("t", 2.0, None)])).is_ok());
             let Change::Data(r) = &a.change else { panic!() };
-            assert_eq!(r.sensors["t"].value, Number::from_f64(2.0).unwrap());
-            assert_eq!(r.sensors["h"].value, Number::from_f64(5.0).unwrap());
+            assert_eq!(r.sensors["t"].value, Number::from_f64(2.0).unwrap().into());
+            assert_eq!(r.sensors["h"].value, Number::from_f64(5.0).unwrap().into());
             assert_eq!(a.received_at, at(3));
             // An older reading that arrives later does not replace the newer one.
             assert!(absorb(&mut a, data(9, &[("t", 0.0, Some("2020-01-01T00:00:00Z"))])).is_ok());
             let Change::Data(r) = &a.change else { panic!() };
-            assert_eq!(r.sensors["t"].value, Number::from_f64(2.0).unwrap());
+            assert_eq!(r.sensors["t"].value, Number::from_f64(2.0).unwrap().into());
             let beat = |secs| Update {
                 device: DeviceUuid::parse("d").unwrap(),
                 received_at: at(secs),

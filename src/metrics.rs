@@ -78,6 +78,17 @@ pub fn render(snap: &Snapshot, gauges: &Gauges) -> String {
         "Invalid parts (a sensor, a location) skipped in messages that were still written.",
         &one(snap.parts_skipped),
     );
+    let undated: Vec<_> = snap
+        .undated
+        .iter()
+        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n.to_string()))
+        .collect();
+    family(
+        "timestamps_undated_total",
+        "counter",
+        "Device timestamps that dated nothing (uptime counters, garbage, too far ahead), by reason; their readings kept the receive time.",
+        &undated,
+    );
     family(
         "batches_total",
         "counter",

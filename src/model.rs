@@ -5,7 +5,8 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset};
+use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
 /// What a device calls itself: 1–64 characters of `[A-Za-z0-9_.:-]` (MAC addresses included).
@@ -62,15 +63,67 @@ impl TopicKind {
     }
 }
 
+/// A sensor's value: a number or a boolean (the Python service took both, since in Python
+/// `True` is an `int`; the rain board sends `"is_raining": false`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum SensorValue {
+    /// The number exactly as the device sent it (integers stay integers).
+    Number(Number),
+    /// `true` or `false`.
+    Bool(bool),
+}
+
+impl SensorValue {
+    /// The value as a number (a boolean is 1 or 0, as in Python).
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            SensorValue::Number(n) => n.as_f64(),
+            SensorValue::Bool(b) => Some(f64::from(u8::from(*b))),
+        }
+    }
+
+    /// The value as text the way the Python service wrote it to `device_sensors.sensor_value`
+    /// (Python's `str()`): `True`/`False`, numbers as sent.
+    pub fn to_db_text(&self) -> String {
+        match self {
+            SensorValue::Number(n) => n.to_string(),
+            SensorValue::Bool(true) => "True".to_owned(),
+            SensorValue::Bool(false) => "False".to_owned(),
+        }
+    }
+}
+
+/// The value as JSON text (`24.3`, `true`).
+impl fmt::Display for SensorValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SensorValue::Number(n) => write!(f, "{n}"),
+            SensorValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl From<Number> for SensorValue {
+    fn from(n: Number) -> Self {
+        SensorValue::Number(n)
+    }
+}
+
 /// One sensor's accepted reading, in the stored shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SensorReading {
-    /// The number exactly as the device sent it (integers stay integers).
-    pub value: Number,
+    /// The value as the device sent it.
+    pub value: SensorValue,
     /// Unit text, `""` when the device gave none.
     pub unit: String,
-    /// Reading time as RFC 3339 text: the device's own (kept as sent) or the receive time.
+    /// Reading time as RFC 3339 text: the device's own (kept as sent when it had an offset,
+    /// else given the database zone's) or the receive time.
     pub timestamp: String,
+    /// The sensor's type (`DHT11`, `RAIN_SENSOR`): the simple format's `sensor` field or a full
+    /// format entry's `sensor_type`; `""` when the device gave none. Written to
+    /// `device_sensors.sensor_type`, not to `last_report_data`.
+    pub sensor_type: String,
 }
 
 /// Readings by sensor name: sorted by name, each name once. A flat vector rather than a map: an
@@ -200,10 +253,12 @@ pub struct DataReport {
 pub struct StatusReport {
     /// The whole payload object, merged by key into the stored `status`.
     pub fields: Map<String, Value>,
-    /// The payload's `status` text, written to `device_status`.
+    /// The payload's `status` scalar as text, written to `device_status` (cut to the column's
+    /// length by the store).
     pub device_status: Option<String>,
-    /// `Some(false)` for `"offline"`, `Some(true)` for `"online"`, else `None` (unchanged).
-    pub online: Option<bool>,
+    /// `false` for a `status` of `"offline"` (a last will), else `true`: any status message is
+    /// a sign of life.
+    pub online: bool,
 }
 
 /// What a message asks the store to change.
@@ -222,10 +277,11 @@ pub enum Change {
 pub struct Update {
     /// The device the topic named.
     pub device: DeviceUuid,
-    /// When the service received the message (UTC); becomes `last_seen`.
-    pub received_at: DateTime<Utc>,
-    /// The message's own top-level `timestamp` (RFC 3339, as sent), when it gave a valid one:
-    /// the reading time that order-safe merging compares.
+    /// When the service received the message, in the database's zone (so its wall clock is
+    /// what DATETIME columns get); becomes `last_seen`.
+    pub received_at: DateTime<FixedOffset>,
+    /// The message's own top-level `timestamp` as RFC 3339, when it dated anything: the
+    /// reading time that order-safe merging compares.
     pub reading_time: Option<String>,
     /// What to change.
     pub change: Change,
@@ -248,9 +304,10 @@ mod sensors_tests {
 
     fn r(v: u64) -> SensorReading {
         SensorReading {
-            value: Number::from(v),
+            value: Number::from(v).into(),
             unit: String::new(),
             timestamp: "2026-01-01T00:00:00Z".into(),
+            sensor_type: String::new(),
         }
     }
 
@@ -262,12 +319,12 @@ mod sensors_tests {
             .collect();
         let got: Vec<(&str, u64)> = s
             .iter()
-            .map(|(n, x)| (n.as_str(), x.value.as_u64().unwrap()))
+            .map(|(n, x)| (n.as_str(), x.value.as_f64().unwrap() as u64))
             .collect();
         assert_eq!(got, [("a", 5), ("b", 6), ("c", 4)]);
         assert_eq!(s.len(), 3);
         assert!(s.contains_key("c") && !s.contains_key("d"));
-        assert_eq!(s["a"].value.as_u64(), Some(5));
+        assert_eq!(s["a"].value.as_f64(), Some(5.0));
     }
 
     #[test]
@@ -282,7 +339,7 @@ mod sensors_tests {
             s.keys().map(String::as_str).collect::<Vec<_>>(),
             ["a", "m", "z"]
         );
-        assert_eq!(s.get("m").unwrap().value.as_u64(), Some(4));
+        assert_eq!(s.get("m").unwrap().value.as_f64(), Some(4.0));
         assert_eq!(s.get("q"), None);
     }
 }

@@ -8,14 +8,16 @@ use std::collections::HashMap;
 use std::ops::RangeInclusive;
 use std::sync::LazyLock;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use regex::Regex;
 use serde_json::{Map, Number, Value};
 
 use crate::model::{
-    Change, DataReport, DeviceUuid, Location, SensorReading, StatusReport, TopicKind, Update,
+    Change, DataReport, DeviceUuid, Location, SensorReading, SensorValue, StatusReport, TopicKind,
+    Update,
 };
 use crate::rejection::Rejection;
+use crate::timestamp::{self, TimeRules, Undatable};
 
 /// The seed's sensor-name rule: lower-case letters, digits and `_`, 1–50 long, not starting
 /// with a digit.
@@ -24,16 +26,22 @@ static SENSOR_NAME: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^[a-z][a-z0-9_]{0,49}$").expect("sensor name pattern compiles")
 });
 
-/// Longest `device_status` text accepted (the backend's column is `VARCHAR(50)`).
-pub const DEVICE_STATUS_MAX_CHARS: usize = 50;
+/// Keys of a simple-format message that are never readings: the reading time, the device's
+/// own name, the sensor's type, and the two keys the Python service also passed over.
+const SIMPLE_FORMAT_METADATA: [&str; 5] =
+    ["timestamp", "device_id", "sensor", "status", "location"];
 
 /// Configurable validation rules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rules {
     /// Payloads larger than this many bytes are rejected.
     pub max_payload_bytes: usize,
-    /// Allowed value range per sensor name; readings outside are skipped.
+    /// Allowed value range per sensor name; numeric readings outside are skipped.
     pub sensor_ranges: HashMap<String, RangeInclusive<f64>>,
+    /// How device timestamps are read.
+    pub time: TimeRules,
+    /// Sensor names changed on the way in.
+    pub renames: Renames,
 }
 
 impl Default for Rules {
@@ -41,7 +49,77 @@ impl Default for Rules {
         Self {
             max_payload_bytes: 256 * 1024,
             sensor_ranges: HashMap::new(),
+            time: TimeRules::default(),
+            renames: Renames::codehubot(),
         }
+    }
+}
+
+/// One rename: a reading called `from` (of a sensor of type `sensor_type`, or of any type)
+/// is stored as `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rename {
+    /// Upper-cased; `None` for every type.
+    sensor_type: Option<String>,
+    from: String,
+    to: String,
+}
+
+/// Sensor names changed on the way in (`SENSOR_RENAMES`), before names are checked: the
+/// names a deployment's readers expect, whatever a board calls them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Renames(Vec<Rename>);
+
+impl Renames {
+    /// CodeHubot's current names for the rain board (`is_raining` → `rain`, `level` →
+    /// `rain_level`), which its backend and plugin service read from `device_sensors`.
+    pub const CODEHUBOT: &'static str = "RAIN_SENSOR:is_raining=rain,RAIN_SENSOR:level=rain_level";
+
+    /// [`Self::CODEHUBOT`], parsed.
+    pub fn codehubot() -> Self {
+        // A constant known to parse; the unit test `renames_parse_and_apply` checks it.
+        Self::parse(Self::CODEHUBOT).unwrap_or_default()
+    }
+
+    /// Parses `TYPE:from=to,…`; `*:from=to` or `from=to` renames for every sensor type.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut all = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let bad = || format!("{item:?} is not TYPE:from=to (or *:from=to)");
+            let (scope, pair) = match item.split_once(':') {
+                Some((t, pair)) => (t.trim(), pair),
+                None => ("*", item),
+            };
+            let (from, to) = pair.split_once('=').ok_or_else(bad)?;
+            let (from, to) = (from.trim(), to.trim());
+            if scope.is_empty() || from.is_empty() || from.contains(['=', ':']) {
+                return Err(bad());
+            }
+            if !SENSOR_NAME.is_match(to) {
+                return Err(format!(
+                    "{item:?}: {to:?} is not a valid sensor name (1-50 of [a-z0-9_], starting with a letter)"
+                ));
+            }
+            all.push(Rename {
+                sensor_type: (scope != "*").then(|| scope.to_ascii_uppercase()),
+                from: from.to_owned(),
+                to: to.to_owned(),
+            });
+        }
+        Ok(Self(all))
+    }
+
+    /// The name a reading called `name`, of a sensor of type `sensor_type`, is stored as.
+    fn apply(&self, sensor_type: &str, name: String) -> String {
+        self.0
+            .iter()
+            .find(|r| {
+                r.from == name
+                    && r.sensor_type
+                        .as_deref()
+                        .is_none_or(|t| t.eq_ignore_ascii_case(sensor_type))
+            })
+            .map_or(name, |r| r.to.clone())
     }
 }
 
@@ -86,6 +164,23 @@ pub struct Skipped {
     pub part: String,
     /// Why it was left out.
     pub reason: String,
+    /// For a sensor left out for its name: the name (bounded and escaped for a log line).
+    pub bad_name: Option<String>,
+}
+
+/// Why a sensor name is refused (the seed's rule).
+const NAME_RULE: &str =
+    "name must be 1-50 of [a-z0-9_] and start with a letter (e.g. temperature, sensor_1)";
+
+/// A device timestamp that dated nothing: the readings it came with kept the receive time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndatedTimestamp {
+    /// Which one: `timestamp`, `sensors[2].timestamp`.
+    pub part: String,
+    /// Why it dated nothing.
+    pub reason: Undatable,
+    /// The value, bounded for a log line.
+    pub shown: String,
 }
 
 /// A message that yielded an update.
@@ -95,6 +190,8 @@ pub struct Accepted {
     pub update: Update,
     /// The parts that were skipped.
     pub skipped: Vec<Skipped>,
+    /// Timestamps that dated nothing (the firmware's uptime counters, garbage, far future).
+    pub undated: Vec<UndatedTimestamp>,
 }
 
 /// The only repairs made ("JSON auto-check and repair"): a leading UTF-8 BOM, trailing NUL bytes
@@ -113,6 +210,57 @@ pub fn repair(bytes: &[u8]) -> &[u8] {
     &bytes[start..]
 }
 
+/// What reading one message needs besides its bytes.
+struct Reader<'a> {
+    rules: &'a Rules,
+    /// The receive time, in the database's zone.
+    received: DateTime<FixedOffset>,
+    /// `received` as RFC 3339 text: the reading time of readings the device did not date.
+    receive_text: String,
+    skipped: Vec<Skipped>,
+    undated: Vec<UndatedTimestamp>,
+}
+
+impl Reader<'_> {
+    fn skip(&mut self, part: String, reason: impl Into<String>) {
+        self.skipped.push(Skipped {
+            part,
+            reason: reason.into(),
+            bad_name: None,
+        });
+    }
+
+    /// Whether `name` is a valid sensor name; notes it as skipped if not.
+    fn name_ok(&mut self, name: &str) -> bool {
+        let ok = SENSOR_NAME.is_match(name);
+        if !ok {
+            self.skipped.push(Skipped {
+                part: format!("sensor {}", shown(name)),
+                reason: NAME_RULE.into(),
+                bad_name: Some(bounded(name)),
+            });
+        }
+        ok
+    }
+
+    /// A timestamp field as a reading time, or `None` (absent, null, or dating nothing, which
+    /// is noted).
+    fn time(&mut self, part: impl FnOnce() -> String, value: Option<&Value>) -> Option<String> {
+        let value = value.filter(|v| !v.is_null())?;
+        match timestamp::read(value, self.received, &self.rules.time) {
+            Ok(text) => Some(text),
+            Err(reason) => {
+                self.undated.push(UndatedTimestamp {
+                    part: part(),
+                    reason,
+                    shown: shown_value(value),
+                });
+                None
+            }
+        }
+    }
+}
+
 /// Turns one message into an update, or says why not.
 pub fn process(
     kind: TopicKind,
@@ -128,30 +276,37 @@ pub fn process(
         });
     }
     let text = std::str::from_utf8(repair(payload)).map_err(|_| Rejection::NotUtf8)?;
-    let mut skipped = Vec::new();
+    let received = rules.time.zone.at(received_at);
+    let mut r = Reader {
+        rules,
+        received,
+        receive_text: received.to_rfc3339_opts(SecondsFormat::Millis, true),
+        skipped: Vec::new(),
+        undated: Vec::new(),
+    };
     let mut reading_time = None;
     let change = match kind {
         // A heartbeat carries no data the service keeps: an empty one is fine.
         TopicKind::Heartbeat if text.is_empty() => Change::Heartbeat,
         TopicKind::Heartbeat => {
-            reading_time = timestamp_of(&parse_object(text)?);
+            let object = parse_object(text)?;
+            reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
             Change::Heartbeat
         }
         TopicKind::Status => {
             let object = parse_object(text)?;
-            reading_time = timestamp_of(&object);
-            Change::Status(status_report(object, &mut skipped))
+            reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
+            Change::Status(status_report(object, &mut r))
         }
         TopicKind::Data => {
             let object = parse_object(text)?;
-            reading_time = timestamp_of(&object);
-            let receive_time = received_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+            reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
             let report = match object.get("sensors") {
-                Some(Value::Array(_)) => full_format(object, &receive_time, rules, &mut skipped),
-                _ => simple_format(object, &receive_time, rules, &mut skipped),
+                Some(Value::Array(_)) => full_format(object, &mut r),
+                _ => simple_format(object, reading_time.as_deref(), &mut r),
             };
             if report.sensors.is_empty() && report.status.is_none() && report.location.is_none() {
-                return Err(Rejection::NoValidData(summarize(&skipped)));
+                return Err(Rejection::NoValidData(summarize(&r.skipped)));
             }
             Change::Data(report)
         }
@@ -159,20 +314,13 @@ pub fn process(
     Ok(Accepted {
         update: Update {
             device,
-            received_at,
+            received_at: received,
             reading_time,
             change,
         },
-        skipped,
+        skipped: r.skipped,
+        undated: r.undated,
     })
-}
-
-/// The payload's top-level `timestamp`, if it is RFC 3339.
-fn timestamp_of(object: &Map<String, Value>) -> Option<String> {
-    match object.get("timestamp") {
-        Some(Value::String(t)) if is_rfc3339(t) => Some(t.clone()),
-        _ => None,
-    }
 }
 
 fn parse_object(text: &str) -> Result<Map<String, Value>, Rejection> {
@@ -203,81 +351,85 @@ fn summarize(skipped: &[Skipped]) -> String {
     s
 }
 
-/// A printable, bounded rendering of a name from the payload (it may be huge or hostile).
-fn shown(name: &str) -> String {
-    const MAX: usize = 40;
+/// At most this many characters of a name or value from the payload reach a log line.
+const SHOWN_CHARS: usize = 40;
+
+/// A printable, bounded rendering of a name from the payload (it may be huge or hostile), in
+/// quotes.
+pub fn shown(name: &str) -> String {
+    format!("\"{}\"", bounded(name))
+}
+
+/// A name from the payload cut to [`SHOWN_CHARS`] and escaped to one printable line.
+fn bounded(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .take(MAX)
+        .take(SHOWN_CHARS)
         .collect::<String>()
         .escape_debug()
         .to_string();
-    if name.chars().nth(MAX).is_some() {
+    if name.chars().nth(SHOWN_CHARS).is_some() {
         out.push('…');
     }
-    format!("\"{out}\"")
+    out
 }
 
-fn skip(skipped: &mut Vec<Skipped>, part: String, reason: impl Into<String>) {
-    skipped.push(Skipped {
-        part,
-        reason: reason.into(),
-    });
+/// A bounded rendering of a JSON value from the payload.
+fn shown_value(value: &Value) -> String {
+    match value {
+        Value::String(s) => shown(s),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+        other => other.to_string(),
+    }
 }
 
 /// The full ("HTTP API") format: `{"sensors": [...], "status": {...}, "location": {...}}`.
-fn full_format(
-    mut object: Map<String, Value>,
-    receive_time: &str,
-    rules: &Rules,
-    skipped: &mut Vec<Skipped>,
-) -> DataReport {
+fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport {
     let mut report = DataReport::default();
     let mut readings = Vec::new();
     if let Some(Value::Array(entries)) = object.remove("sensors") {
         readings.reserve(entries.len());
         for (i, entry) in entries.into_iter().enumerate() {
             let Value::Object(mut entry) = entry else {
-                skip(skipped, format!("sensors[{i}]"), "not an object");
+                r.skip(format!("sensors[{i}]"), "not an object");
                 continue;
             };
+            let sensor_type = match entry.remove("sensor_type") {
+                Some(Value::String(t)) => t,
+                _ => String::new(),
+            };
             let name = match entry.remove("sensor_name") {
-                Some(Value::String(name)) => name,
+                Some(Value::String(name)) => r.rules.renames.apply(&sensor_type, name),
                 Some(_) => {
-                    skip(
-                        skipped,
-                        format!("sensors[{i}]"),
-                        "sensor_name is not a string",
-                    );
+                    r.skip(format!("sensors[{i}]"), "sensor_name is not a string");
                     continue;
                 }
                 None => {
-                    skip(skipped, format!("sensors[{i}]"), "sensor_name is missing");
+                    r.skip(format!("sensors[{i}]"), "sensor_name is missing");
                     continue;
                 }
             };
+            if !r.name_ok(&name) {
+                continue;
+            }
             // Built only when a part is skipped: formatting it for every sensor costs.
             let part = || format!("sensor {}", shown(&name));
             let unit = match entry.remove("unit") {
                 None | Some(Value::Null) => String::new(),
                 Some(Value::String(unit)) => unit,
                 Some(_) => {
-                    skip(skipped, part(), "unit is not a string");
+                    r.skip(part(), "unit is not a string");
                     continue;
                 }
             };
-            let timestamp = match entry.remove("timestamp") {
-                None | Some(Value::Null) => receive_time.to_owned(),
-                Some(Value::String(t)) if is_rfc3339(&t) => t,
-                Some(_) => {
-                    skip(skipped, part(), "timestamp is not RFC 3339");
-                    continue;
-                }
-            };
+            let timestamp = r
+                .time(|| format!("sensors[{i}].timestamp"), entry.get("timestamp"))
+                .unwrap_or_else(|| r.receive_text.clone());
             let value = entry.remove("value").unwrap_or(Value::Null);
-            match reading(&name, value, unit, timestamp, rules) {
-                Ok(r) => readings.push((name, r)),
-                Err(reason) => skip(skipped, part(), reason),
+            match reading(&name, value, unit, timestamp, sensor_type, r.rules) {
+                Ok(reading) => readings.push((name, reading)),
+                Err(reason) => r.skip(part(), reason),
             }
         }
     }
@@ -286,46 +438,52 @@ fn full_format(
         None | Some(Value::Null) => {}
         // In key order, as the map kept them; a vector holds a few fields in far less memory.
         Some(Value::Object(status)) => report.status = Some(status.into_iter().collect()),
-        Some(_) => skip(skipped, "status".into(), "not an object"),
+        Some(_) => r.skip("status".into(), "not an object"),
     }
     match object.remove("location") {
         None | Some(Value::Null) => {}
         Some(value) => match location(&value) {
             Ok(l) => report.location = Some(l),
-            Err(reason) => skip(skipped, "location".into(), reason),
+            Err(reason) => r.skip("location".into(), reason),
         },
     }
     report
 }
 
-/// The simple format: every key a sensor name, every value a number; `timestamp` is the
-/// reading time of all of them.
+/// The simple format: every key a sensor name, every value a number or a boolean, all read at
+/// the message's `timestamp` when it dates anything. Strings are metadata, not readings (the
+/// firmware sends `"device_id":"AIOT-ESP32-…"` and `"sensor":"DHT11"`, the sensor's type,
+/// beside its readings): passed over without a warning.
 fn simple_format(
-    mut object: Map<String, Value>,
-    receive_time: &str,
-    rules: &Rules,
-    skipped: &mut Vec<Skipped>,
+    object: Map<String, Value>,
+    reading_time: Option<&str>,
+    r: &mut Reader<'_>,
 ) -> DataReport {
     let mut report = DataReport::default();
-    let timestamp = match object.remove("timestamp") {
-        None | Some(Value::Null) => receive_time.to_owned(),
-        Some(Value::String(t)) if is_rfc3339(&t) => t,
-        Some(_) => {
-            // Without a trustworthy reading time the readings are not stored at all, rather
-            // than stamped with a time the device did not mean.
-            skip(
-                skipped,
-                "timestamp".into(),
-                "not RFC 3339; readings dropped",
-            );
-            return report;
-        }
+    let timestamp = reading_time.unwrap_or(&r.receive_text).to_owned();
+    let sensor_type = match object.get("sensor") {
+        Some(Value::String(t)) => t.clone(),
+        _ => String::new(),
     };
     let mut readings = Vec::with_capacity(object.len());
     for (name, value) in object {
-        match reading(&name, value, String::new(), timestamp.clone(), rules) {
-            Ok(r) => readings.push((name, r)),
-            Err(reason) => skip(skipped, format!("sensor {}", shown(&name)), reason),
+        if SIMPLE_FORMAT_METADATA.contains(&name.as_str()) || value.is_string() {
+            continue;
+        }
+        let name = r.rules.renames.apply(&sensor_type, name);
+        if !r.name_ok(&name) {
+            continue;
+        }
+        match reading(
+            &name,
+            value,
+            String::new(),
+            timestamp.clone(),
+            sensor_type.clone(),
+            r.rules,
+        ) {
+            Ok(reading) => readings.push((name, reading)),
+            Err(reason) => r.skip(format!("sensor {}", shown(&name)), reason),
         }
     }
     report.sensors = readings.into_iter().collect();
@@ -337,31 +495,37 @@ fn reading(
     value: Value,
     unit: String,
     timestamp: String,
+    sensor_type: String,
     rules: &Rules,
 ) -> Result<SensorReading, String> {
-    if !SENSOR_NAME.is_match(name) {
-        return Err(
-            "name must be 1-50 of [a-z0-9_] and start with a letter (e.g. temperature, sensor_1)"
-                .into(),
-        );
-    }
-    let Value::Number(value) = value else {
-        return Err(format!("value must be a number, got {}", type_name(&value)));
+    let value = match value {
+        Value::Bool(b) => SensorValue::Bool(b),
+        Value::Number(n) => {
+            let v = finite(&n).ok_or("value is not a finite number")?;
+            if let Some(range) = rules.sensor_ranges.get(name)
+                && !range.contains(&v)
+            {
+                return Err(format!(
+                    "value {v} outside the configured range {}..{}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+            SensorValue::Number(normalize_zero(n))
+        }
+        Value::Null => return Err("value is missing".into()),
+        other => {
+            return Err(format!(
+                "value must be a number or a boolean, got {}",
+                type_name(&other)
+            ));
+        }
     };
-    let v = finite(&value).ok_or("value is not a finite number")?;
-    if let Some(range) = rules.sensor_ranges.get(name)
-        && !range.contains(&v)
-    {
-        return Err(format!(
-            "value {v} outside the configured range {}..{}",
-            range.start(),
-            range.end()
-        ));
-    }
     Ok(SensorReading {
-        value: normalize_zero(value),
+        value,
         unit,
         timestamp,
+        sensor_type,
     })
 }
 
@@ -414,42 +578,27 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn is_rfc3339(s: &str) -> bool {
-    DateTime::parse_from_rfc3339(s).is_ok()
-}
-
-fn status_report(fields: Map<String, Value>, skipped: &mut Vec<Skipped>) -> StatusReport {
-    let (device_status, online) = match fields.get("status") {
-        Some(Value::String(s)) if s.chars().count() <= DEVICE_STATUS_MAX_CHARS => {
-            let online = if s.eq_ignore_ascii_case("online") {
-                Some(true)
-            } else if s.eq_ignore_ascii_case("offline") {
-                Some(false)
-            } else {
-                None
-            };
-            (Some(s.clone()), online)
-        }
-        Some(Value::String(_)) => {
-            skip(
-                skipped,
+/// A status message: merged whole into `status`; its `status` scalar, if any, becomes
+/// `device_status`; any status but `"offline"` marks the device online.
+fn status_report(fields: Map<String, Value>, r: &mut Reader<'_>) -> StatusReport {
+    let device_status = match fields.get("status") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+        Some(other) => {
+            r.skip(
                 "status.status".into(),
                 format!(
-                    "longer than {DEVICE_STATUS_MAX_CHARS} characters; device_status unchanged"
+                    "{} is not a scalar; device_status unchanged",
+                    type_name(other)
                 ),
             );
-            (None, None)
-        }
-        None | Some(Value::Null) => (None, None),
-        Some(other) => {
-            skip(
-                skipped,
-                "status.status".into(),
-                format!("{} is not text; device_status unchanged", type_name(other)),
-            );
-            (None, None)
+            None
         }
     };
+    let online = !device_status
+        .as_deref()
+        .is_some_and(|s| s.eq_ignore_ascii_case("offline"));
     StatusReport {
         fields,
         device_status,

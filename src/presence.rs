@@ -9,14 +9,17 @@ use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::zone::Zone;
+
 /// Sets offline every device whose `last_seen` is older than `timeout` (or unset); returns how
 /// many changed.
-pub async fn sweep(pool: &MySqlPool, timeout: Duration) -> Result<u64, sqlx::Error> {
-    // The cutoff comes from this host's clock, in UTC like last_seen, so the server's time zone
-    // does not matter. A timeout too large to subtract means nobody is ever old enough.
+pub async fn sweep(pool: &MySqlPool, timeout: Duration, zone: Zone) -> Result<u64, sqlx::Error> {
+    // The cutoff comes from this host's clock, on the database zone's wall clock like
+    // last_seen, so the server's own time zone does not matter. A timeout too large to
+    // subtract means nobody is ever old enough.
     let Some(cutoff) = chrono::Duration::from_std(timeout)
         .ok()
-        .and_then(|t| Utc::now().naive_utc().checked_sub_signed(t))
+        .and_then(|t| zone.naive(Utc::now()).checked_sub_signed(t))
     else {
         return Ok(0);
     };
@@ -35,6 +38,7 @@ pub async fn run_sweeper(
     pool: MySqlPool,
     timeout: Duration,
     interval: Duration,
+    zone: Zone,
     shutdown: CancellationToken,
 ) {
     info!(
@@ -42,7 +46,7 @@ pub async fn run_sweeper(
         "presence: devices silent this long are set offline"
     );
     loop {
-        match sweep(&pool, timeout).await {
+        match sweep(&pool, timeout, zone).await {
             Ok(0) => debug!("presence sweep: nothing changed"),
             Ok(n) => info!(
                 devices = n,

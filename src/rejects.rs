@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
 use sqlx::{MySqlPool, Row};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use crate::rejection::Rejection;
 use crate::store::{delete_in_batches, exact_chunks, placeholders};
+use crate::zone::Zone;
 
 /// Longest topic kept (the column is `VARCHAR(255)`).
 const TOPIC_MAX_CHARS: usize = 255;
@@ -76,10 +77,11 @@ impl RejectSink {
         evidence: Evidence,
         device: Option<&str>,
         rejection: &Rejection,
-        received_at: DateTime<Utc>,
+        received_at: DateTime<FixedOffset>,
     ) {
         let record = RejectRecord {
-            received_at: received_at.naive_utc(),
+            // In the database's zone, like every DATETIME the service writes.
+            received_at: received_at.naive_local(),
             topic: evidence.topic,
             device: device.map(str::to_owned),
             reason: rejection.reason(),
@@ -165,11 +167,16 @@ async fn insert(pool: &MySqlPool, records: &[RejectRecord]) -> Result<(), sqlx::
 }
 
 /// Keeps at most `keep` rows and none older than `retention`; deletes in small batches.
-pub async fn prune(pool: &MySqlPool, keep: u64, retention: Duration) -> Result<u64, sqlx::Error> {
+pub async fn prune(
+    pool: &MySqlPool,
+    keep: u64,
+    retention: Duration,
+    zone: Zone,
+) -> Result<u64, sqlx::Error> {
     let mut deleted = 0;
     if let Some(cutoff) = chrono::Duration::from_std(retention)
         .ok()
-        .and_then(|age| Utc::now().naive_utc().checked_sub_signed(age))
+        .and_then(|age| zone.naive(Utc::now()).checked_sub_signed(age))
     {
         deleted += delete_in_batches(
             pool,
@@ -203,10 +210,11 @@ pub async fn run_retention(
     keep: u64,
     retention: Duration,
     interval: Duration,
+    zone: Zone,
     shutdown: CancellationToken,
 ) {
     loop {
-        match prune(&pool, keep, retention).await {
+        match prune(&pool, keep, retention, zone).await {
             Ok(0) => {}
             Ok(n) => debug!(deleted = n, "old rejects removed"),
             Err(e) => warn!(error = %e, "reject retention failed; trying again later"),
@@ -290,7 +298,7 @@ impl StoredReject {
             payload.push_str(&format!(" … ({} bytes in all)", self.payload_bytes));
         }
         format!(
-            "{}Z  {}  {}\n    {}\n    payload: {}",
+            "{}  {}  {}\n    {}\n    payload: {}",
             self.received_at.format("%Y-%m-%d %H:%M:%S%.3f"),
             self.reason,
             self.topic.escape_debug(),
@@ -321,7 +329,7 @@ mod tests {
                 sink.evidence("t", b"x"),
                 None,
                 &Rejection::NotObject,
-                Utc::now(),
+                Utc::now().fixed_offset(),
             );
         }
         assert_eq!(sink.dropped(), 5);

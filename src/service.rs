@@ -16,6 +16,7 @@ use crate::health::Health;
 use crate::http;
 use crate::mqtt;
 use crate::rejects::RejectSink;
+use crate::sensors::{self, Discovery};
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreOptions};
 use crate::systemd;
@@ -33,7 +34,10 @@ pub struct Service {
 impl Service {
     /// A service for `settings`.
     pub fn new(settings: Settings) -> Self {
-        let stats = Arc::new(Stats::new(settings.log.warn_interval));
+        let stats = Arc::new(Stats::with_style(
+            settings.log.warn_interval,
+            settings.log.style,
+        ));
         Self {
             settings,
             health: Arc::new(Health::new(stats.clone())),
@@ -105,6 +109,7 @@ impl Service {
         if !prepare_database(&pool, db.auto_migrate, &shutdown).await? {
             return Ok(()); // stopped before the database was ever reachable
         }
+        let store_options = store_options(&pool, &settings).await?;
 
         let (connection, acker) = mqtt::client(&settings.mqtt)?;
         let keep = &settings.keep;
@@ -123,6 +128,7 @@ impl Service {
                 pool.clone(),
                 settings.presence.timeout,
                 settings.presence.sweep_interval,
+                db.zone,
                 shutdown.clone(),
             )));
         }
@@ -131,6 +137,7 @@ impl Service {
                 pool.clone(),
                 keep.history_retention,
                 keep.maintenance_interval,
+                db.zone,
                 shutdown.clone(),
             )));
         }
@@ -140,29 +147,10 @@ impl Service {
                 keep.rejects_keep,
                 keep.rejects_retention,
                 keep.maintenance_interval,
+                db.zone,
                 shutdown.clone(),
             )));
         }
-        let write_mode = match store::write_mode(&pool).await {
-            Ok((mode, None)) => {
-                info!(mode = %mode, "device rows are written by primary key");
-                mode
-            }
-            Ok((mode, Some(why))) => {
-                info!(mode = %mode, reason = %why, "device rows are written with the portable statement");
-                mode
-            }
-            Err(e) => {
-                let mode = store::WriteMode::JoinUpdate;
-                warn!(mode = %mode, error = %e, "could not inspect device_main; using the portable statement");
-                mode
-            }
-        };
-        let store_options = StoreOptions {
-            register_unknown_devices: settings.ingest.register_unknown_devices,
-            history: keep.history,
-            write_mode,
-        };
         let ingest = &settings.ingest;
         let per_writer = (ingest.queue_capacity / ingest.writers).max(1);
         let batching = Batching {
@@ -177,7 +165,7 @@ impl Service {
             let queue = Arc::new(Queue::new(per_writer, !keep.history));
             queues.push(queue.clone());
             writers.push(tokio::spawn(run_writer(
-                Store::new(pool.clone(), store_options),
+                Store::new(pool.clone(), store_options.clone()),
                 queue,
                 acker.clone(),
                 rejects.clone(),
@@ -198,7 +186,11 @@ impl Service {
             stats.clone(),
             shutdown.clone(),
         ));
-        let ticker = tokio::spawn(log_stats_every(settings.log.stats_interval, stats.clone()));
+        let ticker = tokio::spawn(log_stats_every(
+            settings.log.stats_interval,
+            stats.clone(),
+            db.zone,
+        ));
         for task in writers
             .iter()
             .chain([&event_loop, &ticker])
@@ -243,10 +235,85 @@ impl Service {
         }
         drop(background);
         ticker.abort();
-        info!("final statistics\n{}", stats.snapshot().render());
+        info!("final statistics\n{}", render_stats(&stats, db.zone));
         pool.close().await;
         writers_done.and(loop_done).and(rejects_done)
     }
+}
+
+/// What the store needs to know about the tables it writes, read once at start-up: how to
+/// write `device_main` rows, how long `device_status` may be, and whether `device_sensors` is
+/// there. Refuses `INGEST_REGISTER_UNKNOWN_DEVICES` where `device_main` needs values on insert
+/// that the service does not have (CodeHubot's `device_secret`): such rows could not be made.
+async fn store_options(
+    pool: &sqlx::MySqlPool,
+    settings: &Settings,
+) -> anyhow::Result<StoreOptions> {
+    let write_mode = match store::write_mode(pool).await {
+        Ok((mode, None)) => {
+            info!(mode = %mode, "device rows are written by primary key");
+            mode
+        }
+        Ok((mode, Some(why))) => {
+            info!(mode = %mode, reason = %why, "device rows are written with the portable statement");
+            mode
+        }
+        Err(e) => {
+            let mode = store::WriteMode::JoinUpdate;
+            warn!(mode = %mode, error = %e, "could not inspect device_main; using the portable statement");
+            mode
+        }
+    };
+    let register = settings.ingest.register_unknown_devices;
+    if register {
+        let required = store::required_columns(pool)
+            .await
+            .context("cannot inspect device_main for INGEST_REGISTER_UNKNOWN_DEVICES")?;
+        if !required.is_empty() {
+            anyhow::bail!(
+                "INGEST_REGISTER_UNKNOWN_DEVICES=true, but device_main needs a value for {} on insert, which the service does not have: register devices through the backend, or set INGEST_REGISTER_UNKNOWN_DEVICES=false",
+                required.join(", ")
+            );
+        }
+    }
+    let device_status_chars = store::column_chars(pool, "device_main", "device_status")
+        .await
+        .unwrap_or_else(|e| {
+            warn!(error = %e, "could not read the length of device_main.device_status; statuses are written uncut");
+            None
+        });
+    let sensors = match &settings.keep.device_sensors_table {
+        None => {
+            info!("DEVICE_SENSORS_TABLE is empty: no per-sensor rows are written");
+            None
+        }
+        Some(name) => match sensors::discover(pool, name).await {
+            Ok(Discovery::Found(table)) => {
+                info!(table = %name, "every reading also updates its row in the per-sensor table");
+                Some(table)
+            }
+            Ok(Discovery::Absent) => {
+                info!(table = %name, "no per-sensor table in this database: readings go to device_main only");
+                None
+            }
+            Ok(Discovery::Unusable(why)) => {
+                warn!(table = %name, reason = %why, "the per-sensor table cannot be written; readings go to device_main only");
+                None
+            }
+            Err(e) => {
+                warn!(table = %name, error = %e, "could not inspect the per-sensor table; readings go to device_main only");
+                None
+            }
+        },
+    };
+    Ok(StoreOptions {
+        register_unknown_devices: register,
+        history: settings.keep.history,
+        write_mode,
+        zone: settings.db.zone,
+        device_status_chars,
+        sensors,
+    })
 }
 
 /// Waits for the pool to answer and runs the migrations; retries while the database is
@@ -335,7 +402,17 @@ impl Drop for Background {
     }
 }
 
-async fn log_stats_every(interval: Duration, stats: Arc<Stats>) {
+/// The statistics block in the configured words (`LOG_STYLE`).
+fn render_stats(stats: &Stats, zone: crate::zone::Zone) -> String {
+    let snap = stats.snapshot();
+    if stats.codehubot_wording() {
+        snap.render_codehubot(zone)
+    } else {
+        snap.render()
+    }
+}
+
+async fn log_stats_every(interval: Duration, stats: Arc<Stats>, zone: crate::zone::Zone) {
     if interval.is_zero() {
         return;
     }
@@ -349,7 +426,7 @@ async fn log_stats_every(interval: Duration, stats: Arc<Stats>) {
             failed = snap.failed,
             connected = snap.connected,
             "statistics\n{}",
-            snap.render()
+            render_stats(&stats, zone)
         );
     }
 }

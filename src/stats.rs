@@ -5,8 +5,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Local, Utc};
 
+use crate::config::LogStyle;
 use crate::rejection::Rejection;
+use crate::timestamp::Undatable;
 use crate::warn_limit::WarnLimiter;
+use crate::zone::Zone;
 
 /// Upper bounds (seconds) of the flush-latency histogram's buckets: from a fast local commit
 /// (1 ms) to a database in trouble (10 s).
@@ -24,6 +27,8 @@ pub struct Stats {
     failed: AtomicU64,
     rejected: [AtomicU64; Rejection::REASONS.len()],
     parts_skipped: AtomicU64,
+    /// Device timestamps that dated nothing, by [`Undatable::ALL`].
+    undated: [AtomicU64; Undatable::ALL.len()],
     db_errors: AtomicU64,
     batches: AtomicU64,
     rows_written: AtomicU64,
@@ -39,6 +44,8 @@ pub struct Stats {
     /// Milliseconds after `started` of the event loop's last sign of life, or [`WAITING`] while
     /// it waits on purpose (backoff, a full queue).
     loop_beat_ms: AtomicU64,
+    /// Which words the lines operators grep for use.
+    style: LogStyle,
 }
 
 /// `loop_beat_ms` while the event loop waits on purpose.
@@ -61,6 +68,7 @@ impl Stats {
             failed: AtomicU64::new(0),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
             parts_skipped: AtomicU64::new(0),
+            undated: std::array::from_fn(|_| AtomicU64::new(0)),
             db_errors: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             rows_written: AtomicU64::new(0),
@@ -72,7 +80,21 @@ impl Stats {
             flush_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             flush_micros: AtomicU64::new(0),
             loop_beat_ms: AtomicU64::new(0),
+            style: LogStyle::Default,
         }
+    }
+
+    /// The same, with the log lines operators grep for in `style`'s words.
+    pub fn with_style(warn_interval: Duration, style: LogStyle) -> Self {
+        Self {
+            style,
+            ..Self::new(warn_interval)
+        }
+    }
+
+    /// Whether log lines also use the Python service's words (`LOG_STYLE=codehubot`).
+    pub fn codehubot_wording(&self) -> bool {
+        self.style == LogStyle::Codehubot
     }
 
     /// Whether a warning about `key` (a device) for `reason` should be logged now; `Some(n)`
@@ -101,6 +123,8 @@ pub struct Snapshot {
     pub rejected: Vec<(&'static str, u64)>,
     /// Parts of accepted messages that were skipped (a bad sensor beside good ones).
     pub parts_skipped: u64,
+    /// Device timestamps that dated nothing, by reason (their readings kept the receive time).
+    pub undated: Vec<(&'static str, u64)>,
     /// Failed database attempts (each retried).
     pub db_errors: u64,
     /// Committed batches (transactions).
@@ -187,6 +211,13 @@ impl Stats {
         }
     }
 
+    /// A device timestamp dated nothing.
+    pub fn undated(&self, why: Undatable) {
+        if let Some(i) = Undatable::ALL.iter().position(|u| *u == why) {
+            self.undated[i].fetch_add(1, Relaxed);
+        }
+    }
+
     /// Parts of an accepted message were skipped.
     pub fn parts_skipped(&self, n: u64) {
         self.parts_skipped.fetch_add(n, Relaxed);
@@ -245,6 +276,11 @@ impl Stats {
                 .map(|(r, n)| (*r, n.load(Relaxed)))
                 .collect(),
             parts_skipped: self.parts_skipped.load(Relaxed),
+            undated: Undatable::ALL
+                .iter()
+                .zip(&self.undated)
+                .map(|(u, n)| (u.as_str(), n.load(Relaxed)))
+                .collect(),
             db_errors: self.db_errors.load(Relaxed),
             batches: self.batches.load(Relaxed),
             rows_written: self.rows_written.load(Relaxed),
@@ -309,9 +345,81 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// The statistics block in the words of CodeHubot's Python service (its README tells
+    /// operators to grep for `📊 MQTT服务统计`); the last message's time on `zone`'s clock, as
+    /// that service showed it in Beijing time.
+    pub fn render_codehubot(&self, zone: Zone) -> String {
+        let secs = self.uptime.as_secs();
+        let days = secs / 86_400;
+        // Python's str(timedelta), without the microseconds.
+        let clock = format!(
+            "{}:{:02}:{:02}",
+            secs / 3600 % 24,
+            secs / 60 % 60,
+            secs % 60
+        );
+        let uptime = match days {
+            0 => clock,
+            1 => format!("1 day, {clock}"),
+            n => format!("{n} days, {clock}"),
+        };
+        let connection = if self.connected {
+            "✅ 已连接"
+        } else {
+            "❌ 未连接"
+        };
+        let rule = "=".repeat(70);
+        let mut out = format!(
+            "{rule}\n📊 MQTT服务统计信息\n{rule}\n  运行时间: {uptime}\n  连接状态: {connection}\n  总消息数: {}\n  成功处理: {}\n  处理失败: {}\n  成功率: {:.2}%\n",
+            self.received,
+            self.succeeded,
+            self.failed,
+            self.success_rate().unwrap_or(0.0)
+        );
+        if let Some(t) = self.last_message {
+            out.push_str(&format!(
+                "  最后消息: {}\n",
+                zone.at(t).format("%Y-%m-%d %H:%M:%S")
+            ));
+        }
+        out.push_str(&rule);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_the_python_services_block() {
+        let s = Stats::with_style(Duration::from_secs(60), LogStyle::Codehubot);
+        assert!(s.codehubot_wording());
+        for _ in 0..4 {
+            s.received();
+        }
+        s.succeeded(3);
+        s.rejected(&Rejection::UnknownDevice);
+        s.connected(true);
+        let mut snap = s.snapshot();
+        snap.uptime = Duration::from_secs(2 * 3600 + 30 * 60 + 15);
+        snap.last_message = DateTime::from_timestamp(1_766_125_800, 0);
+        let text = snap.render_codehubot(Zone::default());
+        let rule = "=".repeat(70);
+        assert_eq!(
+            text,
+            format!(
+                "{rule}\n📊 MQTT服务统计信息\n{rule}\n  运行时间: 2:30:15\n  连接状态: ✅ 已连接\n  总消息数: 4\n  成功处理: 3\n  处理失败: 1\n  成功率: 75.00%\n  最后消息: 2025-12-19 14:30:00\n{rule}"
+            )
+        );
+        snap.uptime = Duration::from_secs(86_400 * 2 + 5);
+        snap.connected = false;
+        snap.last_message = None;
+        let text = snap.render_codehubot(Zone::default());
+        assert!(text.contains("  运行时间: 2 days, 0:00:05\n"), "{text}");
+        assert!(text.contains("❌ 未连接") && !text.contains("最后消息"));
+    }
 
     #[test]
     fn counts_and_renders_the_seed_block() {

@@ -16,6 +16,8 @@ use crate::config::{DbSettings, DbSslMode};
 use crate::history::{self, HistoryRow};
 use crate::merge::DeviceState;
 use crate::model::Update;
+use crate::sensors::{self, SensorTable};
+use crate::zone::Zone;
 
 /// The migrations in `migrations/`, compiled in.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -95,7 +97,7 @@ fn refuses_upserts(e: &sqlx::Error) -> bool {
         .is_some_and(|d| matches!(d.number(), 1142 | 1364 | 1442 | 3819 | 4025))
 }
 
-/// Connection options for the settings; the session time zone is UTC.
+/// Connection options for the settings; the session's `time_zone` is set by [`pool`].
 pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
     let mut options = MySqlConnectOptions::new()
         .host(&db.host)
@@ -103,7 +105,7 @@ pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
         .username(&db.user)
         .database(&db.name)
         .charset("utf8mb4")
-        .timezone(Some("+00:00".to_owned()))
+        .timezone(Some(db.zone.session_offset()))
         .ssl_mode(match db.ssl_mode {
             DbSslMode::Disabled => MySqlSslMode::Disabled,
             DbSslMode::Preferred => MySqlSslMode::Preferred,
@@ -128,14 +130,29 @@ pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
 
 /// A pool like the seed's: `pool_min` kept, up to `pool_max`, recycled, pinged before use.
 /// It connects lazily, so the service starts while the database is down.
+///
+/// Each session's `time_zone` is the database zone's offset (`DB_TIMEZONE`), so that `NOW()`
+/// and `ON UPDATE CURRENT_TIMESTAMP` columns agree with what the service writes. For a zone
+/// with daylight saving, a connection keeps the offset in force when it connected, until it is
+/// recycled (`DB_POOL_RECYCLE_SECS`).
 pub fn pool(db: &DbSettings) -> MySqlPool {
+    let zone = db.zone;
     MySqlPoolOptions::new()
         .min_connections(db.pool_min)
         .max_connections(db.pool_max)
         .max_lifetime(db.recycle)
         .acquire_timeout(db.connect_timeout)
         .test_before_acquire(true)
-        .connect_lazy_with(connect_options(db))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                // The offset is digits and a sign, from `Zone`: safe to put in the text.
+                let offset = zone.session_offset();
+                conn.execute(sqlx::AssertSqlSafe(format!("SET time_zone = '{offset}'")))
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .connect_lazy_with(connect_options(db).timezone(None))
 }
 
 /// Runs the migrations (idempotent: `device_main` is created only where it is absent).
@@ -208,7 +225,7 @@ pub struct Store {
 }
 
 /// What a store writes besides the device rows, and how.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreOptions {
     /// Create a `device_main` row for an unknown uuid instead of rejecting its messages.
     pub register_unknown_devices: bool,
@@ -216,6 +233,13 @@ pub struct StoreOptions {
     pub history: bool,
     /// How merged rows go back ([`write_mode`] picks it for the table at start-up).
     pub write_mode: WriteMode,
+    /// The zone of the DATETIME columns.
+    pub zone: Zone,
+    /// `device_status`'s length in characters (read at start-up): a longer status is cut to
+    /// fit rather than failing the write. `None`: unknown, written as it is.
+    pub device_status_chars: Option<usize>,
+    /// `device_sensors`, when found at start-up.
+    pub sensors: Option<SensorTable>,
 }
 
 /// How merged rows are written back. Either way each row was read and locked first in the same
@@ -269,15 +293,7 @@ pub async fn write_mode(pool: &MySqlPool) -> Result<(WriteMode, Option<String>),
             )),
         ));
     }
-    let required: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
-         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
-           AND IS_NULLABLE = 'NO' AND COLUMN_DEFAULT IS NULL \
-           AND EXTRA NOT LIKE '%auto_increment%' AND COALESCE(GENERATION_EXPRESSION, '') = '' \
-           AND COLUMN_NAME NOT IN ({OWN_COLUMNS})"
-    )))
-    .fetch_all(pool)
-    .await?;
+    let required = required_columns(pool).await?;
     if !required.is_empty() {
         return Ok((
             WriteMode::JoinUpdate,
@@ -314,6 +330,37 @@ pub async fn write_mode(pool: &MySqlPool) -> Result<(WriteMode, Option<String>),
         ));
     }
     Ok((WriteMode::Upsert, None))
+}
+
+/// Columns of `device_main` that an INSERT must give a value for and the service does not have
+/// (NOT NULL, no default, not generated, not auto-increment): CodeHubot's `device_secret`.
+pub async fn required_columns(pool: &MySqlPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
+           AND IS_NULLABLE = 'NO' AND COLUMN_DEFAULT IS NULL \
+           AND EXTRA NOT LIKE '%auto_increment%' AND COALESCE(GENERATION_EXPRESSION, '') = '' \
+           AND COLUMN_NAME NOT IN ({OWN_COLUMNS})"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+/// The length in characters of a text column of the connected database, if it has one.
+pub async fn column_chars(
+    pool: &MySqlPool,
+    table: &str,
+    column: &str,
+) -> Result<Option<usize>, sqlx::Error> {
+    let length: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+    )
+    .bind(table)
+    .bind(column)
+    .fetch_optional(pool)
+    .await?;
+    Ok(length.flatten().and_then(|l| usize::try_from(l).ok()))
 }
 
 /// A device row read under lock: its primary key, the columns an upsert must repeat, and its
@@ -407,16 +454,32 @@ impl Store {
             let indices: Vec<usize> = (0..updates.len())
                 .filter(|&i| chunk.contains(&group[i]))
                 .collect();
-            rows_written += merge_chunk(&mut tx, updates, &indices, &mut outcomes, mode).await?;
+            rows_written += merge_chunk(
+                &mut tx,
+                updates,
+                &indices,
+                &mut outcomes,
+                mode,
+                self.options.device_status_chars,
+            )
+            .await?;
         }
-        if self.options.history {
-            let mut rows: Vec<HistoryRow> = updates
+        let written = || {
+            updates
                 .iter()
                 .zip(&outcomes)
                 .filter(|(_, o)| **o == Applied::Written)
-                .flat_map(|(u, _)| history::rows_of(u))
+                .map(|(u, _)| *u)
+        };
+        if self.options.history {
+            let mut rows: Vec<HistoryRow> = written()
+                .flat_map(|u| history::rows_of(u, self.options.zone))
                 .collect();
             history::append(&mut tx, &mut rows).await?;
+        }
+        if let Some(table) = &self.options.sensors {
+            let rows = sensors::rows_of(written(), table, self.options.zone);
+            sensors::upsert(&mut tx, table, &rows).await?;
         }
         tx.commit().await?;
         Ok(BatchOutcome {
@@ -464,6 +527,7 @@ async fn merge_chunk(
     indices: &[usize],
     outcomes: &mut [Applied],
     mode: WriteMode,
+    status_chars: Option<usize>,
 ) -> Result<usize, StoreError> {
     let devices = distinct(indices.iter().map(|&i| updates[i].device.as_str()));
     let mut rows = lock_rows(tx, &devices).await?;
@@ -507,23 +571,52 @@ async fn merge_chunk(
         .zip(&touched)
         .filter_map(|(r, t)| t.then_some(r))
         .collect();
-    write_rows(tx, &changed, mode).await?;
+    write_rows(tx, &changed, mode, status_chars).await?;
     Ok(changed.len())
 }
 
 /// Creates rows for devices that have none, as the backend registers one: `device_id`, `uuid`
-/// and `name` (all the uuid); every other column keeps its default.
+/// and `name` (all the uuid); every other column keeps its default. Only the missing ones are
+/// inserted, without padding: every INSERT row, even one that IGNORE turns away, takes an
+/// AUTO_INCREMENT id, and a device that exists must not cost one per batch.
 async fn register(
     tx: &mut Transaction<'static, MySql>,
     devices: &[&str],
 ) -> Result<(), StoreError> {
+    let mut existing: HashSet<String> = HashSet::new();
     for chunk in shaped_chunks(devices) {
+        let sql = format!(
+            "SELECT uuid FROM device_main WHERE uuid IN ({})",
+            placeholders(chunk.len(), "?", ", ")
+        );
+        let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+        for d in &chunk {
+            q = q.bind(*d);
+        }
+        // The column's collation usually ignores case: so does the comparison here.
+        existing.extend(
+            q.fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .map(|u| u.to_ascii_lowercase()),
+        );
+    }
+    let mut seen = HashSet::new();
+    let missing: Vec<&str> = devices
+        .iter()
+        .copied()
+        .filter(|d| {
+            let folded = d.to_ascii_lowercase();
+            !existing.contains(&folded) && seen.insert(folded)
+        })
+        .collect();
+    for chunk in exact_chunks(&missing) {
         let sql = format!(
             "INSERT IGNORE INTO device_main (device_id, uuid, name) VALUES {}",
             placeholders(chunk.len(), "(?, ?, ?)", ", ")
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for d in &chunk {
+        for d in chunk {
             q = q.bind(*d).bind(*d).bind(*d);
         }
         q.execute(&mut **tx).await?;
@@ -604,11 +697,13 @@ fn write_sql(mode: WriteMode, rows: usize) -> String {
     }
 }
 
-/// Writes the merged rows back, one multi-row statement per chunk, keyed by the primary key.
+/// Writes the merged rows back, one multi-row statement per chunk, keyed by the primary key;
+/// `device_status` cut to `status_chars` characters.
 async fn write_rows(
     tx: &mut Transaction<'static, MySql>,
     rows: &[&LockedRow],
     mode: WriteMode,
+    status_chars: Option<usize>,
 ) -> Result<(), StoreError> {
     for chunk in shaped_chunks(rows) {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(write_sql(mode, chunk.len())));
@@ -626,11 +721,19 @@ async fn write_rows(
                 .bind(s.last_seen)
                 .bind(s.last_heartbeat)
                 .bind(i8::from(s.is_online))
-                .bind(s.device_status.as_deref());
+                .bind(s.device_status.as_deref().map(|st| fit(st, status_chars)));
         }
         q.execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// `s` cut to at most `chars` characters (`None`: as it is).
+fn fit(s: &str, chars: Option<usize>) -> &str {
+    match chars.and_then(|n| s.char_indices().nth(n)) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
 }
 
 /// Runs `sql` (a `DELETE … LIMIT n` with one placeholder, bound to `arg`) until it deletes fewer

@@ -422,6 +422,10 @@ impl Outcomes<'_> {
                 similar_left_out = left_out,
                 "message rejected{hint}"
             );
+            if rejection == Rejection::UnknownDevice && self.stats.codehubot_wording() {
+                // The Python service's words, which its README has operators grep for.
+                warn!(device = %job.update.device, "⚠️ 设备不存在: {}", job.update.device);
+            }
         }
         let Held {
             job, folded_acks, ..
@@ -528,7 +532,10 @@ mod tests {
         Job {
             update: Update {
                 device: DeviceUuid::parse(device).unwrap(),
-                received_at: Utc.timestamp_opt(1_766_000_000 + secs, 0).unwrap(),
+                received_at: Utc
+                    .timestamp_opt(1_766_000_000 + secs, 0)
+                    .unwrap()
+                    .fixed_offset(),
                 reading_time: None,
                 change,
             },
@@ -545,7 +552,7 @@ mod tests {
         let change = Change::Status(StatusReport {
             fields: Default::default(),
             device_status: None,
-            online: None,
+            online: true,
         });
         job(device, secs, change)
     }

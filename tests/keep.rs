@@ -330,19 +330,24 @@ async fn the_sweep_sets_offline_in_sql_so_it_is_right_after_a_restart() {
     let pool = db.pool();
     register(&pool, "stale").await;
     register(&pool, "fresh").await;
-    sqlx::query("UPDATE device_main SET is_online = 1, last_seen = UTC_TIMESTAMP() - INTERVAL 10 MINUTE WHERE uuid = 'stale'")
+    // last_seen on Beijing's wall clock, as the service (DB_TIMEZONE's default) writes it.
+    sqlx::query("UPDATE device_main SET is_online = 1, last_seen = UTC_TIMESTAMP() + INTERVAL 8 HOUR - INTERVAL 10 MINUTE WHERE uuid = 'stale'")
         .execute(&pool)
         .await
         .unwrap();
     sqlx::query(
-        "UPDATE device_main SET is_online = 1, last_seen = UTC_TIMESTAMP() WHERE uuid = 'fresh'",
+        "UPDATE device_main SET is_online = 1, last_seen = UTC_TIMESTAMP() + INTERVAL 8 HOUR WHERE uuid = 'fresh'",
     )
     .execute(&pool)
     .await
     .unwrap();
-    let changed = mqtt_ingest::presence::sweep(&pool, Duration::from_secs(90))
-        .await
-        .unwrap();
+    let changed = mqtt_ingest::presence::sweep(
+        &pool,
+        Duration::from_secs(90),
+        mqtt_ingest::zone::Zone::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(changed, 1);
     assert!(
         !app::device(&pool, "stale")

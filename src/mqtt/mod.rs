@@ -589,20 +589,36 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
             let device = settings.topics.parse(&topic).ok().map(|(d, _)| d);
             let device_key = device.as_ref().map_or("", |d| d.as_str());
             if let Some(left_out) = stats.should_warn(device_key, rejection.reason()) {
-                warn!(
-                    topic = %shown_topic(&topic),
-                    reason = rejection.reason(),
-                    error = %rejection,
-                    similar_left_out = left_out,
-                    "message rejected"
-                );
+                match &rejection {
+                    // The Python service's words, which its README has operators grep for.
+                    crate::rejection::Rejection::NotJson(e) if stats.codehubot_wording() => {
+                        let head: String = String::from_utf8_lossy(&payload)
+                            .chars()
+                            .take(100)
+                            .collect();
+                        warn!(
+                            topic = %shown_topic(&topic),
+                            reason = rejection.reason(),
+                            similar_left_out = left_out,
+                            "❌ JSON解析失败: {e}, payload: {}",
+                            head.escape_debug()
+                        );
+                    }
+                    _ => warn!(
+                        topic = %shown_topic(&topic),
+                        reason = rejection.reason(),
+                        error = %rejection,
+                        similar_left_out = left_out,
+                        "message rejected"
+                    ),
+                }
             }
             if let (Some(sink), Some(evidence)) = (rejects, evidence) {
                 sink.record(
                     evidence,
                     device.as_ref().map(|d| d.as_str()),
                     &rejection,
-                    received_at,
+                    rules.time.zone.at(received_at),
                 );
             }
             // Final: the same message would be rejected again.
@@ -611,6 +627,7 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
             }
         }
         Ok(accepted) => {
+            report_undated(&accepted, stats);
             if !accepted.skipped.is_empty() {
                 stats.parts_skipped(accepted.skipped.len() as u64);
                 let device_key = accepted.update.device.as_str();
@@ -626,6 +643,11 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
                         similar_left_out = left_out,
                         "skipped part of a message"
                     );
+                    if stats.codehubot_wording() {
+                        for name in accepted.skipped.iter().filter_map(|s| s.bad_name.as_ref()) {
+                            warn!(device = %accepted.update.device, "⚠️ 传感器名称格式不正确，跳过: {name}");
+                        }
+                    }
                 }
             }
             let job = Job {
@@ -647,6 +669,27 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
                 debug!("writer closed; message left to the broker for redelivery");
             }
         }
+    }
+}
+
+/// Counts the timestamps of `accepted` that dated nothing and warns about them, at most once
+/// per warning interval for all devices together: a fleet whose firmware sends uptime counters
+/// (CodeHubot's does) would otherwise warn for every device, all the time.
+fn report_undated(accepted: &payload::Accepted, stats: &Stats) {
+    for u in &accepted.undated {
+        stats.undated(u.reason);
+    }
+    if let Some(first) = accepted.undated.first()
+        && let Some(left_out) = stats.should_warn("", "timestamp_undated")
+    {
+        warn!(
+            device = %accepted.update.device,
+            part = %first.part,
+            value = %first.shown,
+            reason = first.reason.as_str(),
+            similar_left_out = left_out,
+            "a device timestamp dates nothing (not a wall-clock time, or too far ahead): its readings keep the receive time"
+        );
     }
 }
 

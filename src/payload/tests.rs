@@ -8,7 +8,8 @@ fn at() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-const RECEIVED: &str = "2026-01-02T03:04:05.678Z";
+/// The receive time as stored: in the database's zone (Beijing by default).
+const RECEIVED: &str = "2026-01-02T11:04:05.678+08:00";
 
 fn dev() -> DeviceUuid {
     DeviceUuid::parse("test-device-uuid").unwrap()
@@ -52,7 +53,7 @@ fn seed_full_format_example() {
     );
     assert!(skipped.is_empty(), "{skipped:?}");
     let t = &d.sensors["temperature"];
-    assert_eq!(t.value, num(json!(25.5)));
+    assert_eq!(t.value, SensorValue::Number(num(json!(25.5))));
     assert_eq!(t.unit, "°C");
     assert_eq!(t.timestamp, "2025-12-19T14:30:00+08:00");
     let h = &d.sensors["humidity"];
@@ -99,12 +100,153 @@ fn simple_format_timestamp_is_reading_time_not_a_sensor() {
 }
 
 #[test]
-fn simple_format_bad_timestamp_drops_the_readings() {
-    let r = run(
-        TopicKind::Data,
-        r#"{"timestamp": "yesterday", "temperature": 1}"#,
+fn a_timestamp_that_dates_nothing_costs_no_reading() {
+    for (ts, reason) in [
+        (r#""yesterday""#, Undatable::NotATime),
+        ("1530", Undatable::NotATime),
+        (r#""9999-12-31T23:59:59Z""#, Undatable::Future),
+    ] {
+        let a = run(
+            TopicKind::Data,
+            &format!(r#"{{"timestamp": {ts}, "temperature": 1}}"#),
+        )
+        .unwrap();
+        assert_eq!(a.update.reading_time, None, "{ts}");
+        assert!(a.skipped.is_empty(), "{ts}: {:?}", a.skipped);
+        assert_eq!(a.undated.len(), 1);
+        assert_eq!(
+            (a.undated[0].part.as_str(), a.undated[0].reason),
+            ("timestamp", reason)
+        );
+        let Change::Data(d) = a.update.change else {
+            panic!()
+        };
+        assert_eq!(d.sensors["temperature"].timestamp, RECEIVED, "{ts}");
+    }
+}
+
+#[test]
+fn naive_and_numeric_timestamps_are_read_in_the_database_zone() {
+    let (d, _) = data(r#"{"timestamp": "2026-01-02T10:00:00", "t": 1}"#);
+    assert_eq!(d.sensors["t"].timestamp, "2026-01-02T10:00:00+08:00");
+    let a = run(TopicKind::Data, r#"{"timestamp": 1767322800, "t": 1}"#).unwrap();
+    assert_eq!(
+        a.update.reading_time.as_deref(),
+        Some("2026-01-02T11:00:00+08:00")
     );
-    assert!(matches!(r, Err(Rejection::NoValidData(m)) if m.contains("timestamp")));
+    let (d, _) = data(
+        r#"{"sensors": [{"sensor_name": "t", "value": 1, "timestamp": "2026-01-02 10:00:00.5"}]}"#,
+    );
+    assert_eq!(d.sensors["t"].timestamp, "2026-01-02T10:00:00.500+08:00");
+}
+
+/// What CodeHubot's ESP32 firmware publishes (its `snprintf` format strings): every reading is
+/// kept, the uptime counters date nothing, the strings are metadata without a warning.
+#[test]
+fn the_real_firmwares_payloads() {
+    let dht = run(
+        TopicKind::Data,
+        r#"{"device_id":"AIOT-ESP32-6E0067F6","sensor":"DHT11","temperature":24.3,"humidity":55.0,"timestamp":60}"#,
+    )
+    .unwrap();
+    assert!(dht.skipped.is_empty(), "{:?}", dht.skipped);
+    assert_eq!(dht.undated.len(), 1);
+    let Change::Data(d) = &dht.update.change else {
+        panic!()
+    };
+    assert_eq!(
+        d.sensors.keys().collect::<Vec<_>>(),
+        ["humidity", "temperature"]
+    );
+    assert_eq!(d.sensors["temperature"].value.to_string(), "24.3");
+    assert_eq!(d.sensors["humidity"].value.to_db_text(), "55.0");
+    assert_eq!(d.sensors["humidity"].sensor_type, "DHT11");
+    assert_eq!(d.sensors["humidity"].timestamp, RECEIVED);
+
+    let (d, skipped) = data(
+        r#"{"device_id":"AIOT-ESP32-6E0067F6","sensor":"DS18B20","temperature":23.8,"timestamp":60}"#,
+    );
+    assert!(skipped.is_empty());
+    assert_eq!(d.sensors["temperature"].sensor_type, "DS18B20");
+
+    for (raining, level, text) in [("true", 0, "True"), ("false", 1, "False")] {
+        let (d, skipped) = data(&format!(
+            r#"{{"device_id":"AIOT-ESP32-6E0067F6","sensor":"RAIN_SENSOR","is_raining":{raining},"level":{level},"timestamp":70}}"#
+        ));
+        assert!(skipped.is_empty());
+        assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["rain", "rain_level"]);
+        assert_eq!(d.sensors["rain"].value.to_db_text(), text);
+        assert_eq!(d.sensors["rain"].value.to_string(), raining);
+        assert_eq!(
+            d.sensors["rain_level"].value.to_db_text(),
+            level.to_string()
+        );
+        assert_eq!(d.sensors["rain"].sensor_type, "RAIN_SENSOR");
+    }
+
+    let st = run(
+        TopicKind::Status,
+        r#"{"device_id":"AIOT-ESP32-6E0067F6","uptime":90,"free_heap":168432,"wifi_connected":true,"mqtt_connected":true,"ble_connected":false,"timestamp":90}"#,
+    )
+    .unwrap();
+    let Change::Status(s) = &st.update.change else {
+        panic!()
+    };
+    assert!(s.online, "a status message is a sign of life");
+    assert_eq!(s.device_status, None);
+    assert_eq!(s.fields["free_heap"], json!(168432));
+
+    let hb = run(
+        TopicKind::Heartbeat,
+        r#"{"sequence":51,"timestamp":1530123,"status":1}"#,
+    )
+    .unwrap();
+    assert_eq!(hb.update.change, Change::Heartbeat);
+    assert_eq!(hb.update.reading_time, None);
+    assert_eq!(hb.undated[0].reason, Undatable::NotATime);
+}
+
+#[test]
+fn renames_parse_and_apply() {
+    assert_eq!(Renames::codehubot().0.len(), 2);
+    let rules = Rules {
+        renames: Renames::parse("*:temp=temperature, DHT11:hum=humidity").unwrap(),
+        ..Rules::default()
+    };
+    let a = process(
+        TopicKind::Data,
+        dev(),
+        br#"{"sensor":"dht11","temp":1,"hum":2,"is_raining":true}"#,
+        at(),
+        &rules,
+    )
+    .unwrap();
+    let Change::Data(d) = a.update.change else {
+        panic!()
+    };
+    assert_eq!(
+        d.sensors.keys().collect::<Vec<_>>(),
+        ["humidity", "is_raining", "temperature"]
+    );
+    // A rename for one type leaves other types alone; full-format entries rename by their
+    // own sensor_type.
+    let a = process(
+        TopicKind::Data,
+        dev(),
+        br#"{"sensors":[{"sensor_name":"hum","value":1,"sensor_type":"BME280"},{"sensor_name":"hum","value":2,"sensor_type":"DHT11"}]}"#,
+        at(),
+        &rules,
+    )
+    .unwrap();
+    let Change::Data(d) = a.update.change else {
+        panic!()
+    };
+    assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["hum", "humidity"]);
+    assert_eq!(d.sensors["hum"].sensor_type, "BME280");
+    for bad in ["x", "a:b", "T:=c", "T:a=B", "T:a=1x", ":a=b"] {
+        assert!(Renames::parse(bad).is_err(), "{bad}");
+    }
+    assert_eq!(Renames::parse(" ,, ").unwrap(), Renames::default());
 }
 
 #[test]
@@ -139,20 +281,31 @@ fn sensor_names_follow_the_seed_rule() {
 
 #[test]
 fn a_bad_sensor_beside_good_ones_is_skipped_with_its_reason() {
-    let (d, skipped) = data(r#"{"123abc": 1, "temperature": 20, "humidity": "wet"}"#);
+    let (d, skipped) = data(r#"{"123abc": 1, "temperature": 20, "humidity": [1], "label": "wet"}"#);
     assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["temperature"]);
-    assert_eq!(skipped.len(), 2);
-    assert!(skipped.iter().any(|s| s.part == "sensor \"123abc\""));
+    assert_eq!(
+        skipped.len(),
+        2,
+        "a string is metadata, not a bad sensor: {skipped:?}"
+    );
     assert!(
         skipped
             .iter()
-            .any(|s| s.part == "sensor \"humidity\"" && s.reason.contains("a string"))
+            .any(|s| s.part == "sensor \"123abc\"" && s.bad_name.as_deref() == Some("123abc"))
+    );
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.part == "sensor \"humidity\"" && s.reason.contains("an array"))
     );
 }
 
 #[test]
-fn values_must_be_numbers() {
-    for bad in ["true", "\"25\"", "null", "[1]", "{}"] {
+fn values_must_be_numbers_or_booleans() {
+    let (d, _) = data(r#"{"on": true, "off": false}"#);
+    assert_eq!(d.sensors["on"].value, SensorValue::Bool(true));
+    assert_eq!(d.sensors["off"].value.to_db_text(), "False");
+    for bad in ["\"25\"", "null", "[1]", "{}"] {
         let r = run(TopicKind::Data, &format!(r#"{{"t": {bad}}}"#));
         assert!(matches!(r, Err(Rejection::NoValidData(_))), "{bad}");
     }
@@ -184,11 +337,17 @@ fn full_format_entry_rules() {
             {"sensor_name": "a", "value": 1, "unit": 3},
             {"sensor_name": "b", "value": 1, "timestamp": "2025-13-45"},
             {"sensor_name": "c", "value": true},
+            {"sensor_name": "d", "value": "1"},
+            {"sensor_name": "e"},
             {"sensor_name": "ok", "value": 2, "unit": null, "timestamp": null, "extra": "ignored"}
         ]}"#,
     );
-    assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["ok"]);
+    assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["b", "c", "ok"]);
     assert_eq!(d.sensors["ok"].unit, "");
+    assert_eq!(
+        d.sensors["b"].timestamp, RECEIVED,
+        "an impossible date dates nothing"
+    );
     assert_eq!(skipped.len(), 6, "{skipped:?}");
 }
 
@@ -347,27 +506,32 @@ fn deep_nesting_is_rejected_not_a_stack_overflow() {
 #[test]
 fn status_online_offline_and_device_status() {
     let (s, _) = status(r#"{"status": "online", "battery": 95, "signal": "good"}"#);
-    assert_eq!(s.online, Some(true));
+    assert!(s.online);
     assert_eq!(s.device_status.as_deref(), Some("online"));
     assert_eq!(
         Value::Object(s.fields),
         json!({"status": "online", "battery": 95, "signal": "good"})
     );
-    let (s, _) = status(r#"{"status": "offline"}"#);
-    assert_eq!(s.online, Some(false));
+    let (s, _) = status(r#"{"status": "OFFLINE"}"#);
+    assert!(!s.online);
     let (s, _) = status(r#"{"status": "rebooting"}"#);
     assert_eq!(
         (s.online, s.device_status.as_deref()),
-        (None, Some("rebooting"))
+        (true, Some("rebooting"))
     );
     let (s, _) = status(r#"{"battery": 5}"#);
-    assert_eq!((s.online, s.device_status), (None, None));
+    assert_eq!((s.online, s.device_status), (true, None));
     let (s, skipped) = status(r#"{"status": 3}"#);
-    assert_eq!((s.online, s.device_status), (None, None));
+    assert_eq!((s.online, s.device_status.as_deref()), (true, Some("3")));
+    assert!(skipped.is_empty());
+    let (s, skipped) = status(r#"{"status": {"a": 1}}"#);
+    assert_eq!((s.online, s.device_status), (true, None));
     assert_eq!(skipped[0].part, "status.status");
+    // Cut to the column by the store, not refused here.
     let long = "x".repeat(51);
     let (s, skipped) = status(&format!(r#"{{"status": "{long}"}}"#));
-    assert!(s.device_status.is_none() && !skipped.is_empty());
+    assert_eq!(s.device_status, Some(long));
+    assert!(skipped.is_empty());
     assert!(matches!(
         run(TopicKind::Status, "[]"),
         Err(Rejection::NotObject)
@@ -463,7 +627,7 @@ proptest! {
             for (name, r) in &d.sensors {
                 prop_assert!(SENSOR_NAME.is_match(name));
                 prop_assert!(r.value.as_f64().is_some_and(f64::is_finite));
-                prop_assert!(is_rfc3339(&r.timestamp));
+                prop_assert!(DateTime::parse_from_rfc3339(&r.timestamp).is_ok());
             }
             if let Some(l) = d.location {
                 prop_assert!(l.latitude.as_f64().unwrap().abs() <= 90.0);

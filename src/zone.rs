@@ -1,0 +1,232 @@
+//! The database's time zone: the zone in which DATETIME columns (`last_seen`, `last_heartbeat`,
+//! `device_sensors.timestamp`, …) are written and timestamps without an offset are read.
+//!
+//! CodeHubot's backend and its Python MQTT service keep these columns as naive Beijing time
+//! (UTC+8) and the backend's offline check compares `last_seen` with Beijing "now", so that is
+//! the default. An IANA name (`Asia/Shanghai`, `Europe/Berlin`) or a fixed offset (`+08:00`,
+//! `UTC`) can be set with `DB_TIMEZONE`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, FixedOffset, LocalResult, NaiveDateTime, Offset, TimeZone, Utc};
+
+/// A time zone given by name or by a fixed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zone {
+    /// A fixed offset from UTC (`+08:00`, `UTC`).
+    Fixed(FixedOffset),
+    /// An IANA zone, whose offset may change over the year (daylight saving).
+    Named(chrono_tz::Tz),
+}
+
+impl Default for Zone {
+    /// Beijing time, what a CodeHubot backend expects.
+    fn default() -> Self {
+        Zone::Named(chrono_tz::Asia::Shanghai)
+    }
+}
+
+impl Zone {
+    /// UTC.
+    pub fn utc() -> Self {
+        Zone::Fixed(FixedOffset::east_opt(0).expect("zero is a valid offset"))
+    }
+
+    /// `instant` as the zone's wall clock shows it, with the offset in force then.
+    pub fn at(&self, instant: DateTime<Utc>) -> DateTime<FixedOffset> {
+        match self {
+            Zone::Fixed(offset) => instant.with_timezone(offset),
+            Zone::Named(tz) => instant.with_timezone(tz).fixed_offset(),
+        }
+    }
+
+    /// Now, in this zone.
+    pub fn now(&self) -> DateTime<FixedOffset> {
+        self.at(Utc::now())
+    }
+
+    /// The zone's wall-clock time at `instant`: what goes into a DATETIME column.
+    pub fn naive(&self, instant: DateTime<Utc>) -> NaiveDateTime {
+        self.at(instant).naive_local()
+    }
+
+    /// A wall-clock time of this zone as an instant. During a daylight-saving change a time
+    /// that occurs twice is read as the earlier one, and a time that never occurs is `None`.
+    pub fn from_naive(&self, wall: NaiveDateTime) -> Option<DateTime<FixedOffset>> {
+        match self {
+            Zone::Fixed(offset) => match offset.from_local_datetime(&wall) {
+                LocalResult::Single(t) => Some(t),
+                _ => None,
+            },
+            Zone::Named(tz) => match tz.from_local_datetime(&wall) {
+                LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => Some(t.fixed_offset()),
+                LocalResult::None => None,
+            },
+        }
+    }
+
+    /// The offset in force now, as MySQL's `time_zone` takes it (`+08:00`). A session gets
+    /// an offset rather than the name: named zones work on a MySQL/MariaDB server only once
+    /// its time-zone tables are loaded, which most are not.
+    pub fn session_offset(&self) -> String {
+        let secs = self.now().offset().fix().local_minus_utc();
+        let sign = if secs < 0 { '-' } else { '+' };
+        let minutes = secs.unsigned_abs() / 60;
+        format!("{sign}{:02}:{:02}", minutes / 60, minutes % 60)
+    }
+}
+
+impl fmt::Display for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Zone::Fixed(offset) if offset.local_minus_utc() == 0 => f.write_str("UTC"),
+            Zone::Fixed(offset) => write!(f, "{offset}"),
+            Zone::Named(tz) => f.write_str(tz.name()),
+        }
+    }
+}
+
+impl FromStr for Zone {
+    type Err = String;
+
+    /// `UTC`, `Z`, an offset (`+08:00`, `-0530`, `+8`), optionally after `UTC`/`GMT`
+    /// (`UTC+8`), or an IANA name (`Asia/Shanghai`).
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let s = raw.trim();
+        let bad = || {
+            format!(
+                "must be an IANA time zone (Asia/Shanghai) or an offset (+08:00, UTC), got {raw:?}"
+            )
+        };
+        if s.is_empty() {
+            return Err(bad());
+        }
+        let upper = s.to_ascii_uppercase();
+        if matches!(upper.as_str(), "UTC" | "Z" | "GMT" | "ETC/UTC") {
+            return Ok(Zone::utc());
+        }
+        let offset_text = upper
+            .strip_prefix("UTC")
+            .or_else(|| upper.strip_prefix("GMT"))
+            .unwrap_or(&upper);
+        if offset_text.starts_with(['+', '-']) {
+            return parse_offset(offset_text).map(Zone::Fixed).ok_or_else(bad);
+        }
+        s.parse::<chrono_tz::Tz>()
+            .map(Zone::Named)
+            .map_err(|_| bad())
+    }
+}
+
+/// `+08:00`, `+0800`, `+08`, `+8`, `-05:30`: at most ±14:00, as real zones are.
+fn parse_offset(s: &str) -> Option<FixedOffset> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (hours, minutes) = match rest.split_once(':') {
+        Some((h, m)) => (h, m),
+        None if rest.len() == 4 => rest.split_at(2),
+        None => (rest, "0"),
+    };
+    let all_digits =
+        |t: &str| !t.is_empty() && t.len() <= 2 && t.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(hours) || !all_digits(minutes) {
+        return None;
+    }
+    let (h, m): (i32, i32) = (hours.parse().ok()?, minutes.parse().ok()?);
+    if m >= 60 || h * 60 + m > 14 * 60 {
+        return None;
+    }
+    FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::NaiveDate;
+
+    #[test]
+    fn parses_names_and_offsets() {
+        assert_eq!("Asia/Shanghai".parse::<Zone>().unwrap(), Zone::default());
+        for utc in ["UTC", "utc", "Z", "GMT", "+00:00", "UTC+0", "-00:00"] {
+            assert_eq!(utc.parse::<Zone>().unwrap().to_string(), "UTC", "{utc}");
+        }
+        for (raw, secs) in [
+            ("+08:00", 8 * 3600),
+            ("+0800", 8 * 3600),
+            ("+8", 8 * 3600),
+            ("UTC+8", 8 * 3600),
+            ("-05:30", -(5 * 3600 + 1800)),
+            ("+14:00", 14 * 3600),
+        ] {
+            assert_eq!(
+                raw.parse::<Zone>().unwrap(),
+                Zone::Fixed(FixedOffset::east_opt(secs).unwrap()),
+                "{raw}"
+            );
+        }
+        for bad in [
+            "",
+            "Mars/Olympus",
+            "+15:00",
+            "+08:60",
+            "+8:0:0",
+            "08:00",
+            "+x",
+        ] {
+            assert!(bad.parse::<Zone>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn beijing_is_utc_plus_eight_on_the_wall_clock() {
+        let zone = Zone::default();
+        let instant = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        let wall = NaiveDate::from_ymd_opt(2026, 1, 2)
+            .unwrap()
+            .and_hms_opt(11, 4, 5)
+            .unwrap();
+        assert_eq!(zone.naive(instant), wall);
+        assert_eq!(zone.from_naive(wall).unwrap(), instant);
+        assert_eq!(zone.session_offset(), "+08:00");
+        assert_eq!(zone.at(instant).to_rfc3339(), "2026-01-02T11:04:05+08:00");
+    }
+
+    #[test]
+    fn daylight_saving_gaps_and_overlaps() {
+        let berlin: Zone = "Europe/Berlin".parse().unwrap();
+        let day = |d, h, m| {
+            NaiveDate::from_ymd_opt(2026, 3, d)
+                .unwrap()
+                .and_hms_opt(h, m, 0)
+                .unwrap()
+        };
+        // 2026-03-29 02:30 does not exist in Berlin.
+        assert_eq!(berlin.from_naive(day(29, 2, 30)), None);
+        assert_eq!(
+            berlin
+                .from_naive(day(28, 12, 0))
+                .unwrap()
+                .offset()
+                .local_minus_utc(),
+            3600
+        );
+        let autumn = NaiveDate::from_ymd_opt(2026, 10, 25)
+            .unwrap()
+            .and_hms_opt(2, 30, 0)
+            .unwrap();
+        // Occurs twice: the earlier (summer time) is taken.
+        assert_eq!(
+            berlin
+                .from_naive(autumn)
+                .unwrap()
+                .offset()
+                .local_minus_utc(),
+            7200
+        );
+        assert_eq!("-05:30".parse::<Zone>().unwrap().session_offset(), "-05:30");
+    }
+}
