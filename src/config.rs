@@ -318,12 +318,14 @@ pub const ALIASES: [(&str, &[&str]); 4] = [
     ("MQTT_PASSWORD", &["MQTT_SERVICE_PASSWORD"]),
 ];
 
+/// An aliased setting as resolved: its name, its value if any name set it, and the name the
+/// value came from (`"default"` for none).
+type Resolved = (&'static str, Option<String>, &'static str);
+
 /// The value of each aliased setting and the name it came from. An empty value counts as not
 /// set (example files leave `MQTT_USERNAME=` empty beside the name actually used); two names
 /// with different values are an error naming both, without the values (one may be a password).
-fn resolve_aliases(
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Vec<(&'static str, Option<String>, &'static str)>, ConfigError> {
+fn resolve_aliases(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Resolved>, ConfigError> {
     let mut out = Vec::with_capacity(ALIASES.len());
     for (canonical, aliases) in ALIASES {
         let secret = canonical.ends_with("PASSWORD");

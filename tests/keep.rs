@@ -178,6 +178,7 @@ async fn history_keeps_every_reading_once_and_old_rows_are_removed() {
     .fetch_all(&pool)
     .await
     .unwrap();
+    // Reading times on Beijing's wall clock (DB_TIMEZONE's default), like every DATETIME.
     assert_eq!(
         rows,
         [
@@ -185,19 +186,19 @@ async fn history_keeps_every_reading_once_and_old_rows_are_removed() {
                 "humidity".into(),
                 60.0,
                 "%".into(),
-                "2025-12-19 06:30:00".into()
+                "2025-12-19 14:30:00".into()
             ),
             (
                 "temperature".into(),
                 25.5,
                 "°C".into(),
-                "2025-12-19 06:30:00".into()
+                "2025-12-19 14:30:00".into()
             ),
             (
                 "temperature".into(),
                 26.0,
                 "".into(),
-                "2025-12-19 06:31:00".into()
+                "2025-12-19 14:31:00".into()
             ),
         ]
     );

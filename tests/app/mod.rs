@@ -40,6 +40,8 @@ pub struct Target {
     pub protocol: String,
     /// Extra or overriding variables.
     pub extra: Vec<(String, String)>,
+    /// Variables left out of the environment (a user's `.env` that names the broker otherwise).
+    pub removed: Vec<String>,
 }
 
 impl Target {
@@ -55,7 +57,14 @@ impl Target {
             db_password: db.password.clone(),
             protocol: test_protocol(),
             extra: Vec::new(),
+            removed: Vec::new(),
         }
+    }
+
+    /// Leaves `var` out of the service's environment.
+    pub fn without(mut self, var: &str) -> Self {
+        self.removed.push(var.to_owned());
+        self
     }
 
     pub fn with(mut self, var: &str, value: &str) -> Self {
@@ -100,6 +109,7 @@ impl Target {
             v.retain(|(name, _)| name != k);
             v.push((k.clone(), val.clone()));
         }
+        v.retain(|(name, _)| !self.removed.contains(name));
         v
     }
 
