@@ -37,7 +37,7 @@ v311=0
 TEST_MQTT_PROTOCOL=3.1.1 cargo nextest run --workspace --no-fail-fast --profile ci "$@" || v311=$?
 
 # Every test binary that runs the service's ingest path, once more under MQTT 5.
-INGEST_PATH='binary(ingest) | binary(faults) | binary(keep) | binary(tls) | binary(scale) | binary(ops) | binary(systemd) | binary(hostile) | binary(chaos)'
+INGEST_PATH='binary(ingest) | binary(codehubot) | binary(faults) | binary(keep) | binary(tls) | binary(scale) | binary(ops) | binary(systemd) | binary(hostile) | binary(chaos)'
 echo "test: TEST_MQTT_PROTOCOL=5 cargo nextest run --workspace --no-fail-fast --profile ci -E '$INGEST_PATH' $*"
 v5=0
 TEST_MQTT_PROTOCOL=5 cargo nextest run --workspace --no-fail-fast --profile ci -E "$INGEST_PATH" "$@" || v5=$?

@@ -31,8 +31,10 @@ Options:
   -V, --version     print the version
 
 Settings come from the environment and a .env file: MQTT_BROKER, MQTT_PORT, MQTT_USERNAME,
-MQTT_PASSWORD, DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD and more; .env.example lists
-them all with their defaults.";
+MQTT_PASSWORD, DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_TIMEZONE and more;
+.env.example lists them all with their defaults. The Python service's names for the broker
+(MQTT_SERVICE_BROKER, MQTT_BROKER_HOST, MQTT_SERVICE_PORT, MQTT_BROKER_PORT,
+MQTT_SERVICE_USERNAME, MQTT_SERVICE_PASSWORD) are read too; --check-config says which was used.";
 
 enum Command {
     Run,
