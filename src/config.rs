@@ -489,6 +489,21 @@ impl Settings {
     /// Reads the settings through `lookup`, which returns a variable's value by name.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let resolved = resolve_aliases(lookup)?;
+        // An error in a value set under another name names that name.
+        Self::read(lookup, &resolved).map_err(|mut e| {
+            if let Some((_, _, origin)) = resolved.iter().find(|(c, _, _)| *c == e.var)
+                && *origin != "default"
+            {
+                e.var = origin;
+            }
+            e
+        })
+    }
+
+    fn read(
+        lookup: &dyn Fn(&str) -> Option<String>,
+        resolved: &[Resolved],
+    ) -> Result<Self, ConfigError> {
         let origins = resolved.iter().map(|(c, _, o)| (*c, *o)).collect();
         let with_aliases = |name: &str| match resolved.iter().find(|(c, _, _)| *c == name) {
             Some((_, value, _)) => value.clone(),
@@ -989,7 +1004,11 @@ mod tests {
         // A wrong value under another name still names a variable.
         assert_eq!(
             settings(&[("MQTT_SERVICE_PORT", "x")]).unwrap_err().var,
-            "MQTT_PORT"
+            "MQTT_SERVICE_PORT"
+        );
+        assert_eq!(
+            settings(&[("MQTT_BROKER_HOST", " ")]).unwrap_err().var,
+            "MQTT_BROKER_HOST"
         );
     }
 

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat};
+use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat, TimeDelta};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -204,6 +204,8 @@ pub struct DeviceState {
     pub device_status: Option<String>,
     /// `last_report_data` was NULL when read: it stays NULL until something is put in it.
     stored_null: bool,
+    /// How far past a message's receive time a stored time may lie and still be trusted.
+    clock_skew: TimeDelta,
 }
 
 impl DeviceState {
@@ -222,7 +224,22 @@ impl DeviceState {
             is_online,
             device_status,
             stored_null: data.is_none(),
+            clock_skew: TimeDelta::seconds(300),
         }
+    }
+
+    /// Trust stored times (of sensors, of the status) only up to `skew` past a message's
+    /// receive time (`INGEST_MAX_CLOCK_SKEW_SECS`). The service never stores a time further
+    /// ahead; one that is (a row written before the switch by a device whose clock said 9999)
+    /// would otherwise make every later reading "older" and freeze that sensor for good.
+    pub fn with_clock_skew(mut self, skew: std::time::Duration) -> Self {
+        self.clock_skew = TimeDelta::from_std(skew).unwrap_or(TimeDelta::MAX);
+        self
+    }
+
+    /// The latest stored time a message received at `received` still respects.
+    fn trust_limit(&self, received: DateTime<FixedOffset>) -> Option<DateTime<FixedOffset>> {
+        received.checked_add_signed(self.clock_skew)
     }
 
     /// Applies one update.
@@ -247,10 +264,12 @@ impl DeviceState {
     /// Data and heartbeats mean the device is online, unless the message was sent before the
     /// stored status (an "offline" last will, say) by the device's own clock.
     fn mark_online(&mut self, update: &Update) {
+        let limit = self.trust_limit(update.received_at);
         if !self.is_online
             && let Some(new) = &update.reading_time
             && let Some(status_time) = self.data.status_time()
             && is_older(new, &status_time)
+            && trusted(&status_time, limit)
         {
             return;
         }
@@ -273,10 +292,14 @@ impl DeviceState {
 
     fn apply_data(&mut self, report: &DataReport, update: &Update) {
         if !report.sensors.is_empty() {
+            let limit = self.trust_limit(update.received_at);
             let sensors = self.data.sensors();
             for (name, reading) in &report.sensors {
                 let newer = match sensors.get(name.as_str()).and_then(|s| timestamp_in(s)) {
-                    Some(stored) => !is_older(&reading.timestamp, &stored),
+                    // Parsed for trust only when the reading would be refused.
+                    Some(stored) => {
+                        !is_older(&reading.timestamp, &stored) || !trusted(&stored, limit)
+                    }
                     None => true,
                 };
                 if newer {
@@ -321,9 +344,11 @@ impl DeviceState {
     }
 
     fn apply_status(&mut self, status: &StatusReport, update: &Update) {
+        let limit = self.trust_limit(update.received_at);
         if let Some(new) = &update.reading_time
             && let Some(old) = self.data.status_time()
             && is_older(new, &old)
+            && trusted(&old, limit)
         {
             return; // a status the device sent before the one already stored
         }
@@ -399,6 +424,15 @@ pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
     Ok(())
 }
 
+/// Whether stored RFC 3339 time `stored` is at most `limit` (no limit: always).
+fn trusted(stored: &str, limit: Option<DateTime<FixedOffset>>) -> bool {
+    match (DateTime::parse_from_rfc3339(stored), limit) {
+        (Ok(t), Some(limit)) => t <= limit,
+        (Ok(_), None) => true,
+        (Err(_), _) => false,
+    }
+}
+
 fn later(stored: Option<NaiveDateTime>, new: NaiveDateTime) -> Option<NaiveDateTime> {
     Some(stored.map_or(new, |s| s.max(new)))
 }
@@ -428,6 +462,9 @@ pub fn is_older(new: &str, stored: &str) -> bool {
         (s.len() == 24 && s.ends_with('Z') || s.len() == 29 && matches!(b[23], b'+' | b'-'))
             && b[10] == b'T'
             && b[19] == b'.'
+            && [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 22]
+                .iter()
+                .all(|&i| b[i].is_ascii_digit())
     };
     if own_format(new) && own_format(stored) && new.as_bytes()[23..] == stored.as_bytes()[23..] {
         return new < stored;
@@ -482,7 +519,9 @@ mod tests {
             .get("status")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let online = device_status.as_deref() != Some("offline");
+        let online = !device_status
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("offline"));
         Update {
             device: DeviceUuid::parse("d").unwrap(),
             received_at: at(secs),
@@ -590,15 +629,46 @@ mod tests {
         let mut s = empty();
         s.apply(&status(
             1,
-            json!({"status": "offline", "timestamp": "2026-01-01T00:00:10Z"}),
+            json!({"status": "offline", "timestamp": "2025-12-17T19:34:10Z"}),
         ));
         s.apply(&status(
             2,
-            json!({"status": "online", "timestamp": "2026-01-01T00:00:05Z"}),
+            json!({"status": "online", "timestamp": "2025-12-17T19:34:05Z"}),
         ));
         assert!(!s.is_online);
         assert_eq!(s.device_status.as_deref(), Some("offline"));
         assert_eq!(s.last_seen, Some(at(2).naive_local()));
+    }
+
+    /// A row written before the switch by a device whose clock said 9999: its times order
+    /// nothing, or the sensor and the status would be frozen for good.
+    #[test]
+    fn stored_times_far_ahead_of_the_receive_time_order_nothing() {
+        let stored = json!({
+            "sensors": {"t": {"value": 1, "unit": "", "timestamp": "9999-12-31T23:59:59Z"}},
+            "status": {"status": "offline", "timestamp": "9999-12-31T23:59:59Z"},
+        })
+        .to_string();
+        let mut s = DeviceState::from_row(Some(&stored), None, None, false, None)
+            .with_clock_skew(std::time::Duration::from_secs(300));
+        let mut u = data(1, &[("t", 2.0, None)]);
+        u.reading_time = Some(at(1).to_rfc3339());
+        s.apply(&u);
+        assert_eq!(value(&s, "t"), Some(2.0));
+        assert!(
+            s.is_online,
+            "a stored 9999 offline does not hold the device offline"
+        );
+        s.apply(&status(
+            2,
+            json!({"status": "offline", "timestamp": at(2).to_rfc3339()}),
+        ));
+        assert!(!s.is_online, "a dated status after a 9999 one applies");
+        // Within the skew, a stored time still orders: an older reading is refused.
+        let ahead = at(100).to_rfc3339_opts(SecondsFormat::Millis, true);
+        s.apply(&data(3, &[("t", 3.0, Some(ahead.as_str()))]));
+        s.apply(&data(4, &[("t", 4.0, None)]));
+        assert_eq!(value(&s, "t"), Some(3.0));
     }
 
     #[test]
@@ -606,21 +676,21 @@ mod tests {
         let mut s = empty();
         s.apply(&status(
             1,
-            json!({"status": "offline", "timestamp": "2026-01-01T00:00:10Z"}),
+            json!({"status": "offline", "timestamp": "2025-12-17T19:34:10Z"}),
         ));
         let mut old = data(2, &[("t", 1.0, None)]);
-        old.reading_time = Some("2026-01-01T00:00:05Z".into());
+        old.reading_time = Some("2025-12-17T19:34:05Z".into());
         s.apply(&old);
         assert!(!s.is_online);
         assert_eq!(value(&s, "t"), Some(1.0), "its readings still count");
         let mut new = data(3, &[("t", 2.0, None)]);
-        new.reading_time = Some("2026-01-01T00:00:11Z".into());
+        new.reading_time = Some("2025-12-17T19:34:11Z".into());
         s.apply(&new);
         assert!(s.is_online);
         // Without a reading time there is nothing to compare: the device spoke, so online.
         s.apply(&status(
             4,
-            json!({"status": "offline", "timestamp": "2026-01-01T00:00:20Z"}),
+            json!({"status": "offline", "timestamp": "2025-12-17T19:34:20Z"}),
         ));
         s.apply(&data(5, &[("t", 3.0, None)]));
         assert!(s.is_online);
@@ -1129,7 +1199,7 @@ mod tests {
             );
             let mut stamped = data(10, &[]);
             if let Change::Data(r) = &mut stamped.change {
-                r.status = Some(vec![("timestamp".into(), json!("2026-01-01T00:00:00Z"))]);
+                r.status = Some(vec![("timestamp".into(), json!("2025-12-17T19:34:00Z"))]);
             }
             assert!(absorb(&mut a, stamped).is_err(), "moves the status time");
             let mut b = beat(1);

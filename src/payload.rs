@@ -215,13 +215,20 @@ struct Reader<'a> {
     rules: &'a Rules,
     /// The receive time, in the database's zone.
     received: DateTime<FixedOffset>,
-    /// `received` as RFC 3339 text: the reading time of readings the device did not date.
-    receive_text: String,
+    /// `received` as RFC 3339 text, made when a reading first needs it.
+    receive_text: Option<String>,
     skipped: Vec<Skipped>,
     undated: Vec<UndatedTimestamp>,
 }
 
 impl Reader<'_> {
+    /// The receive time as RFC 3339: the reading time of readings the device did not date.
+    fn receive_text(&mut self) -> &str {
+        let received = self.received;
+        self.receive_text
+            .get_or_insert_with(|| received.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
     fn skip(&mut self, part: String, reason: impl Into<String>) {
         self.skipped.push(Skipped {
             part,
@@ -280,7 +287,7 @@ pub fn process(
     let mut r = Reader {
         rules,
         received,
-        receive_text: received.to_rfc3339_opts(SecondsFormat::Millis, true),
+        receive_text: None,
         skipped: Vec::new(),
         undated: Vec::new(),
     };
@@ -294,8 +301,9 @@ pub fn process(
             Change::Heartbeat
         }
         TopicKind::Status => {
-            let object = parse_object(text)?;
+            let mut object = parse_object(text)?;
             reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
+            store_status_time(&mut object, reading_time.as_deref());
             Change::Status(status_report(object, &mut r))
         }
         TopicKind::Data => {
@@ -423,9 +431,11 @@ fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport
                     continue;
                 }
             };
-            let timestamp = r
-                .time(|| format!("sensors[{i}].timestamp"), entry.get("timestamp"))
-                .unwrap_or_else(|| r.receive_text.clone());
+            let timestamp =
+                match r.time(|| format!("sensors[{i}].timestamp"), entry.get("timestamp")) {
+                    Some(t) => t,
+                    None => r.receive_text().to_owned(),
+                };
             let value = entry.remove("value").unwrap_or(Value::Null);
             match reading(&name, value, unit, timestamp, sensor_type, r.rules) {
                 Ok(reading) => readings.push((name, reading)),
@@ -437,7 +447,13 @@ fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport
     match object.remove("status") {
         None | Some(Value::Null) => {}
         // In key order, as the map kept them; a vector holds a few fields in far less memory.
-        Some(Value::Object(status)) => report.status = Some(status.into_iter().collect()),
+        Some(Value::Object(mut status)) => {
+            if status.contains_key("timestamp") {
+                let time = r.time(|| "status.timestamp".into(), status.get("timestamp"));
+                store_status_time(&mut status, time.as_deref());
+            }
+            report.status = Some(status.into_iter().collect());
+        }
         Some(_) => r.skip("status".into(), "not an object"),
     }
     match object.remove("location") {
@@ -460,7 +476,10 @@ fn simple_format(
     r: &mut Reader<'_>,
 ) -> DataReport {
     let mut report = DataReport::default();
-    let timestamp = reading_time.unwrap_or(&r.receive_text).to_owned();
+    let timestamp = match reading_time {
+        Some(t) => t.to_owned(),
+        None => r.receive_text().to_owned(),
+    };
     let sensor_type = match object.get("sensor") {
         Some(Value::String(t)) => t.clone(),
         _ => String::new(),
@@ -575,6 +594,23 @@ fn type_name(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// The status time as it is stored, which orders later status messages: the reading time as
+/// read (RFC 3339) when it dated anything; text that dated nothing is left out, so that a clock
+/// set to 9999 cannot make every later status "older". A number that dates nothing (the
+/// firmware's uptime) stays: a stored number orders nothing.
+fn store_status_time(fields: &mut Map<String, Value>, reading_time: Option<&str>) {
+    match reading_time {
+        Some(t) => {
+            fields.insert("timestamp".into(), Value::String(t.to_owned()));
+        }
+        None => {
+            if fields.get("timestamp").is_some_and(Value::is_string) {
+                fields.remove("timestamp");
+            }
+        }
     }
 }
 

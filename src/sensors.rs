@@ -196,17 +196,22 @@ fn cut(mut s: String, chars: usize) -> String {
 
 /// The upsert for `rows` rows. Order-safe: an older reading does not overwrite a newer one
 /// (`timestamp` is assigned last, since MySQL evaluates the assignments in order and the
-/// conditions before it must see the stored time).
-fn upsert_sql(table: &str, rows: usize) -> String {
-    const NEWER: &str = "VALUES(`timestamp`) >= `timestamp`";
+/// conditions before it must see the stored time). A stored time that is NULL, or further
+/// ahead of the database's clock than `skew_secs` (a row left by a device whose clock said
+/// 9999), orders nothing: otherwise it would freeze the row.
+fn upsert_sql(table: &str, rows: usize, skew_secs: u64) -> String {
+    let newer = format!(
+        "(`timestamp` IS NULL OR `timestamp` > NOW() + INTERVAL {skew_secs} SECOND \
+          OR VALUES(`timestamp`) >= `timestamp`)"
+    );
     format!(
         "INSERT INTO `{table}` (device_uuid, sensor_name, sensor_value, sensor_unit, sensor_type, \
                                 `timestamp`) VALUES {} \
          ON DUPLICATE KEY UPDATE \
-             sensor_value = IF({NEWER}, VALUES(sensor_value), sensor_value), \
-             sensor_unit = IF({NEWER}, VALUES(sensor_unit), sensor_unit), \
-             sensor_type = IF({NEWER}, VALUES(sensor_type), sensor_type), \
-             `timestamp` = GREATEST(`timestamp`, VALUES(`timestamp`))",
+             sensor_value = IF({newer}, VALUES(sensor_value), sensor_value), \
+             sensor_unit = IF({newer}, VALUES(sensor_unit), sensor_unit), \
+             sensor_type = IF({newer}, VALUES(sensor_type), sensor_type), \
+             `timestamp` = IF({newer}, VALUES(`timestamp`), `timestamp`)",
         placeholders(rows, "(?, ?, ?, ?, ?, ?)", ", ")
     )
 }
@@ -216,10 +221,15 @@ pub async fn upsert(
     tx: &mut Transaction<'static, MySql>,
     table: &SensorTable,
     rows: &[SensorRow],
+    skew: std::time::Duration,
 ) -> Result<(), StoreError> {
     // Padded with repeats of the last row: a repeat updates its row to the same values.
     for chunk in shaped_chunks(rows) {
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(upsert_sql(&table.name, chunk.len())));
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(upsert_sql(
+            &table.name,
+            chunk.len(),
+            skew.as_secs(),
+        )));
         for r in &chunk {
             q = q
                 .bind(r.device.as_str())
@@ -327,9 +337,9 @@ mod tests {
 
     #[test]
     fn the_stored_time_is_assigned_last() {
-        let sql = upsert_sql("device_sensors", 2);
+        let sql = upsert_sql("device_sensors", 2, 300);
         let value = sql.find("sensor_value = IF").unwrap();
-        let time = sql.find("`timestamp` = GREATEST").unwrap();
+        let time = sql.find("`timestamp` = IF").unwrap();
         assert!(value < time, "{sql}");
         assert_eq!(sql.matches('?').count(), 12);
     }

@@ -266,7 +266,7 @@ async fn store_options(
     };
     let register = settings.ingest.register_unknown_devices;
     if register {
-        let required = store::required_columns(pool)
+        let required = store::required_columns(pool, store::REGISTER_COLUMNS)
             .await
             .context("cannot inspect device_main for INGEST_REGISTER_UNKNOWN_DEVICES")?;
         if !required.is_empty() {
@@ -313,6 +313,7 @@ async fn store_options(
         zone: settings.db.zone,
         device_status_chars,
         sensors,
+        max_clock_skew: settings.ingest.rules.time.max_clock_skew,
     })
 }
 

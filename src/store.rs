@@ -97,7 +97,8 @@ fn refuses_upserts(e: &sqlx::Error) -> bool {
         .is_some_and(|d| matches!(d.number(), 1142 | 1364 | 1442 | 3819 | 4025))
 }
 
-/// Connection options for the settings; the session's `time_zone` is set by [`pool`].
+/// Connection options for the settings. The session's `time_zone` is left to [`pool`], which
+/// sets it on each new connection (sqlx would fix one offset for the life of the options).
 pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
     let mut options = MySqlConnectOptions::new()
         .host(&db.host)
@@ -105,7 +106,7 @@ pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
         .username(&db.user)
         .database(&db.name)
         .charset("utf8mb4")
-        .timezone(Some(db.zone.session_offset()))
+        .timezone(None)
         .ssl_mode(match db.ssl_mode {
             DbSslMode::Disabled => MySqlSslMode::Disabled,
             DbSslMode::Preferred => MySqlSslMode::Preferred,
@@ -152,7 +153,7 @@ pub fn pool(db: &DbSettings) -> MySqlPool {
                     .map(|_| ())
             })
         })
-        .connect_lazy_with(connect_options(db).timezone(None))
+        .connect_lazy_with(connect_options(db))
 }
 
 /// Runs the migrations (idempotent: `device_main` is created only where it is absent).
@@ -240,6 +241,9 @@ pub struct StoreOptions {
     pub device_status_chars: Option<usize>,
     /// `device_sensors`, when found at start-up.
     pub sensors: Option<SensorTable>,
+    /// `INGEST_MAX_CLOCK_SKEW_SECS`: stored times further ahead than this are not trusted
+    /// to order newer data (see [`DeviceState::with_clock_skew`]).
+    pub max_clock_skew: Duration,
 }
 
 /// How merged rows are written back. Either way each row was read and locked first in the same
@@ -293,7 +297,7 @@ pub async fn write_mode(pool: &MySqlPool) -> Result<(WriteMode, Option<String>),
             )),
         ));
     }
-    let required = required_columns(pool).await?;
+    let required = required_columns(pool, OWN_COLUMNS).await?;
     if !required.is_empty() {
         return Ok((
             WriteMode::JoinUpdate,
@@ -332,15 +336,22 @@ pub async fn write_mode(pool: &MySqlPool) -> Result<(WriteMode, Option<String>),
     Ok((WriteMode::Upsert, None))
 }
 
-/// Columns of `device_main` that an INSERT must give a value for and the service does not have
-/// (NOT NULL, no default, not generated, not auto-increment): CodeHubot's `device_secret`.
-pub async fn required_columns(pool: &MySqlPool) -> Result<Vec<String>, sqlx::Error> {
+/// The columns a registering INSERT gives values for (how the backend registers a device).
+pub const REGISTER_COLUMNS: &str = "'device_id', 'uuid', 'name'";
+
+/// Columns of `device_main` that an INSERT giving only `supplied` (a quoted, comma-separated
+/// list) would lack a value for: NOT NULL, no default, not generated, not auto-increment
+/// (CodeHubot's `device_secret`).
+pub async fn required_columns(
+    pool: &MySqlPool,
+    supplied: &str,
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
          WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
            AND IS_NULLABLE = 'NO' AND COLUMN_DEFAULT IS NULL \
            AND EXTRA NOT LIKE '%auto_increment%' AND COALESCE(GENERATION_EXPRESSION, '') = '' \
-           AND COLUMN_NAME NOT IN ({OWN_COLUMNS})"
+           AND COLUMN_NAME NOT IN ({supplied})"
     )))
     .fetch_all(pool)
     .await
@@ -460,7 +471,7 @@ impl Store {
                 &indices,
                 &mut outcomes,
                 mode,
-                self.options.device_status_chars,
+                &self.options,
             )
             .await?;
         }
@@ -479,7 +490,7 @@ impl Store {
         }
         if let Some(table) = &self.options.sensors {
             let rows = sensors::rows_of(written(), table, self.options.zone);
-            sensors::upsert(&mut tx, table, &rows).await?;
+            sensors::upsert(&mut tx, table, &rows, self.options.max_clock_skew).await?;
         }
         tx.commit().await?;
         Ok(BatchOutcome {
@@ -527,10 +538,10 @@ async fn merge_chunk(
     indices: &[usize],
     outcomes: &mut [Applied],
     mode: WriteMode,
-    status_chars: Option<usize>,
+    options: &StoreOptions,
 ) -> Result<usize, StoreError> {
     let devices = distinct(indices.iter().map(|&i| updates[i].device.as_str()));
-    let mut rows = lock_rows(tx, &devices).await?;
+    let mut rows = lock_rows(tx, &devices, options.max_clock_skew).await?;
 
     // Which row each device is (the column's collation may match ids that differ in case: an
     // exact match first, then one that ignores ASCII case).
@@ -571,7 +582,7 @@ async fn merge_chunk(
         .zip(&touched)
         .filter_map(|(r, t)| t.then_some(r))
         .collect();
-    write_rows(tx, &changed, mode, status_chars).await?;
+    write_rows(tx, &changed, mode, options.device_status_chars).await?;
     Ok(changed.len())
 }
 
@@ -611,8 +622,12 @@ async fn register(
         })
         .collect();
     for chunk in exact_chunks(&missing) {
+        // Not INSERT IGNORE: that would turn a missing value into an empty one and make a
+        // half-filled row. A duplicate (another instance registered the device meanwhile) is
+        // left as it is.
         let sql = format!(
-            "INSERT IGNORE INTO device_main (device_id, uuid, name) VALUES {}",
+            "INSERT INTO device_main (device_id, uuid, name) VALUES {} \
+             ON DUPLICATE KEY UPDATE uuid = uuid",
             placeholders(chunk.len(), "(?, ?, ?)", ", ")
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -628,6 +643,7 @@ async fn register(
 async fn lock_rows(
     tx: &mut Transaction<'static, MySql>,
     devices: &[&str],
+    clock_skew: Duration,
 ) -> Result<Vec<LockedRow>, StoreError> {
     let mut rows = Vec::with_capacity(devices.len());
     let mut ids = HashSet::new();
@@ -663,7 +679,8 @@ async fn lock_rows(
                     row.try_get("last_heartbeat")?,
                     is_online.unwrap_or(0) != 0,
                     row.try_get("device_status")?,
-                ),
+                )
+                .with_clock_skew(clock_skew),
             });
         }
     }

@@ -18,6 +18,13 @@ use crate::zone::Zone;
 /// uptime counter, and a date is a device clock that was never set.
 pub const EARLIEST_UNIX_SECS: i64 = 946_684_800;
 
+/// Oldest a number may date a reading, before the receive time. A Unix time is only told from a
+/// counter by its size: milliseconds since boot pass 2000-01-01 read as seconds after 11.6 days
+/// of uptime, so a number dates a reading only when it lands near now (an uptime in
+/// milliseconds then looks like a time for about 10 minutes, once, at 20.4 days). Text carries
+/// its own date and has no such limit.
+pub const NUMBER_MAX_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
 /// How a timestamp is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TimeRules {
@@ -74,6 +81,12 @@ pub fn read(
                 .and_then(from_unix_integer)
                 .or_else(|| n.as_f64().and_then(from_unix_float))
                 .ok_or(Undatable::NotATime)?;
+            if received_at
+                .checked_sub_signed(NUMBER_MAX_AGE)
+                .is_some_and(|floor| instant < floor)
+            {
+                return Err(Undatable::NotATime);
+            }
             (instant, None)
         }
         _ => return Err(Undatable::NotATime),
@@ -218,6 +231,10 @@ mod tests {
             json!(0),
             json!(1_530_123),
             json!(90_512),
+            // Milliseconds since boot after 15 days: 2011 when read as seconds.
+            json!(1_296_000_000),
+            // A real Unix time, but eight days before the receive time.
+            json!(1_796_036_400 - 8 * 86_400),
             json!(-5),
             json!(12.5),
             json!("yesterday"),

@@ -121,6 +121,10 @@ impl FromStr for Zone {
 
 /// `+08:00`, `+0800`, `+08`, `+8`, `-05:30`: at most ±14:00, as real zones are.
 fn parse_offset(s: &str) -> Option<FixedOffset> {
+    // Split at byte offsets below: only ASCII can be an offset anyway.
+    if !s.is_ascii() {
+        return None;
+    }
     let (sign, rest) = match s.as_bytes().first()? {
         b'+' => (1, &s[1..]),
         b'-' => (-1, &s[1..]),
@@ -171,6 +175,8 @@ mod tests {
         for bad in [
             "",
             "Mars/Olympus",
+            "+1é1",
+            "UTC+1é1",
             "+15:00",
             "+08:60",
             "+8:0:0",

@@ -156,10 +156,13 @@ async fn the_firmwares_messages_on_the_current_schema() {
     sqlx::query(
         "INSERT INTO device_sensors (device_uuid, sensor_name, sensor_value, sensor_unit, \
                                      sensor_type, `timestamp`) \
-         VALUES (?, 'temperature', '20.1', '', 'DHT11', ?)",
+         VALUES (?, 'temperature', '20.1', '', 'DHT11', ?), \
+                (?, 'humidity', '38.0', '', 'DHT11', '9999-12-31 23:59:59')",
     )
     .bind(UUID)
     .bind(python_seen)
+    // A row a device with a broken clock left: it must not freeze the sensor.
+    .bind(UUID)
     .execute(&pool)
     .await
     .unwrap();

@@ -206,6 +206,20 @@ fn the_real_firmwares_payloads() {
     assert_eq!(hb.undated[0].reason, Undatable::NotATime);
 }
 
+/// The stored status time is what orders later status messages: the reading time as read, or
+/// nothing when text dated nothing (a number stays: it orders nothing).
+#[test]
+fn the_status_time_is_stored_as_read() {
+    let (s, _) = status(r#"{"status": "online", "timestamp": "2026-01-02T10:00:00"}"#);
+    assert_eq!(s.fields["timestamp"], json!("2026-01-02T10:00:00+08:00"));
+    let (s, _) = status(r#"{"status": "online", "timestamp": "9999-12-31T23:59:59Z"}"#);
+    assert!(!s.fields.contains_key("timestamp"));
+    let (s, _) = status(r#"{"uptime": 90, "timestamp": 90}"#);
+    assert_eq!(s.fields["timestamp"], json!(90));
+    let (d, _) = data(r#"{"sensors": [], "status": {"rssi": -1, "timestamp": "yesterday"}}"#);
+    assert_eq!(d.status.unwrap(), [("rssi".to_owned(), json!(-1))]);
+}
+
 #[test]
 fn renames_parse_and_apply() {
     assert_eq!(Renames::codehubot().0.len(), 2);

@@ -33,6 +33,8 @@ Sizes:
   --live-rate N           live publish rate, messages/s                     [5000]
   --live-secs N           live publish duration, seconds                    [30]
   --live-devices N        live device count                                 [100]
+  --payload SHAPE         seed (the seed's two formats, alternating) or firmware (CodeHubot's
+                          ESP32: simple format, device_id/sensor strings, uptime timestamp) [seed]
   --db-rows N             rows upserted by db-limit             [drain-10k messages]
   --db-batch N            rows per upsert statement                         [250]
 
@@ -165,6 +167,7 @@ pub struct Options {
     pub timeout: Duration,
     pub poll: Duration,
     pub json: PathBuf,
+    pub shape: crate::publisher::Shape,
 }
 
 /// The variables the benchmark sets itself; `--service-env` may not override them.
@@ -280,6 +283,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Op
         password: String::new(),
     };
     let mut service_bin = PathBuf::from("target/release/mqtt-ingest");
+    let mut shape = crate::publisher::Shape::Seed;
     let mut extra_env = Vec::new();
     let mut broker_inflight = 20_000u32;
     let mut publishers = 1usize;
@@ -315,6 +319,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Op
             "--live-rate" => live_rate = Some(parse_num(&flag, &value()?)?),
             "--live-secs" => live_secs = Some(parse_num(&flag, &value()?)?),
             "--live-devices" => live_devices = Some(parse_num(&flag, &value()?)?),
+            "--payload" => {
+                shape = match value()?.as_str() {
+                    "seed" => crate::publisher::Shape::Seed,
+                    "firmware" => crate::publisher::Shape::Firmware,
+                    other => bail!("--payload: seed or firmware, got {other:?}"),
+                }
+            }
             "--db-rows" => db_rows = Some(parse_num(&flag, &value()?)?),
             "--db-batch" => db_batch = parse_num(&flag, &value()?)?,
             "--db-host" => db.host = check_local(&value()?)?,
@@ -368,6 +379,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Op
         PathBuf::from(format!("target/bench/results-{now}.json"))
     });
     Ok(Some(Options {
+        shape,
         scenarios,
         runs,
         small,

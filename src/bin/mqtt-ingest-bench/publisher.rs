@@ -19,9 +19,26 @@ pub fn topic(prefix: &str, device: u64) -> String {
     format!("{prefix}/dev{device}/data")
 }
 
-/// Message `seq` of a device. Even: the full format; odd: the simple format. Both carry the
-/// per-device sequence number as sensor `seq`.
-pub fn payload(seq: u64) -> String {
+/// What the published messages look like (`--payload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// The seed's two formats, alternating.
+    Seed,
+    /// CodeHubot's ESP32 firmware: the simple format with `device_id` and `sensor` strings and
+    /// a `timestamp` in seconds since boot (which dates nothing).
+    Firmware,
+}
+
+/// Message `seq` of a device. Seed shape: even the full format, odd the simple format. Every
+/// message carries the per-device sequence number as sensor `seq`.
+pub fn payload(seq: u64, shape: Shape) -> String {
+    if shape == Shape::Firmware {
+        return format!(
+            "{{\"device_id\":\"AIOT-ESP32-6E0067F6\",\"sensor\":\"DHT11\",\"seq\":{seq},\
+             \"temperature\":24.3,\"humidity\":55.0,\"timestamp\":{}}}",
+            seq * 10
+        );
+    }
     if seq.is_multiple_of(2) {
         format!(
             "{{\"sensors\":[{{\"sensor_name\":\"seq\",\"value\":{seq}}},\
@@ -99,6 +116,8 @@ pub struct Backlog<'a> {
     /// Parallel connections; device d goes over connection d % connections, so each
     /// device's messages stay in order.
     pub connections: usize,
+    /// What the messages look like.
+    pub shape: Shape,
 }
 
 /// Publishes the backlog and returns when the broker has acknowledged every message.
@@ -114,6 +133,7 @@ pub async fn backlog(
         devices,
         per_device,
         connections,
+        shape,
     } = *b;
     let started = Instant::now();
     let k = connections.max(1) as u64;
@@ -130,7 +150,7 @@ pub async fn backlog(
             for seq in 1..=per_device {
                 for t in &topics {
                     feed_client
-                        .publish(t.as_str(), QoS::AtLeastOnce, false, payload(seq))
+                        .publish(t.as_str(), QoS::AtLeastOnce, false, payload(seq, shape))
                         .await?;
                     feed_progress.published.fetch_add(1, Relaxed);
                 }
@@ -167,6 +187,8 @@ pub struct Stream {
     pub devices: u64,
     pub rate: u64,
     pub secs: u64,
+    /// What the messages look like.
+    pub shape: Shape,
 }
 
 /// Publishes the stream, paced by a 1 ms tick that sends what the schedule says is due (a
@@ -184,6 +206,7 @@ pub async fn live(
         devices,
         rate,
         secs,
+        shape,
     } = stream;
     let client_id = client_id.as_str();
     let prefix = prefix.as_str();
@@ -211,7 +234,7 @@ pub async fn live(
                         topics[d as usize].as_str(),
                         QoS::AtLeastOnce,
                         false,
-                        payload(seq),
+                        payload(seq, shape),
                     )
                     .await?;
                 sent += 1;

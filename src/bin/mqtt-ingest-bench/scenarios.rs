@@ -134,6 +134,7 @@ async fn publish_backlog(
         devices: size.devices,
         per_device: size.per_device,
         connections: ctx.opts.publishers,
+        shape: ctx.opts.shape,
     };
     let took = publisher::backlog(&backlog, ctx.progress, ctx.opts.timeout).await?;
     eprintln!(
@@ -359,6 +360,7 @@ async fn live(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
             devices: spec.devices,
             rate: spec.rate,
             secs: spec.secs,
+            shape: ctx.opts.shape,
         };
         let log = Arc::clone(&log);
         let progress = Arc::clone(ctx.progress);
