@@ -63,10 +63,11 @@ DB_PORT=${DB_PORT:-3306}
 DB_USER=${DB_USER:-root}
 DB_PASSWORD=${DB_PASSWORD:-}
 DB_NAME=${DB_NAME:-aiot_admin}
-MQTT_BROKER=${MQTT_BROKER:-127.0.0.1}
-MQTT_PORT=${MQTT_PORT:-1883}
-MQTT_USERNAME=${MQTT_USERNAME:-}
-MQTT_PASSWORD=${MQTT_PASSWORD:-}
+# The broker settings also go by the Python service's names (as the service reads them).
+MQTT_BROKER=${MQTT_BROKER:-${MQTT_SERVICE_BROKER:-${MQTT_BROKER_HOST:-127.0.0.1}}}
+MQTT_PORT=${MQTT_PORT:-${MQTT_SERVICE_PORT:-${MQTT_BROKER_PORT:-1883}}}
+MQTT_USERNAME=${MQTT_USERNAME:-${MQTT_SERVICE_USERNAME:-}}
+MQTT_PASSWORD=${MQTT_PASSWORD:-${MQTT_SERVICE_PASSWORD:-}}
 
 is_local() {
     case $1 in
@@ -129,6 +130,11 @@ if ! have mosquitto_pub || ! have mosquitto_sub; then
 fi
 if [[ $DB_LOCAL == true ]] && ! have mariadb && ! have mysql; then
     packages+=(mariadb-client)
+fi
+# The build needs a C compiler and linker: crates such as ring compile C, and rustc links with cc.
+if ! have cc; then
+    say "no C compiler (cc): the build needs one (ring's C code, and linking); adding gcc and libc6-dev"
+    packages+=(gcc libc6-dev)
 fi
 
 if ((${#packages[@]} > 0)); then
@@ -212,6 +218,9 @@ db_answering() { tcp_open "$DB_HOST" "$DB_PORT"; }
 # A local server that answers on its socket (it may not listen on DB_PORT).
 db_socket_answering() { "${SUDO[@]}" "$ADMIN_CLI" --connect-timeout=2 ping >/dev/null 2>&1; }
 
+# Where a MariaDB started by hand (no init system) logs.
+MARIADB_LOG=/var/log/mysql/error.log
+
 start_mariadb() {
     if systemd_is_pid1; then
         say "mariadb: systemctl start mariadb"
@@ -223,16 +232,22 @@ start_mariadb() {
             say "mariadb: no system tables in /var/lib/mysql, running mariadb-install-db"
             "${SUDO[@]}" mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
         fi
-        say "mariadb: starting by hand (start-stop-daemon ... --exec $bin)"
-        "${SUDO[@]}" install -d -o mysql -g mysql -m 0755 /run/mysqld
-        "${SUDO[@]}" start-stop-daemon --start --oknodo --background --exec "$bin"
+        # As the mysql user (mariadbd refuses to run as root), its log kept where the error
+        # below says to look: with no init system there is no journal to read it from.
+        say "mariadb: starting by hand ($bin --user=mysql --log-error=$MARIADB_LOG)"
+        "${SUDO[@]}" install -d -o mysql -g mysql -m 0755 /run/mysqld "${MARIADB_LOG%/*}"
+        "${SUDO[@]}" start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+            --user=mysql --log-error="$MARIADB_LOG"
     fi
     local i
     for ((i = 0; i < 60; i++)); do
         db_answering && return 0
         sleep 1
     done
-    die "mariadb did not answer within 60 s (see /var/log/mysql/ or the journal)"
+    if systemd_is_pid1; then
+        die "mariadb did not answer within 60 s (see: journalctl -u mariadb)"
+    fi
+    die "mariadb did not answer within 60 s (see: tail $MARIADB_LOG)"
 }
 
 sql_string() {

@@ -33,6 +33,12 @@ impl Backoff {
         with_jitter(d)
     }
 
+    /// Straight to `max`: for a failure that waiting will not cure soon (refused credentials),
+    /// so that retries and their log lines come at a rate a person can read.
+    pub fn give_up_quickly(&mut self) {
+        self.next = self.max;
+    }
+
     /// Back to `min`, after a success.
     pub fn reset(&mut self) {
         self.next = self.min;

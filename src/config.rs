@@ -631,7 +631,7 @@ impl Settings {
             ssl_mode,
             ssl_ca_file,
             ssl_client_cert: v.cert_pair("DB_SSL_CERT_FILE", "DB_SSL_KEY_FILE")?,
-            zone,
+            zone: zone.clone(),
         };
 
         let sensor_ranges =

@@ -38,6 +38,8 @@ struct DbCheck {
     finished_at: Option<Instant>,
     /// Devices online at the last successful check.
     devices_online: Option<i64>,
+    /// A check has succeeded since the start (so a success after failures is "again").
+    ever_up: bool,
 }
 
 impl Health {
@@ -121,9 +123,10 @@ impl Health {
         let was_up = matches!(db.last, Some(Ok(_)));
         match (&outcome, was_up) {
             (Err(e), true) => warn!(error = %e, "database check failed"),
-            (Ok(_), false) if db.last.is_some() => info!("database check succeeded again"),
+            (Ok(_), false) if db.ever_up => info!("database check succeeded again"),
             _ => {}
         }
+        db.ever_up |= outcome.is_ok();
         if let Ok(n) = outcome {
             db.devices_online = Some(n);
         }

@@ -36,7 +36,7 @@ pub struct HistoryRow {
 }
 
 /// The history rows of `update`'s readings.
-pub fn rows_of(update: &Update, zone: Zone) -> impl Iterator<Item = HistoryRow> + '_ {
+pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = HistoryRow> + 'a {
     let sensors = match &update.change {
         Change::Data(report) => Some(&report.sensors),
         _ => None,
@@ -156,11 +156,11 @@ mod tests {
             reading_time: None,
             change: Change::Data(report),
         };
-        let rows: Vec<_> = rows_of(&update, zone).collect();
+        let rows: Vec<_> = rows_of(&update, &zone).collect();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].reading_time.to_string(), "2025-12-19 14:30:00");
         assert_eq!(rows[0].received_at.to_string(), "2025-12-19 14:31:00");
-        let utc: Vec<_> = rows_of(&update, Zone::utc()).collect();
+        let utc: Vec<_> = rows_of(&update, &Zone::utc()).collect();
         assert_eq!(utc[0].reading_time.to_string(), "2025-12-19 06:30:00");
         assert_eq!(utc[0].received_at.to_string(), "2025-12-19 06:31:00");
         assert_eq!(rows[0].unit.chars().count(), 64);
@@ -169,6 +169,6 @@ mod tests {
             change: Change::Heartbeat,
             ..update
         };
-        assert_eq!(rows_of(&heartbeat, zone).count(), 0);
+        assert_eq!(rows_of(&heartbeat, &zone).count(), 0);
     }
 }

@@ -287,15 +287,18 @@ async fn check_config(settings: Settings) -> ExitCode {
         ),
         Ok(Err(e)) => {
             ok = false;
+            let hint = store::settings_hint(&e)
+                .map(|h| format!("\n  {h}"))
+                .unwrap_or_default();
             println!(
-                "database {}:{}/{} as {}: FAILED: {e}",
+                "database {}:{}/{} as {}: FAILED: {e}{hint}",
                 db.host, db.port, db.name, db.user
             );
         }
         Err(_) => {
             ok = false;
             println!(
-                "database {}:{}/{}: FAILED: no answer within {}s",
+                "database {}:{}/{}: FAILED: no answer within {}s\n  check DB_HOST and DB_PORT, and that the server is running and reachable",
                 db.host,
                 db.port,
                 db.name,

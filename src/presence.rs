@@ -13,7 +13,7 @@ use crate::zone::Zone;
 
 /// Sets offline every device whose `last_seen` is older than `timeout` (or unset); returns how
 /// many changed.
-pub async fn sweep(pool: &MySqlPool, timeout: Duration, zone: Zone) -> Result<u64, sqlx::Error> {
+pub async fn sweep(pool: &MySqlPool, timeout: Duration, zone: &Zone) -> Result<u64, sqlx::Error> {
     // The cutoff comes from this host's clock, on the database zone's wall clock like
     // last_seen, so the server's own time zone does not matter. A timeout too large to
     // subtract means nobody is ever old enough.
@@ -46,7 +46,7 @@ pub async fn run_sweeper(
         "presence: devices silent this long are set offline"
     );
     loop {
-        match sweep(&pool, timeout, zone).await {
+        match sweep(&pool, timeout, &zone).await {
             Ok(0) => debug!("presence sweep: nothing changed"),
             Ok(n) => info!(
                 devices = n,

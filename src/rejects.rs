@@ -171,7 +171,7 @@ pub async fn prune(
     pool: &MySqlPool,
     keep: u64,
     retention: Duration,
-    zone: Zone,
+    zone: &Zone,
 ) -> Result<u64, sqlx::Error> {
     let mut deleted = 0;
     if let Some(cutoff) = chrono::Duration::from_std(retention)
@@ -214,7 +214,7 @@ pub async fn run_retention(
     shutdown: CancellationToken,
 ) {
     loop {
-        match prune(&pool, keep, retention, zone).await {
+        match prune(&pool, keep, retention, &zone).await {
             Ok(0) => {}
             Ok(n) => debug!(deleted = n, "old rejects removed"),
             Err(e) => warn!(error = %e, "reject retention failed; trying again later"),

@@ -143,7 +143,7 @@ pub struct SensorRow {
 pub fn rows_of<'a>(
     updates: impl IntoIterator<Item = &'a Update>,
     table: &SensorTable,
-    zone: Zone,
+    zone: &Zone,
 ) -> Vec<SensorRow> {
     let mut latest: HashMap<(&str, &str), &crate::model::SensorReading> = HashMap::new();
     for update in updates {
@@ -315,7 +315,7 @@ mod tests {
                 &[("t", n(3.0), "2026-01-01T00:00:09Z")],
             ),
         ];
-        let rows = rows_of(&updates, &table(), Zone::default());
+        let rows = rows_of(&updates, &table(), &Zone::default());
         let keys: Vec<(&str, &str, &str)> = rows
             .iter()
             .map(|r| (r.device.as_str(), r.sensor.as_str(), r.value.as_str()))
@@ -331,7 +331,7 @@ mod tests {
         assert_eq!(rows[2].time.to_string(), "2026-01-01 08:00:10");
         assert_eq!(rows[0].unit.chars().count(), 20);
         assert_eq!(rows[0].sensor_type, "RAIN_");
-        let utc = rows_of(&updates, &table(), Zone::utc());
+        let utc = rows_of(&updates, &table(), &Zone::utc());
         assert_eq!(utc[2].time.to_string(), "2026-01-01 00:00:10");
     }
 

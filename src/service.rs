@@ -128,7 +128,7 @@ impl Service {
                 pool.clone(),
                 settings.presence.timeout,
                 settings.presence.sweep_interval,
-                db.zone,
+                db.zone.clone(),
                 shutdown.clone(),
             )));
         }
@@ -137,7 +137,7 @@ impl Service {
                 pool.clone(),
                 keep.history_retention,
                 keep.maintenance_interval,
-                db.zone,
+                db.zone.clone(),
                 shutdown.clone(),
             )));
         }
@@ -147,7 +147,7 @@ impl Service {
                 keep.rejects_keep,
                 keep.rejects_retention,
                 keep.maintenance_interval,
-                db.zone,
+                db.zone.clone(),
                 shutdown.clone(),
             )));
         }
@@ -189,7 +189,7 @@ impl Service {
         let ticker = tokio::spawn(log_stats_every(
             settings.log.stats_interval,
             stats.clone(),
-            db.zone,
+            db.zone.clone(),
         ));
         for task in writers
             .iter()
@@ -235,7 +235,7 @@ impl Service {
         }
         drop(background);
         ticker.abort();
-        info!("final statistics\n{}", render_stats(&stats, db.zone));
+        info!("final statistics\n{}", render_stats(&stats, &db.zone));
         pool.close().await;
         writers_done.and(loop_done).and(rejects_done)
     }
@@ -310,7 +310,7 @@ async fn store_options(
         register_unknown_devices: register,
         history: settings.keep.history,
         write_mode,
-        zone: settings.db.zone,
+        zone: settings.db.zone.clone(),
         device_status_chars,
         sensors,
         max_clock_skew: settings.ingest.rules.time.max_clock_skew,
@@ -340,8 +340,20 @@ async fn prepare_database(
             }
             Err(e) if is_migration_error(&e) => return Err(e),
             Err(e) => {
+                let cause = e.downcast_ref::<sqlx::Error>();
+                let refused = cause.is_some_and(store::is_refusal);
+                if refused {
+                    backoff.give_up_quickly();
+                }
                 let delay = backoff.next_delay();
-                error!(error = %format!("{e:#}"), retry_in_secs = delay.as_secs_f32(), "database not reachable; retrying");
+                let hint = cause.and_then(store::settings_hint).unwrap_or("");
+                // The error once: sqlx's text already holds the server's message, which its
+                // source repeats.
+                if refused {
+                    error!(error = %e, retry_in_secs = delay.as_secs_f32(), "database refused the service; {hint}; retrying");
+                } else {
+                    error!(error = %e, retry_in_secs = delay.as_secs_f32(), "database not reachable; {hint}; retrying");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Ok(false),
@@ -404,7 +416,7 @@ impl Drop for Background {
 }
 
 /// The statistics block in the configured words (`LOG_STYLE`).
-fn render_stats(stats: &Stats, zone: crate::zone::Zone) -> String {
+fn render_stats(stats: &Stats, zone: &crate::zone::Zone) -> String {
     let snap = stats.snapshot();
     if stats.codehubot_wording() {
         snap.render_codehubot(zone)
@@ -427,7 +439,7 @@ async fn log_stats_every(interval: Duration, stats: Arc<Stats>, zone: crate::zon
             failed = snap.failed,
             connected = snap.connected,
             "statistics\n{}",
-            render_stats(&stats, zone)
+            render_stats(&stats, &zone)
         );
     }
 }

@@ -349,7 +349,7 @@ impl Snapshot {
     /// The statistics block in the words of CodeHubot's Python service (its README tells
     /// operators to grep for `📊 MQTT服务统计`); the last message's time on `zone`'s clock, as
     /// that service showed it in Beijing time.
-    pub fn render_codehubot(&self, zone: Zone) -> String {
+    pub fn render_codehubot(&self, zone: &Zone) -> String {
         let secs = self.uptime.as_secs();
         let days = secs / 86_400;
         // Python's str(timedelta), without the microseconds.
@@ -405,7 +405,7 @@ mod tests {
         let mut snap = s.snapshot();
         snap.uptime = Duration::from_secs(2 * 3600 + 30 * 60 + 15);
         snap.last_message = DateTime::from_timestamp(1_766_125_800, 0);
-        let text = snap.render_codehubot(Zone::default());
+        let text = snap.render_codehubot(&Zone::default());
         let rule = "=".repeat(70);
         assert_eq!(
             text,
@@ -416,7 +416,7 @@ mod tests {
         snap.uptime = Duration::from_secs(86_400 * 2 + 5);
         snap.connected = false;
         snap.last_message = None;
-        let text = snap.render_codehubot(Zone::default());
+        let text = snap.render_codehubot(&Zone::default());
         assert!(text.contains("  运行时间: 2 days, 0:00:05\n"), "{text}");
         assert!(text.contains("❌ 未连接") && !text.contains("最后消息"));
     }

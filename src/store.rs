@@ -137,7 +137,7 @@ pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
 /// with daylight saving, a connection keeps the offset in force when it connected, until it is
 /// recycled (`DB_POOL_RECYCLE_SECS`).
 pub fn pool(db: &DbSettings) -> MySqlPool {
-    let zone = db.zone;
+    let zone = db.zone.clone();
     MySqlPoolOptions::new()
         .min_connections(db.pool_min)
         .max_connections(db.pool_max)
@@ -145,15 +145,50 @@ pub fn pool(db: &DbSettings) -> MySqlPool {
         .acquire_timeout(db.connect_timeout)
         .test_before_acquire(true)
         .after_connect(move |conn, _| {
+            // The offset is digits and a sign, from `Zone`: safe to put in the text.
+            let offset = zone.session_offset();
             Box::pin(async move {
-                // The offset is digits and a sign, from `Zone`: safe to put in the text.
-                let offset = zone.session_offset();
                 conn.execute(sqlx::AssertSqlSafe(format!("SET time_zone = '{offset}'")))
                     .await
                     .map(|_| ())
             })
         })
         .connect_lazy_with(connect_options(db))
+}
+
+/// What a person should check when the database refused the service or could not be reached:
+/// the setting to look at, from the error's class; `None` when nothing in the settings is
+/// likely at fault.
+pub fn settings_hint(e: &sqlx::Error) -> Option<&'static str> {
+    let number = e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
+        .map(MySqlDatabaseError::number);
+    match (number, e) {
+        (Some(1045 | 1698), _) => {
+            Some("the server refused the login: check DB_USER and DB_PASSWORD")
+        }
+        (Some(1044), _) => Some(
+            "DB_USER may not use DB_NAME: grant it the rights in the README's least-privilege grant",
+        ),
+        (Some(1049), _) => Some("no such database: check DB_NAME, or create it"),
+        (Some(_), _) => None,
+        (None, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => Some(
+            "no connection: check DB_HOST and DB_PORT, and that the server is running and reachable",
+        ),
+        (None, sqlx::Error::Tls(_)) => {
+            Some("TLS to the database failed: check DB_SSL_MODE and DB_SSL_CA_FILE")
+        }
+        _ => None,
+    }
+}
+
+/// Whether the server refused the service itself (credentials, rights, the database name):
+/// retrying soon will not help.
+pub fn is_refusal(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
+        .is_some_and(|d| matches!(d.number(), 1044 | 1045 | 1049 | 1698))
 }
 
 /// Runs the migrations (idempotent: `device_main` is created only where it is absent).
@@ -484,12 +519,12 @@ impl Store {
         };
         if self.options.history {
             let mut rows: Vec<HistoryRow> = written()
-                .flat_map(|u| history::rows_of(u, self.options.zone))
+                .flat_map(|u| history::rows_of(u, &self.options.zone))
                 .collect();
             history::append(&mut tx, &mut rows).await?;
         }
         if let Some(table) = &self.options.sensors {
-            let rows = sensors::rows_of(written(), table, self.options.zone);
+            let rows = sensors::rows_of(written(), table, &self.options.zone);
             sensors::upsert(&mut tx, table, &rows, self.options.max_clock_skew).await?;
         }
         tx.commit().await?;

@@ -26,7 +26,7 @@ pub const EARLIEST_UNIX_SECS: i64 = 946_684_800;
 pub const NUMBER_MAX_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
 
 /// How a timestamp is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TimeRules {
     /// The zone in which a time without an offset is read.
     pub zone: Zone,

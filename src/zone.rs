@@ -9,21 +9,43 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, FixedOffset, LocalResult, NaiveDateTime, Offset, TimeZone, Utc};
+use chrono::{
+    DateTime, Datelike, FixedOffset, LocalResult, NaiveDateTime, TimeZone, Timelike, Utc,
+};
+use jiff::tz::AmbiguousOffset;
 
 /// A time zone given by name or by a fixed offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Zone {
     /// A fixed offset from UTC (`+08:00`, `UTC`).
     Fixed(FixedOffset),
     /// An IANA zone, whose offset may change over the year (daylight saving).
-    Named(chrono_tz::Tz),
+    Named(NamedZone),
 }
 
+/// An IANA zone, from the system's tz database (`/usr/share/zoneinfo`), or the copy built in
+/// where the system has none (slim containers). jiff rather than chrono-tz: chrono-tz's tables
+/// are relocated at start-up and cost about 3 MB of resident memory whatever zone is used.
+#[derive(Debug, Clone)]
+pub struct NamedZone {
+    name: String,
+    tz: jiff::tz::TimeZone,
+}
+
+impl PartialEq for NamedZone {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for NamedZone {}
+
 impl Default for Zone {
-    /// Beijing time, what a CodeHubot backend expects.
+    /// Beijing time, what a CodeHubot backend expects (the name, so it reads as the backend
+    /// says it; the bundled database has it when the system's has not).
     fn default() -> Self {
-        Zone::Named(chrono_tz::Asia::Shanghai)
+        Self::named("Asia/Shanghai")
+            .unwrap_or_else(|| Zone::Fixed(FixedOffset::east_opt(8 * 3600).expect("+08:00")))
     }
 }
 
@@ -33,12 +55,33 @@ impl Zone {
         Zone::Fixed(FixedOffset::east_opt(0).expect("zero is a valid offset"))
     }
 
+    /// The IANA zone `name`, if the tz database has it.
+    fn named(name: &str) -> Option<Self> {
+        let tz = jiff::tz::TimeZone::get(name).ok()?;
+        Some(Zone::Named(NamedZone {
+            name: name.to_owned(),
+            tz,
+        }))
+    }
+
+    /// The offset in force at `instant`.
+    fn offset_at(&self, instant: DateTime<Utc>) -> FixedOffset {
+        match self {
+            Zone::Fixed(offset) => *offset,
+            Zone::Named(z) => jiff::Timestamp::new(
+                instant.timestamp(),
+                i32::try_from(instant.timestamp_subsec_nanos()).unwrap_or(0),
+            )
+            .ok()
+            .and_then(|ts| FixedOffset::east_opt(z.tz.to_offset(ts).seconds()))
+            // Outside jiff's range (years beyond ±9999): no zone rules apply there anyway.
+            .unwrap_or_else(|| FixedOffset::east_opt(0).expect("zero is a valid offset")),
+        }
+    }
+
     /// `instant` as the zone's wall clock shows it, with the offset in force then.
     pub fn at(&self, instant: DateTime<Utc>) -> DateTime<FixedOffset> {
-        match self {
-            Zone::Fixed(offset) => instant.with_timezone(offset),
-            Zone::Named(tz) => instant.with_timezone(tz).fixed_offset(),
-        }
+        instant.with_timezone(&self.offset_at(instant))
     }
 
     /// Now, in this zone.
@@ -59,10 +102,26 @@ impl Zone {
                 LocalResult::Single(t) => Some(t),
                 _ => None,
             },
-            Zone::Named(tz) => match tz.from_local_datetime(&wall) {
-                LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => Some(t.fixed_offset()),
-                LocalResult::None => None,
-            },
+            Zone::Named(z) => {
+                let civil = jiff::civil::DateTime::new(
+                    i16::try_from(wall.year()).ok()?,
+                    i8::try_from(wall.month()).ok()?,
+                    i8::try_from(wall.day()).ok()?,
+                    i8::try_from(wall.hour()).ok()?,
+                    i8::try_from(wall.minute()).ok()?,
+                    i8::try_from(wall.second()).ok()?,
+                    i32::try_from(wall.nanosecond()).ok()?,
+                )
+                .ok()?;
+                let offset = match z.tz.to_ambiguous_timestamp(civil).offset() {
+                    AmbiguousOffset::Unambiguous { offset } => offset,
+                    AmbiguousOffset::Fold { before, .. } => before,
+                    AmbiguousOffset::Gap { .. } => return None,
+                };
+                FixedOffset::east_opt(offset.seconds())?
+                    .from_local_datetime(&wall)
+                    .single()
+            }
         }
     }
 
@@ -70,7 +129,7 @@ impl Zone {
     /// an offset rather than the name: named zones work on a MySQL/MariaDB server only once
     /// its time-zone tables are loaded, which most are not.
     pub fn session_offset(&self) -> String {
-        let secs = self.now().offset().fix().local_minus_utc();
+        let secs = self.offset_at(Utc::now()).local_minus_utc();
         let sign = if secs < 0 { '-' } else { '+' };
         let minutes = secs.unsigned_abs() / 60;
         format!("{sign}{:02}:{:02}", minutes / 60, minutes % 60)
@@ -82,7 +141,7 @@ impl fmt::Display for Zone {
         match self {
             Zone::Fixed(offset) if offset.local_minus_utc() == 0 => f.write_str("UTC"),
             Zone::Fixed(offset) => write!(f, "{offset}"),
-            Zone::Named(tz) => f.write_str(tz.name()),
+            Zone::Named(z) => f.write_str(&z.name),
         }
     }
 }
@@ -113,9 +172,7 @@ impl FromStr for Zone {
         if offset_text.starts_with(['+', '-']) {
             return parse_offset(offset_text).map(Zone::Fixed).ok_or_else(bad);
         }
-        s.parse::<chrono_tz::Tz>()
-            .map(Zone::Named)
-            .map_err(|_| bad())
+        Zone::named(s).ok_or_else(bad)
     }
 }
 

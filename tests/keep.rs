@@ -345,7 +345,7 @@ async fn the_sweep_sets_offline_in_sql_so_it_is_right_after_a_restart() {
     let changed = mqtt_ingest::presence::sweep(
         &pool,
         Duration::from_secs(90),
-        mqtt_ingest::zone::Zone::default(),
+        &mqtt_ingest::zone::Zone::default(),
     )
     .await
     .unwrap();

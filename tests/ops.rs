@@ -194,3 +194,47 @@ async fn readyz_names_the_database_while_it_is_down() {
     wait_ready(&service, 200, Duration::from_secs(30)).await;
     service.stop().await.unwrap();
 }
+
+/// Refused credentials name the settings to fix, once, and retries wait the longest delay at
+/// once instead of counting up to it (a person reads the log at that rate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_db_password_names_the_settings_once() {
+    let db = TestDb::new().await;
+    let target =
+        Target::new(&db, shared_mqtt_port()).with("DB_PASSWORD", "surely-not-the-password");
+    let mut process = app::ServiceProcess::spawn(&target);
+    process
+        .wait_for_log("database refused the service", Duration::from_secs(20))
+        .await;
+    let log = process.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("database refused the service"))
+        .unwrap();
+    assert!(line.contains("check DB_USER and DB_PASSWORD"), "{line}");
+    assert_eq!(line.matches("Access denied").count(), 1, "{line}");
+    assert!(!line.contains("surely-not-the-password"), "{line}");
+    let wait: f64 = line
+        .split("retry_in_secs=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no retry_in_secs in {line}"));
+    assert!(
+        wait >= 24.0,
+        "the first retry already waits the longest (with jitter): {wait}"
+    );
+    process.signal("TERM");
+    assert_eq!(process.wait_exit(Duration::from_secs(20)).await, Some(0));
+
+    // --check-config says the same.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"))
+        .args(["--env-file", "/dev/null", "--check-config"])
+        .env_clear()
+        .envs(target.vars())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success());
+    assert!(text.contains("check DB_USER and DB_PASSWORD"), "{text}");
+}
