@@ -143,7 +143,7 @@ mod tests {
                 value: Number::from_f64(25.5).unwrap().into(),
                 unit: "°C".repeat(40),
                 timestamp: "2025-12-19T06:30:00Z".into(),
-                sensor_type: String::new(),
+                sensor_type: None,
             },
         );
         let zone = Zone::default();

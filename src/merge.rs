@@ -499,7 +499,7 @@ mod tests {
                         || at(secs).to_rfc3339_opts(SecondsFormat::Millis, true),
                         str::to_owned,
                     ),
-                    sensor_type: String::new(),
+                    sensor_type: None,
                 },
             );
         }
@@ -967,7 +967,7 @@ mod tests {
                                     value: Number::from(v).into(),
                                     unit: "°C".into(),
                                     timestamp,
-                                    sensor_type: String::new(),
+                                    sensor_type: None,
                                 },
                             );
                         }
@@ -1096,7 +1096,7 @@ mod tests {
                                         value: value.into(),
                                         unit: "u".into(),
                                         timestamp,
-                                        sensor_type: String::new(),
+                                        sensor_type: None,
                                     },
                                 )
                             })

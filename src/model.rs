@@ -4,6 +4,7 @@
 //! the store accepts only these types, so it never sees raw bytes (parse, don't validate).
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset};
 use serde::Serialize;
@@ -121,9 +122,17 @@ pub struct SensorReading {
     /// else given the database zone's) or the receive time.
     pub timestamp: String,
     /// The sensor's type (`DHT11`, `RAIN_SENSOR`): the simple format's `sensor` field or a full
-    /// format entry's `sensor_type`; `""` when the device gave none. Written to
-    /// `device_sensors.sensor_type`, not to `last_report_data`.
-    pub sensor_type: String,
+    /// format entry's `sensor_type`; `None` when the device gave none. Written to
+    /// `device_sensors.sensor_type`, not to `last_report_data`. Shared by the readings of one
+    /// message: one allocation per message, not per reading, in a queue of thousands.
+    pub sensor_type: Option<Arc<str>>,
+}
+
+impl SensorReading {
+    /// The sensor's type, `""` for none.
+    pub fn sensor_type(&self) -> &str {
+        self.sensor_type.as_deref().unwrap_or("")
+    }
 }
 
 /// Readings by sensor name: sorted by name, each name once. A flat vector rather than a map: an
@@ -307,7 +316,7 @@ mod sensors_tests {
             value: Number::from(v).into(),
             unit: String::new(),
             timestamp: "2026-01-01T00:00:00Z".into(),
-            sensor_type: String::new(),
+            sensor_type: None,
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use regex::Regex;
@@ -404,11 +404,14 @@ fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport
                 continue;
             };
             let sensor_type = match entry.remove("sensor_type") {
-                Some(Value::String(t)) => t,
-                _ => String::new(),
+                Some(Value::String(t)) if !t.is_empty() => Some(Arc::<str>::from(t)),
+                _ => None,
             };
             let name = match entry.remove("sensor_name") {
-                Some(Value::String(name)) => r.rules.renames.apply(&sensor_type, name),
+                Some(Value::String(name)) => r
+                    .rules
+                    .renames
+                    .apply(sensor_type.as_deref().unwrap_or(""), name),
                 Some(_) => {
                     r.skip(format!("sensors[{i}]"), "sensor_name is not a string");
                     continue;
@@ -480,16 +483,19 @@ fn simple_format(
         Some(t) => t.to_owned(),
         None => r.receive_text().to_owned(),
     };
-    let sensor_type = match object.get("sensor") {
-        Some(Value::String(t)) => t.clone(),
-        _ => String::new(),
+    let sensor_type: Option<Arc<str>> = match object.get("sensor") {
+        Some(Value::String(t)) if !t.is_empty() => Some(t.as_str().into()),
+        _ => None,
     };
     let mut readings = Vec::with_capacity(object.len());
     for (name, value) in object {
         if SIMPLE_FORMAT_METADATA.contains(&name.as_str()) || value.is_string() {
             continue;
         }
-        let name = r.rules.renames.apply(&sensor_type, name);
+        let name = r
+            .rules
+            .renames
+            .apply(sensor_type.as_deref().unwrap_or(""), name);
         if !r.name_ok(&name) {
             continue;
         }
@@ -514,7 +520,7 @@ fn reading(
     value: Value,
     unit: String,
     timestamp: String,
-    sensor_type: String,
+    sensor_type: Option<Arc<str>>,
     rules: &Rules,
 ) -> Result<SensorReading, String> {
     let value = match value {

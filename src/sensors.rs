@@ -178,7 +178,7 @@ pub fn rows_of<'a>(
                 sensor: sensor.to_owned(),
                 value: cut(r.value.to_db_text(), table.value_chars),
                 unit: cut(r.unit.clone(), table.unit_chars),
-                sensor_type: cut(r.sensor_type.clone(), table.type_chars),
+                sensor_type: cut(r.sensor_type().to_owned(), table.type_chars),
                 time: zone.naive(time.with_timezone(&Utc)),
             })
         })
@@ -270,7 +270,7 @@ mod tests {
                     value: value.clone(),
                     unit: "°C".repeat(15),
                     timestamp: (*ts).into(),
-                    sensor_type: "RAIN_SENSOR".into(),
+                    sensor_type: Some("RAIN_SENSOR".into()),
                 },
             );
         }

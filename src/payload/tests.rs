@@ -160,14 +160,14 @@ fn the_real_firmwares_payloads() {
     );
     assert_eq!(d.sensors["temperature"].value.to_string(), "24.3");
     assert_eq!(d.sensors["humidity"].value.to_db_text(), "55.0");
-    assert_eq!(d.sensors["humidity"].sensor_type, "DHT11");
+    assert_eq!(d.sensors["humidity"].sensor_type(), "DHT11");
     assert_eq!(d.sensors["humidity"].timestamp, RECEIVED);
 
     let (d, skipped) = data(
         r#"{"device_id":"AIOT-ESP32-6E0067F6","sensor":"DS18B20","temperature":23.8,"timestamp":60}"#,
     );
     assert!(skipped.is_empty());
-    assert_eq!(d.sensors["temperature"].sensor_type, "DS18B20");
+    assert_eq!(d.sensors["temperature"].sensor_type(), "DS18B20");
 
     for (raining, level, text) in [("true", 0, "True"), ("false", 1, "False")] {
         let (d, skipped) = data(&format!(
@@ -181,7 +181,7 @@ fn the_real_firmwares_payloads() {
             d.sensors["rain_level"].value.to_db_text(),
             level.to_string()
         );
-        assert_eq!(d.sensors["rain"].sensor_type, "RAIN_SENSOR");
+        assert_eq!(d.sensors["rain"].sensor_type(), "RAIN_SENSOR");
     }
 
     let st = run(
@@ -256,7 +256,7 @@ fn renames_parse_and_apply() {
         panic!()
     };
     assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["hum", "humidity"]);
-    assert_eq!(d.sensors["hum"].sensor_type, "BME280");
+    assert_eq!(d.sensors["hum"].sensor_type(), "BME280");
     for bad in ["x", "a:b", "T:=c", "T:a=B", "T:a=1x", ":a=b"] {
         assert!(Renames::parse(bad).is_err(), "{bad}");
     }
