@@ -115,11 +115,17 @@ async fn publish(target: &Target, uuid: &str, kind: &str, payload: &str) {
     .unwrap();
 }
 
-/// `device_sensors` rows of a device: name → (value, unit, type, timestamp).
-async fn sensor_rows(
-    pool: &MySqlPool,
-    uuid: &str,
-) -> Vec<(String, String, String, String, NaiveDateTime)> {
+/// One `device_sensors` row.
+struct SensorRow {
+    name: String,
+    value: String,
+    unit: String,
+    kind: String,
+    time: NaiveDateTime,
+}
+
+/// A device's `device_sensors` rows, by sensor name.
+async fn sensor_rows(pool: &MySqlPool, uuid: &str) -> Vec<SensorRow> {
     sqlx::query(
         "SELECT sensor_name, sensor_value, sensor_unit, sensor_type, `timestamp` \
          FROM device_sensors WHERE device_uuid = ? ORDER BY sensor_name",
@@ -129,16 +135,40 @@ async fn sensor_rows(
     .await
     .unwrap()
     .into_iter()
-    .map(|r| {
-        (
-            r.get(0),
-            r.get(1),
-            r.get::<Option<String>, _>(2).unwrap_or_default(),
-            r.get::<Option<String>, _>(3).unwrap_or_default(),
-            r.get(4),
-        )
+    .map(|r| SensorRow {
+        name: r.get(0),
+        value: r.get(1),
+        unit: r.get::<Option<String>, _>(2).unwrap_or_default(),
+        kind: r.get::<Option<String>, _>(3).unwrap_or_default(),
+        time: r.get(4),
     })
     .collect()
+}
+
+/// Name, value and type of each of a device's `device_sensors` rows.
+async fn sensor_values(pool: &MySqlPool, uuid: &str) -> Vec<(String, String, String)> {
+    sensor_rows(pool, uuid)
+        .await
+        .into_iter()
+        .map(|r| (r.name, r.value, r.kind))
+        .collect()
+}
+
+/// `device_main.updated_at` of a device (the backend's ON UPDATE CURRENT_TIMESTAMP column).
+async fn updated_at(pool: &MySqlPool, uuid: &str) -> NaiveDateTime {
+    sqlx::query_scalar("SELECT updated_at FROM device_main WHERE uuid = ?")
+        .bind(uuid)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// `(name, value, type)` triples as owned strings, for comparing with [`sensor_values`].
+fn triples(expected: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    expected
+        .iter()
+        .map(|(n, v, t)| ((*n).to_owned(), (*v).to_owned(), (*t).to_owned()))
+        .collect()
 }
 
 fn close_to(t: NaiveDateTime, now: NaiveDateTime) -> bool {
@@ -248,27 +278,21 @@ async fn the_firmwares_messages_on_the_current_schema() {
     assert_eq!(data["status"]["device_id"], json!(DEVICE_ID));
     assert!(data["sensors"].get("device_id").is_none() && data["sensors"].get("sensor").is_none());
     // The backend's ON UPDATE column agrees with last_seen (the session's time zone).
-    let updated: NaiveDateTime =
-        sqlx::query_scalar("SELECT updated_at FROM device_main WHERE uuid = ?")
-            .bind(UUID)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let updated = updated_at(&pool, UUID).await;
     assert!(close_to(updated, now), "updated_at {updated} (now {now})");
 
-    let rows = sensor_rows(&pool, UUID).await;
-    let shown: Vec<(&str, &str, &str)> = rows
-        .iter()
-        .map(|(n, v, _, t, _)| (n.as_str(), v.as_str(), t.as_str()))
-        .collect();
     assert_eq!(
-        shown,
-        [
+        sensor_values(&pool, UUID).await,
+        triples(&[
             ("humidity", "55.0", "DHT11"),
             ("temperature", "23.8", "DS18B20")
-        ]
+        ])
     );
-    assert!(rows.iter().all(|r| close_to(r.4, now) && r.2.is_empty()));
+    let rows = sensor_rows(&pool, UUID).await;
+    assert!(
+        rows.iter()
+            .all(|r| close_to(r.time, now) && r.unit.is_empty())
+    );
 
     // Order-safe: a reading dated before the stored one changes neither table.
     publish(
@@ -281,7 +305,7 @@ async fn the_firmwares_messages_on_the_current_schema() {
     assert_eq!(service.settled(7).await.succeeded, 7);
     let rows = sensor_rows(&pool, UUID).await;
     assert_eq!(
-        (rows[0].0.as_str(), rows[0].1.as_str()),
+        (rows[0].name.as_str(), rows[0].value.as_str()),
         ("humidity", "55.0")
     );
     let row = device(&pool, UUID).await.unwrap().unwrap();
@@ -299,17 +323,12 @@ async fn the_firmwares_messages_on_the_current_schema() {
         rain.data.as_ref().unwrap()["sensors"]["rain_level"]["value"],
         json!(0)
     );
-    let rows = sensor_rows(&pool, rain_uuid).await;
-    let shown: Vec<(&str, &str, &str)> = rows
-        .iter()
-        .map(|(n, v, _, t, _)| (n.as_str(), v.as_str(), t.as_str()))
-        .collect();
     assert_eq!(
-        shown,
-        [
+        sensor_values(&pool, rain_uuid).await,
+        triples(&[
             ("rain", "True", "RAIN_SENSOR"),
             ("rain_level", "0", "RAIN_SENSOR")
-        ]
+        ])
     );
     service.stop().await.unwrap();
 }
@@ -451,14 +470,8 @@ async fn db_timezone_utc_writes_utc_everywhere() {
     assert!(stamp.as_str().unwrap().ends_with('Z'), "{stamp}");
     let rows = sensor_rows(&pool, UUID).await;
     assert_eq!(rows.len(), 2);
-    assert!(rows.iter().all(|r| close_to(r.4, now)));
-    let updated: NaiveDateTime =
-        sqlx::query_scalar("SELECT updated_at FROM device_main WHERE uuid = ?")
-            .bind(UUID)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert!(close_to(updated, now));
+    assert!(rows.iter().all(|r| close_to(r.time, now)));
+    assert!(close_to(updated_at(&pool, UUID).await, now));
     service.stop().await.unwrap();
 }
 
