@@ -8,10 +8,19 @@
 #
 # Settings: DB_* and MQTT_* from the environment, else from ./.env, else defaults.
 # Local services are only touched when DB_HOST / MQTT_BROKER point at this machine.
+# root's login is never changed, and an existing user is left as it is: a missing DB_USER is
+# created with DB_PASSWORD and the README's least-privilege grant.
+#
+#   scripts/setup.sh               for the service (scripts/run.sh)
+#   scripts/setup.sh --for-tests   for the tests (scripts/test.sh): instead of DB_USER, an account
+#                                  that may create and drop the tests' databases, written to
+#                                  target/test-db.env as TEST_DB_USER / TEST_DB_PASSWORD
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 REPO_ROOT=$(pwd)
+FOR_TESTS=false
+[[ ${1:-} == --for-tests ]] && FOR_TESTS=true
 
 say() { printf 'setup: %s\n' "$*"; }
 warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
@@ -271,34 +280,63 @@ socket_is_db_port() {
     [[ $port == "$DB_PORT" ]]
 }
 
-# Lets DB_USER log in over TCP with DB_PASSWORD, using root's socket login.
-fix_tcp_login() {
-    if ! sql_socket -e 'SELECT 1' >/dev/null 2>&1; then
-        die "mariadb: $DB_USER cannot log in over TCP, and root socket login failed too; fix the credentials in .env"
-    fi
+# root's socket login, checked to reach the server on DB_PORT.
+need_socket_root() {
+    sql_socket -e 'SELECT 1' >/dev/null 2>&1 ||
+        die "mariadb: $1, and root's socket login failed too (run this as root, or fix it by hand)"
     socket_is_db_port ||
-        die "mariadb: root's socket login reaches a server that is not the one on port $DB_PORT; fix the credentials in .env"
-    local pw hosts host
+        die "mariadb: $1, and root's socket login reaches a server that is not the one on port $DB_PORT"
+}
+
+# Creates DB_USER (absent) with DB_PASSWORD and the README's least-privilege grant on DB_NAME,
+# using root's socket login. root's own login is never changed and an existing user is left as
+# it is: both stop with a line that says what to fix.
+fix_tcp_login() {
+    local why="$DB_USER cannot log in over TCP at $DB_HOST:$DB_PORT with DB_PASSWORD"
+    [[ $DB_USER == root ]] &&
+        die "mariadb: $why; this set-up does not change root's login: set DB_USER to a user of its own in .env (scripts/run.sh makes one on first use), or give root a password and set DB_PASSWORD"
+    need_socket_root "$why"
+    local user pw db host
+    user=$(sql_string "$DB_USER")
     pw=$(sql_string "$DB_PASSWORD")
-    if [[ $DB_USER == root ]]; then
-        hosts=$(sql_socket -e "SELECT Host FROM mysql.user WHERE User='root' AND Host IN ('localhost','127.0.0.1','::1')")
-        [[ -n $hosts ]] || hosts=localhost
-        for host in $hosts; do
-            say "mariadb: ALTER USER root@$host IDENTIFIED VIA mysql_native_password USING PASSWORD('<DB_PASSWORD$([[ -z $DB_PASSWORD ]] && printf ', empty')>') OR unix_socket"
-            sql_socket -e "ALTER USER root@$(sql_string "$host") IDENTIFIED VIA mysql_native_password USING PASSWORD($pw) OR unix_socket"
-        done
-    else
-        local user db
-        user=$(sql_string "$DB_USER")
-        db=$(sql_ident "$DB_NAME")
+    db=$(sql_ident "$DB_NAME")
+    [[ $(sql_socket -e "SELECT COUNT(*) FROM mysql.user WHERE User = $user") == 0 ]] ||
+        die "mariadb: $why; the user exists and is left as it is: fix DB_PASSWORD in .env (or DB_USER)"
+    for host in localhost 127.0.0.1; do
+        say "mariadb: CREATE USER $DB_USER@$host (DB_PASSWORD), GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX ON $DB_NAME.*"
+        sql_socket -e "CREATE USER $user@'$host' IDENTIFIED BY $pw;
+            GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER, INDEX ON $db.* TO $user@'$host'"
+    done
+}
+
+# The account the tests log in with (they create and drop databases mi_* and bench_*): root
+# over TCP where that works without a password (as on the CI machines), else a user of the
+# tests' own, mqtt_ingest_test, whose password is made anew on every run.
+prepare_test_account() {
+    local file=$REPO_ROOT/target/test-db.env user=root password=''
+    mkdir -p "${file%/*}"
+    if ! MYSQL_PWD='' "$SQL_CLI" --protocol=tcp -h "$DB_HOST" -P "$DB_PORT" -u root \
+        --connect-timeout=5 -N -B -e 'SELECT 1' >/dev/null 2>&1; then
+        need_socket_root "root cannot log in over TCP without a password (and is not changed here)"
+        user=mqtt_ingest_test
+        password=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+        local host pw
+        pw=$(sql_string "$password")
         for host in localhost 127.0.0.1; do
-            say "mariadb: CREATE USER IF NOT EXISTS $DB_USER@$host, SET PASSWORD, GRANT ALL ON $DB_NAME.*"
-            sql_socket -e "CREATE USER IF NOT EXISTS $user@'$host' IDENTIFIED BY $pw;
-                SET PASSWORD FOR $user@'$host' = PASSWORD($pw);
-                GRANT ALL PRIVILEGES ON $db.* TO $user@'$host'"
+            sql_socket -e "CREATE USER IF NOT EXISTS '$user'@'$host' IDENTIFIED BY $pw;
+                ALTER USER '$user'@'$host' IDENTIFIED BY $pw;
+                GRANT ALL PRIVILEGES ON \`mi\\_%\`.* TO '$user'@'$host';
+                GRANT ALL PRIVILEGES ON \`bench\\_%\`.* TO '$user'@'$host'"
         done
+        say "mariadb: the tests log in as $user (its own password, in target/test-db.env)"
+    else
+        say "mariadb: the tests log in as root over TCP (no password)"
     fi
-    sql_socket -e 'FLUSH PRIVILEGES'
+    (
+        umask 077
+        printf 'TEST_DB_HOST=%s\nTEST_DB_PORT=%s\nTEST_DB_USER=%s\nTEST_DB_PASSWORD=%s\n' \
+            "$DB_HOST" "$DB_PORT" "$user" "$password" >"$file"
+    )
 }
 
 if [[ $DB_LOCAL == true ]]; then
@@ -312,7 +350,9 @@ if [[ $DB_LOCAL == true ]]; then
         say "mariadb: answering on $DB_HOST:$DB_PORT"
     fi
 
-    if sql_tcp -e 'SELECT 1' >/dev/null 2>&1; then
+    if [[ $FOR_TESTS == true ]]; then
+        prepare_test_account
+    elif sql_tcp -e 'SELECT 1' >/dev/null 2>&1; then
         say "mariadb: $DB_USER can log in over TCP at $DB_HOST:$DB_PORT"
     else
         say "mariadb: $DB_USER cannot log in over TCP at $DB_HOST:$DB_PORT, fixing via root's socket login"
@@ -323,7 +363,9 @@ if [[ $DB_LOCAL == true ]]; then
     fi
 
     exists=$(sql_tcp -e "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = $(sql_string "$DB_NAME")" 2>/dev/null || true)
-    if [[ $exists == 1 ]]; then
+    if [[ $FOR_TESTS == true ]]; then
+        : # the tests make databases of their own
+    elif [[ $exists == 1 ]]; then
         say "mariadb: database $DB_NAME exists"
     else
         create="CREATE DATABASE IF NOT EXISTS $(sql_ident "$DB_NAME") CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"

@@ -10,7 +10,14 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
+scripts/setup.sh --for-tests
+# The account the tests log in with (root over TCP where that works, else one of their own).
+if [[ -f target/test-db.env ]]; then
+    set -a
+    # shellcheck source=/dev/null
+    . target/test-db.env
+    set +a
+fi
 
 # cargo-nextest when it is installed (a process per test, the "ci" profile's timeouts); plain
 # cargo test otherwise: compiling nextest from source would take longer than the whole suite.
