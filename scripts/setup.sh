@@ -140,6 +140,10 @@ fi
 if [[ $DB_LOCAL == true ]] && ! have mariadb && ! have mysql; then
     packages+=(mariadb-client)
 fi
+# The tests make certificates for the TLS tests with the openssl command.
+if [[ $FOR_TESTS == true ]] && ! have openssl; then
+    packages+=(openssl)
+fi
 # The build needs a C compiler and linker: crates such as ring compile C, and rustc links with cc.
 if ! have cc; then
     say "no C compiler (cc): the build needs one (ring's C code, and linking); adding gcc and libc6-dev"
