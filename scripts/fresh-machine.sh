@@ -64,6 +64,11 @@ cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
 printf 'nameserver 10.0.2.3\n' >"$ROOT/etc/resolv.conf"
 tar -C "$REPO" --exclude=./target --exclude=./.env -cf - . | tar -C "$ROOT/root/mqtt-ingest" -xf -
 
+# Processes left in the root by an interrupted run would answer on its sockets: end them.
+for proc in /proc/[0-9]*; do
+    [[ $(readlink "$proc/root" 2>/dev/null) == "$ROOT" ]] && kill -KILL "${proc#/proc/}" 2>/dev/null
+done
+
 # ------------------------------------------------------- inside the namespace --
 # What runs in the fresh root, as its user would: the README's commands, then its Try-it steps.
 cat >"$ROOT/root/fresh-steps.sh" <<'STEPS'
@@ -121,7 +126,10 @@ say "running the README's commands in the fresh root (own network namespace, no 
 # way out; nsenter runs the steps there, chrooted.
 unshare --net --mount --pid --fork --mount-proc sleep infinity &
 holder=$!
+# Killing the namespace's first process ends every process in it (the servers started inside).
+ns_pid=
 cleanup() {
+    [[ -n $ns_pid ]] && kill -KILL "$ns_pid" 2>/dev/null
     kill "$slirp" 2>/dev/null || true
     kill "$holder" 2>/dev/null || true
 }

@@ -313,9 +313,10 @@ fix_tcp_login() {
     done
 }
 
-# The account the tests log in with (they create and drop databases mi_* and bench_*): root
-# over TCP where that works without a password (as on the CI machines), else a user of the
-# tests' own, mqtt_ingest_test, whose password is made anew on every run.
+# The account the tests log in with (they create and drop databases mi_* and bench_*, and users
+# with grants on their own databases): root over TCP where that works without a password (as on
+# the CI machines), else a user of the tests' own, mqtt_ingest_test, whose password is made anew
+# on every run.
 prepare_test_account() {
     local file=$REPO_ROOT/target/test-db.env user=root password=''
     mkdir -p "${file%/*}"
@@ -329,8 +330,9 @@ prepare_test_account() {
         for host in localhost 127.0.0.1; do
             sql_socket -e "CREATE USER IF NOT EXISTS '$user'@'$host' IDENTIFIED BY $pw;
                 ALTER USER '$user'@'$host' IDENTIFIED BY $pw;
-                GRANT ALL PRIVILEGES ON \`mi\\_%\`.* TO '$user'@'$host';
-                GRANT ALL PRIVILEGES ON \`bench\\_%\`.* TO '$user'@'$host'"
+                GRANT ALL PRIVILEGES ON \`mi\\_%\`.* TO '$user'@'$host' WITH GRANT OPTION;
+                GRANT ALL PRIVILEGES ON \`bench\\_%\`.* TO '$user'@'$host';
+                GRANT CREATE USER ON *.* TO '$user'@'$host'"
         done
         say "mariadb: the tests log in as $user (its own password, in target/test-db.env)"
     else
