@@ -113,7 +113,8 @@ fi
 
 t0=$SECONDS
 if scripts/test.sh >/root/test.log 2>&1; then
-    report PASS $((SECONDS - t0)) "scripts/test.sh: $(grep -E 'Summary|test result' /root/test.log | tail -1)"
+    passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' /root/test.log | awk '{n += $4} END {print n + 0}')
+    report PASS $((SECONDS - t0)) "scripts/test.sh: fmt, clippy, $passed tests passed (MQTT 3.1.1 and 5)"
 else
     report FAIL $((SECONDS - t0)) "scripts/test.sh (tail /root/test.log):"; tail -30 /root/test.log; ok=false
 fi
