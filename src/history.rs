@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::model::{Change, Update};
-use crate::store::{StoreError, delete_in_batches, placeholders, shaped_chunks};
+use crate::store::{StoreError, delete_in_batches, fit_chars, placeholders, shaped_chunks};
 use crate::zone::Zone;
 
 /// Longest unit kept in history (the column is `VARCHAR(64)`).
@@ -53,7 +53,7 @@ pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = H
             device: update.device.as_str().to_owned(),
             sensor: name.clone(),
             value,
-            unit: r.unit.chars().take(UNIT_MAX_CHARS).collect(),
+            unit: fit_chars(&r.unit, UNIT_MAX_CHARS).to_owned(),
             reading_time,
             received_at: zone.naive(update.received_at.with_timezone(&Utc)),
         })

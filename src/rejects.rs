@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::rejection::Rejection;
-use crate::store::{delete_in_batches, exact_chunks, placeholders};
+use crate::store::{delete_in_batches, exact_chunks, fit_chars, placeholders};
 use crate::zone::Zone;
 
 /// Longest topic kept (the column is `VARCHAR(255)`).
@@ -49,10 +49,6 @@ pub struct RejectRecord {
     payload_bytes: usize,
 }
 
-fn cut(s: &str, max_chars: usize) -> String {
-    s.chars().take(max_chars).collect()
-}
-
 /// Hands rejected messages to the reject writer. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct RejectSink {
@@ -65,7 +61,7 @@ impl RejectSink {
     /// What to keep of a message that may still be rejected by the writer.
     pub fn evidence(&self, topic: &str, payload: &[u8]) -> Evidence {
         Evidence {
-            topic: cut(topic, TOPIC_MAX_CHARS),
+            topic: fit_chars(topic, TOPIC_MAX_CHARS).to_owned(),
             payload: payload[..payload.len().min(self.max_payload)].to_vec(),
             payload_bytes: payload.len(),
         }
@@ -85,7 +81,7 @@ impl RejectSink {
             topic: evidence.topic,
             device: device.map(str::to_owned),
             reason: rejection.reason(),
-            detail: cut(&rejection.to_string(), DETAIL_MAX_CHARS),
+            detail: fit_chars(&rejection.to_string(), DETAIL_MAX_CHARS).to_owned(),
             payload: evidence.payload,
             payload_bytes: evidence.payload_bytes,
         };

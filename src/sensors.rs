@@ -13,7 +13,7 @@ use sqlx::{MySql, MySqlPool, Transaction};
 
 use crate::merge::is_older;
 use crate::model::{Change, Update};
-use crate::store::{StoreError, placeholders, shaped_chunks};
+use crate::store::{StoreError, fit_chars, placeholders, shaped_chunks};
 use crate::zone::Zone;
 
 /// The columns the service writes.
@@ -176,22 +176,15 @@ pub fn rows_of<'a>(
             Some(SensorRow {
                 device: device.to_owned(),
                 sensor: sensor.to_owned(),
-                value: cut(r.value.to_db_text(), table.value_chars),
-                unit: cut(r.unit.clone(), table.unit_chars),
-                sensor_type: cut(r.sensor_type().to_owned(), table.type_chars),
+                value: fit_chars(&r.value.to_db_text(), table.value_chars).to_owned(),
+                unit: fit_chars(&r.unit, table.unit_chars).to_owned(),
+                sensor_type: fit_chars(r.sensor_type(), table.type_chars).to_owned(),
                 time: zone.naive(time.with_timezone(&Utc)),
             })
         })
         .collect();
     rows.sort_by(|a, b| (&a.device, &a.sensor).cmp(&(&b.device, &b.sensor)));
     rows
-}
-
-fn cut(mut s: String, chars: usize) -> String {
-    if let Some((i, _)) = s.char_indices().nth(chars) {
-        s.truncate(i);
-    }
-    s
 }
 
 /// The upsert for `rows` rows. Order-safe: an older reading does not overwrite a newer one

@@ -76,11 +76,7 @@ impl From<sqlx::Error> for StoreError {
             1205, // lock wait timeout
             1213, // deadlock
         ];
-        let number = e
-            .as_database_error()
-            .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
-            .map(MySqlDatabaseError::number);
-        match number {
+        match error_number(&e) {
             Some(n) if DATA_ERRORS.contains(&n) => StoreError::Refused(e),
             Some(n) if CONFLICTS.contains(&n) => StoreError::Conflict(e),
             _ => StoreError::Unavailable(e),
@@ -92,9 +88,14 @@ impl From<sqlx::Error> for StoreError {
 /// `device_main` (1142), the insert half needs a value for a column (1364), a CHECK constraint
 /// (MariaDB 4025, MySQL 3819) or a trigger (1442) refuses it.
 fn refuses_upserts(e: &sqlx::Error) -> bool {
+    matches!(error_number(e), Some(1142 | 1364 | 1442 | 3819 | 4025))
+}
+
+/// The MySQL/MariaDB error number of an error the server returned.
+fn error_number(e: &sqlx::Error) -> Option<u16> {
     e.as_database_error()
         .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
-        .is_some_and(|d| matches!(d.number(), 1142 | 1364 | 1442 | 3819 | 4025))
+        .map(MySqlDatabaseError::number)
 }
 
 /// Connection options for the settings. The session's `time_zone` is left to [`pool`], which
@@ -160,11 +161,7 @@ pub fn pool(db: &DbSettings) -> MySqlPool {
 /// the setting to look at, from the error's class; `None` when nothing in the settings is
 /// likely at fault.
 pub fn settings_hint(e: &sqlx::Error) -> Option<&'static str> {
-    let number = e
-        .as_database_error()
-        .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
-        .map(MySqlDatabaseError::number);
-    match (number, e) {
+    match (error_number(e), e) {
         (Some(1045 | 1698), _) => {
             Some("the server refused the login: check DB_USER and DB_PASSWORD")
         }
@@ -186,9 +183,7 @@ pub fn settings_hint(e: &sqlx::Error) -> Option<&'static str> {
 /// Whether the server refused the service itself (credentials, rights, the database name):
 /// retrying soon will not help.
 pub fn is_refusal(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
-        .is_some_and(|d| matches!(d.number(), 1044 | 1045 | 1049 | 1698))
+    matches!(error_number(e), Some(1044 | 1045 | 1049 | 1698))
 }
 
 /// Runs the migrations (idempotent: `device_main` is created only where it is absent).
@@ -773,16 +768,20 @@ async fn write_rows(
                 .bind(s.last_seen)
                 .bind(s.last_heartbeat)
                 .bind(i8::from(s.is_online))
-                .bind(s.device_status.as_deref().map(|st| fit(st, status_chars)));
+                .bind(
+                    s.device_status
+                        .as_deref()
+                        .map(|st| status_chars.map_or(st, |n| fit_chars(st, n))),
+                );
         }
         q.execute(&mut **tx).await?;
     }
     Ok(())
 }
 
-/// `s` cut to at most `chars` characters (`None`: as it is).
-fn fit(s: &str, chars: Option<usize>) -> &str {
-    match chars.and_then(|n| s.char_indices().nth(n)) {
+/// `s` cut to at most `chars` characters, to fit a text column.
+pub fn fit_chars(s: &str, chars: usize) -> &str {
+    match s.char_indices().nth(chars) {
         Some((i, _)) => &s[..i],
         None => s,
     }
