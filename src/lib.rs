@@ -9,9 +9,10 @@
 //! * [`topic`] and [`payload`]: pure parsing and validation of topic and bytes into a
 //!   [`model::Update`] or a [`rejection::Rejection`]; [`timestamp`] reads a device's
 //!   timestamp, [`zone`] is the database's time zone.
-//! * [`writer`]: takes updates from a bounded channel, batches them into transactions through
+//! * [`writer`]: takes updates from its queue, batches them into transactions through
 //!   [`store`] (the SQL, the pool and the migrations; [`sensors`] for `device_sensors`), then
-//!   acknowledges.
+//!   reports them settled; the event loop acknowledges them in order of receipt. [`work`] is
+//!   the unit of work both sides share (job, ack token, the way back).
 //! * [`stats`]: counters and the periodic statistics block; [`telemetry`]: log output.
 //! * [`service`]: wires them together and runs until a shutdown token fires.
 
@@ -38,5 +39,6 @@ pub mod timestamp;
 pub mod tls;
 pub mod topic;
 pub mod warn_limit;
+pub mod work;
 pub mod writer;
 pub mod zone;

@@ -152,6 +152,12 @@ pub fn render(snap: &Snapshot, gauges: &Gauges) -> String {
         &one(snap.reconnects),
     );
     family(
+        "mqtt_sessions_lost_total",
+        "counter",
+        "Reconnections on which the broker no longer had the persistent session (session_present=false): what it had queued is lost.",
+        &one(snap.sessions_lost),
+    );
+    family(
         "db_errors_total",
         "counter",
         "Failed database write attempts (each is retried).",

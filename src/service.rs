@@ -20,7 +20,8 @@ use crate::sensors::{self, Discovery};
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreOptions};
 use crate::systemd;
-use crate::writer::{Batching, Queue, Router, run_writer};
+use crate::work::{InFlight, settled_channel};
+use crate::writer::{Batching, Queue, Router, WriterParts, run_writer};
 use crate::{history, presence, rejects};
 
 /// The service, before it runs. [`Service::stats`] gives the live counters (tests and the
@@ -111,7 +112,7 @@ impl Service {
         }
         let store_options = store_options(&pool, &settings).await?;
 
-        let (connection, acker) = mqtt::client(&settings.mqtt)?;
+        let link = mqtt::client(&settings.mqtt)?;
         let keep = &settings.keep;
         let (rejects, reject_writer) = if keep.rejects {
             let (sink, rx) = rejects::channel(keep.rejects_max_payload);
@@ -158,34 +159,43 @@ impl Service {
             max_wait: ingest.batch_max_wait,
             retry_max: db.retry_max,
         };
+        // The writers and the event loop stop on this one: the caller's shutdown, or the event
+        // loop's own stop when the broker lacks what the settings need.
+        let stop = shutdown.child_token();
+        let (settled, settled_rx) = settled_channel();
+        let in_flight = InFlight::new();
         let mut queues = Vec::with_capacity(ingest.writers);
         let mut writers = Vec::with_capacity(ingest.writers);
         for _ in 0..ingest.writers {
             // Every reading of a folded message would be missing from the history table.
             let queue = Arc::new(Queue::new(per_writer, !keep.history));
             queues.push(queue.clone());
-            writers.push(tokio::spawn(run_writer(
-                Store::new(pool.clone(), store_options.clone()),
+            writers.push(tokio::spawn(run_writer(WriterParts {
+                store: Store::new(pool.clone(), store_options.clone()),
                 queue,
-                acker.clone(),
-                rejects.clone(),
-                stats.clone(),
+                settled: settled.clone(),
+                in_flight: in_flight.clone(),
+                rejects: rejects.clone(),
+                stats: stats.clone(),
                 batching,
-                shutdown.clone(),
-            )));
+                shutdown: stop.clone(),
+            })));
         }
+        // The way back closes when the last writer ends: the event loop then disconnects.
+        drop(settled);
         let router = Router::new(queues);
         health.set_queues(router.depth_probe());
-        let event_loop = tokio::spawn(mqtt::run_event_loop(
-            settings.mqtt.clone(),
-            settings.ingest.rules.clone(),
-            connection,
-            acker.clone(),
-            router,
+        let mut event_loop = tokio::spawn(mqtt::run_event_loop(mqtt::EventLoopParts {
+            settings: settings.mqtt.clone(),
+            rules: settings.ingest.rules.clone(),
+            link,
+            jobs: router,
+            settled: settled_rx,
+            in_flight,
             rejects,
-            stats.clone(),
-            shutdown.clone(),
-        ));
+            stats: stats.clone(),
+            shutdown: stop.clone(),
+        }));
         let ticker = tokio::spawn(log_stats_every(
             settings.log.stats_interval,
             stats.clone(),
@@ -193,11 +203,12 @@ impl Service {
         ));
         for task in writers
             .iter()
-            .chain([&event_loop, &ticker])
+            .chain([&ticker])
             .chain(reject_writer.as_ref())
         {
             background.0.push(task.abort_handle());
         }
+        background.0.push(event_loop.abort_handle());
         // The database is prepared; READY=1 follows the subscriptions' acknowledgement.
         background.push(tokio::spawn(systemd::notify_ready_then_feed_watchdog(
             health.clone(),
@@ -206,7 +217,25 @@ impl Service {
             shutdown.clone(),
         )));
 
-        shutdown.cancelled().await;
+        // Ends early only when the event loop stops the service (or, racing the shutdown, has
+        // already finished it).
+        let mut loop_ended = None;
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            ended = &mut event_loop => {
+                let result = match ended {
+                    Ok(Ok(())) if stop.is_cancelled() => Ok(()),
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the MQTT event loop ended")),
+                    Ok(Err(e)) => Err(anyhow::Error::from(e)),
+                    Err(e) => Err(anyhow::anyhow!("the MQTT event loop failed: {e}")),
+                };
+                if let Err(e) = &result {
+                    error!("{e}; stopping");
+                }
+                loop_ended = Some(result);
+                stop.cancel();
+            }
+        }
         health.set_stopping();
         systemd::notify_stopping();
         info!(
@@ -219,9 +248,13 @@ impl Service {
             let done = wait(writer, deadline, "a writer (database unreachable?)").await;
             writers_done = writers_done.and(done);
         }
-        // Queued after the acks, so the broker gets every ack before the disconnect.
-        acker.disconnect();
-        let loop_done = wait(event_loop, deadline, "the MQTT event loop").await;
+        // The event loop sends the last acks, then disconnects, once the writers have ended.
+        let loop_done = match loop_ended {
+            Some(result) => result,
+            None => wait(event_loop, deadline, "the MQTT event loop")
+                .await
+                .and_then(|r| r.map_err(anyhow::Error::from)),
+        };
         // Its senders went with the writers and the event loop: it ends once it has written.
         let mut rejects_done = Ok(());
         if let Some(task) = reject_writer {
@@ -376,14 +409,14 @@ fn is_migration_error(e: &anyhow::Error) -> bool {
     }
 }
 
-async fn wait(
-    task: JoinHandle<()>,
+async fn wait<T>(
+    task: JoinHandle<T>,
     deadline: tokio::time::Instant,
     what: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<T> {
     let abort = task.abort_handle();
     match tokio::time::timeout_at(deadline, task).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(anyhow::anyhow!("{what} failed: {e}")),
         Err(_) => {
             abort.abort();

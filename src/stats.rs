@@ -33,6 +33,7 @@ pub struct Stats {
     batches: AtomicU64,
     rows_written: AtomicU64,
     reconnects: AtomicU64,
+    sessions_lost: AtomicU64,
     /// Milliseconds since the Unix epoch of the last message, 0 before the first.
     last_message_ms: AtomicI64,
     connected: AtomicBool,
@@ -73,6 +74,7 @@ impl Stats {
             batches: AtomicU64::new(0),
             rows_written: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            sessions_lost: AtomicU64::new(0),
             last_message_ms: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
@@ -133,6 +135,8 @@ pub struct Snapshot {
     pub rows_written: u64,
     /// Connections to the broker after the first.
     pub reconnects: u64,
+    /// Reconnections on which the broker no longer had the persistent session.
+    pub sessions_lost: u64,
     /// When the last message arrived.
     pub last_message: Option<DateTime<Utc>>,
     /// Flushes that took at most each of [`FLUSH_BUCKETS`] (cumulative, as Prometheus counts).
@@ -236,6 +240,11 @@ impl Stats {
         }
     }
 
+    /// A reconnection found the persistent session gone (`session_present=false`).
+    pub fn session_lost(&self) {
+        self.sessions_lost.fetch_add(1, Relaxed);
+    }
+
     /// The connection to the broker was lost.
     pub fn disconnected(&self) {
         self.connected.store(false, Relaxed);
@@ -285,6 +294,7 @@ impl Stats {
             batches: self.batches.load(Relaxed),
             rows_written: self.rows_written.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
+            sessions_lost: self.sessions_lost.load(Relaxed),
             last_message: (ms != 0)
                 .then(|| DateTime::from_timestamp_millis(ms))
                 .flatten(),

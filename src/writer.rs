@@ -1,5 +1,6 @@
 //! The writer: takes validated updates from its queue, writes them in batches (one
-//! transaction each), and acknowledges each message only after its batch committed.
+//! transaction each), and reports each message settled ([`Settled`]) only after its batch
+//! committed; the event loop sends the acks.
 //!
 //! Each writer has a bounded queue of parsed updates, grouped by device in order of arrival. A
 //! device's data message or heartbeat that arrives while an earlier one of the same kind still
@@ -22,11 +23,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::merge::absorb;
-use crate::mqtt::{AckToken, Acker, Job};
 use crate::rejection::Rejection;
 use crate::rejects::RejectSink;
 use crate::stats::Stats;
 use crate::store::{Applied, Store, StoreError, retry_delay};
+use crate::work::{AckToken, InFlight, Job, Settled};
 
 /// Hands each update to a writer chosen by its device, so that one device's messages stay in
 /// order (one writer, one queue) and no two writers ever lock the same row. Device ids are
@@ -49,6 +50,13 @@ impl Router {
         let hash = folded_hash(job.update.device.as_str());
         let queue = &self.writers[writer_of(hash, self.writers.len())];
         queue.send(job, hash).await
+    }
+
+    /// Wakes every writer that waits for its batch to fill: nothing more is coming.
+    pub fn wake(&self) {
+        for q in &self.writers {
+            q.ready.notify_one();
+        }
     }
 
     /// A handle that measures how full the writers' queues are, for `/metrics`.
@@ -98,14 +106,11 @@ impl Held {
         1 + self.folded
     }
 
-    fn ack(self, acker: &Acker) {
-        ack_all(self.job.ack, self.folded_acks, acker);
+    /// The tokens of this update's messages, its own and those folded into it.
+    fn tokens_into(self, out: &mut Vec<AckToken>) {
+        out.extend(self.job.ack);
+        out.extend(self.folded_acks);
     }
-}
-
-/// Acknowledges a message and those folded into it.
-fn ack_all(own: Option<AckToken>, folded: Vec<AckToken>, acker: &Acker) {
-    own.into_iter().chain(folded).for_each(|t| acker.ack(t));
 }
 
 /// The updates of one device (ids that differ only in case count as one) in order.
@@ -327,21 +332,36 @@ pub struct Batching {
     pub retry_max: Duration,
 }
 
+/// What a writer is given to run.
+pub struct WriterParts {
+    pub store: Store,
+    pub queue: Arc<Queue>,
+    /// Where settled messages are reported (the event loop acknowledges them).
+    pub settled: Settled,
+    /// Whether the broker can send more before some are acknowledged.
+    pub in_flight: Arc<InFlight>,
+    pub rejects: Option<RejectSink>,
+    pub stats: Arc<Stats>,
+    pub batching: Batching,
+    pub shutdown: CancellationToken,
+}
+
 /// Writes until `shutdown` fires and the queue is drained: every message the event loop
-/// handed over is committed (or rejected) and acknowledged before this returns.
-#[allow(clippy::too_many_arguments)] // the parts it connects; a struct would only rename them
-pub async fn run_writer(
-    store: Store,
-    queue: Arc<Queue>,
-    acker: Acker,
-    rejects: Option<RejectSink>,
-    stats: Arc<Stats>,
-    batching: Batching,
-    shutdown: CancellationToken,
-) {
+/// handed over is committed (or rejected) and reported settled before this returns.
+pub async fn run_writer(parts: WriterParts) {
+    let WriterParts {
+        store,
+        queue,
+        settled,
+        in_flight,
+        rejects,
+        stats,
+        batching,
+        shutdown,
+    } = parts;
     let _close = CloseOnDrop(&queue);
     let out = Outcomes {
-        acker: &acker,
+        settled: &settled,
         rejects: rejects.as_ref(),
         stats: &stats,
     };
@@ -371,9 +391,12 @@ pub async fn run_writer(
                 _ = queue.ready.notified() => {}
             }
         }
+        // Wait for the batch to fill, unless nothing more can come: the broker sends no more
+        // until some of what it sent is acknowledged (a broker that keeps one message in flight
+        // would otherwise cost a whole wait per message).
         if !closing && !batching.max_wait.is_zero() {
             let deadline = Instant::now() + batching.max_wait;
-            while queue.updates() < batching.max_messages {
+            while queue.updates() < batching.max_messages && !in_flight.window_full() {
                 let more = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => false,
@@ -389,17 +412,17 @@ pub async fn run_writer(
     }
 }
 
-/// Where a batch's outcomes go: acks, kept rejects, counters.
+/// Where a batch's outcomes go: settled tokens, kept rejects, counters.
 struct Outcomes<'a> {
-    acker: &'a Acker,
+    settled: &'a Settled,
     rejects: Option<&'a RejectSink>,
     stats: &'a Stats,
 }
 
 impl Outcomes<'_> {
-    /// Counts, logs and keeps the messages of an update the writer rejected, then
-    /// acknowledges them (final).
-    fn reject(&self, held: Held, rejection: Rejection) {
+    /// Counts, logs and keeps the messages of an update the writer rejected; their tokens go
+    /// to `tokens` (final: they are acknowledged).
+    fn reject(&self, held: Held, rejection: Rejection, tokens: &mut Vec<AckToken>) {
         for _ in 0..held.messages() {
             self.stats.rejected(&rejection);
         }
@@ -438,7 +461,8 @@ impl Outcomes<'_> {
                 job.update.received_at,
             );
         }
-        ack_all(job.ack, folded_acks, self.acker);
+        tokens.extend(job.ack);
+        tokens.extend(folded_acks);
     }
 }
 
@@ -457,9 +481,11 @@ async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_
                 return;
             }
             Err(StoreError::Refused(e)) if batch.len() == 1 => {
+                let mut tokens = Vec::new();
                 for held in batch {
-                    out.reject(held, Rejection::DbRefused(e.to_string()));
+                    out.reject(held, Rejection::DbRefused(e.to_string()), &mut tokens);
                 }
+                out.settled.report(tokens);
                 return;
             }
             Err(StoreError::Refused(e)) => {
@@ -494,16 +520,19 @@ async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_
 
 fn finish(batch: Vec<Held>, outcomes: Vec<Applied>, out: &Outcomes<'_>) {
     let mut written = 0;
+    let mut tokens = Vec::with_capacity(batch.len());
     for (held, outcome) in batch.into_iter().zip(outcomes) {
         match outcome {
             Applied::Written => {
                 written += held.messages();
-                held.ack(out.acker);
+                held.tokens_into(&mut tokens);
             }
-            Applied::UnknownDevice => out.reject(held, Rejection::UnknownDevice),
+            Applied::UnknownDevice => out.reject(held, Rejection::UnknownDevice, &mut tokens),
         }
     }
     out.stats.succeeded(written);
+    // One report for the batch: the event loop acknowledges them in order of receipt.
+    out.settled.report(tokens);
 }
 
 #[cfg(test)]

@@ -1,34 +1,39 @@
 //! The broker side: connection options, the event loop, subscriptions and acknowledgements.
 //!
-//! The event-loop task only polls, validates (pure, fast) and hands updates to the writer over a
-//! bounded channel; it never waits on SQL. QoS 1/2 messages are acknowledged only after the
-//! writer committed them ([`Acker`]), so a crash between receipt and commit makes the broker
-//! deliver them again.
+//! The event-loop task only polls, validates (pure, fast) and hands updates to the writers'
+//! queues; it never waits on SQL. It alone holds the client: QoS 1/2 messages are acknowledged
+//! only after a writer reported them settled (committed, or rejected for good), and in the order
+//! they arrived ([`acks`]), so a crash between receipt and commit makes the broker deliver them
+//! again, and a strict broker sees its acks in order.
 //!
 //! Both protocol versions (`MQTT_PROTOCOL`) go through the same code here: [`v4`] (MQTT 3.1.1)
 //! and [`v5`] (MQTT 5) only build their rumqttc client and turn what its event loop yields into
 //! the common [`Polled`] events, so subscribing, acknowledging and the intake of a publish are
 //! written once.
 
+mod acks;
 mod v4;
 mod v5;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
 use rumqttc::{TlsConfiguration, Transport};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use self::acks::Ledger;
+
 use crate::backoff::Backoff;
 use crate::config::{ConfigError, MqttProtocol, MqttSettings};
-use crate::model::{TopicKind, Update};
+use crate::model::TopicKind;
 use crate::payload::{self, Rules};
-use crate::rejects::{Evidence, RejectSink};
+use crate::rejects::RejectSink;
 use crate::stats::Stats;
+use crate::work::{AckToken, InFlight, Job, SettledReceiver};
 use crate::writer::Router;
 
 /// MQTT's own limit on a packet (256 MiB). The client accepts anything up to it so that an
@@ -39,10 +44,9 @@ use crate::writer::Router;
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
 /// Capacity of the client's request channel. Acks, subscriptions and the disconnect go through
-/// it, always with `try_` sends: what does not fit waits in the [`Acker`] (4-byte tokens rather
-/// than rumqttc's request enum, which made a 65,535-deep channel several MB at the end of a
-/// large drain), so nothing ever waits on the event loop (a writer waiting on it while it waits
-/// on the writer would deadlock).
+/// it, always with `try_` sends: what does not fit waits in the ack ledger ([`acks`]; a few
+/// bytes per message rather than rumqttc's request enum, which made a 65,535-deep channel several
+/// MB at the end of a large drain) and goes on a later turn of the loop.
 const REQUEST_CAPACITY: usize = 1024;
 
 /// What an ack needs of a received QoS 1/2 publish: a few bytes, so that queued and held acks
@@ -54,32 +58,6 @@ struct Delivery {
     /// QoS 2 (answered with PUBREC) rather than QoS 1 (PUBACK).
     exactly_once: bool,
     pkid: u16,
-}
-
-impl Delivery {
-    fn pkid(&self) -> u16 {
-        self.pkid
-    }
-}
-
-/// What must be acknowledged once a message is committed.
-#[derive(Debug)]
-pub struct AckToken {
-    delivery: Delivery,
-    /// The connection it arrived on.
-    generation: u64,
-}
-
-/// A validated update on its way to the writer.
-#[derive(Debug)]
-pub struct Job {
-    /// What to write.
-    pub update: Update,
-    /// What to acknowledge after the commit; `None` for QoS 0.
-    pub ack: Option<AckToken>,
-    /// Topic and payload start, kept only when rejects are kept (the writer may still reject
-    /// the message: unknown device).
-    pub evidence: Option<Evidence>,
 }
 
 /// The request side of either client.
@@ -164,17 +142,36 @@ enum Polled {
     /// A message from the broker.
     Publish(Message),
     /// A connection was made.
-    ConnAck {
-        session_present: bool,
-        /// MQTT 5: the session expiry the broker granted, when it set one other than asked.
-        session_expiry: Option<u32>,
-    },
-    /// The broker answered the subscriptions; `refused` lists the codes when any failed.
-    SubAck { refused: Option<String> },
+    ConnAck(ConnAck),
+    /// The broker answered the subscriptions; `refused` when any failed.
+    SubAck { refused: Option<Refused> },
     /// Our DISCONNECT went out.
     DisconnectSent,
     /// Anything else (pings, acks going out).
     Other,
+}
+
+/// What a CONNACK says, whichever the protocol version (MQTT 3.1.1 has only the first).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ConnAck {
+    session_present: bool,
+    /// MQTT 5: the session expiry the broker granted, when it set one other than asked.
+    session_expiry: Option<u32>,
+    /// MQTT 5: `shared_subscription_available = 0`.
+    shared_unavailable: bool,
+    /// MQTT 5: how many QoS 1/2 publishes the broker takes from us at once (we send none).
+    receive_max: Option<u16>,
+    /// MQTT 5: the largest packet the broker takes from us.
+    max_packet_size: Option<u32>,
+}
+
+/// A subscription the broker refused.
+#[derive(Debug, PartialEq, Eq)]
+struct Refused {
+    /// The reason codes, for the log.
+    codes: String,
+    /// MQTT 5 reason code 0x9E: the broker has no shared subscriptions.
+    shared_unsupported: bool,
 }
 
 /// A publish in the parts the intake needs.
@@ -187,147 +184,18 @@ struct Message {
 
 impl Connection {
     /// Polls once; an error comes described for an operator (see [`v4::describe`],
-    /// [`v5::describe`]). Polling again after an error reconnects.
-    async fn poll(&mut self) -> Result<Polled, String> {
+    /// [`v5::describe`]; `connected`: whether the broker had answered the CONNECT, since a
+    /// broker that cannot speak MQTT 5 fails before that). Polling again after an error
+    /// reconnects.
+    async fn poll(&mut self, connected: bool) -> Result<Polled, String> {
         match &mut self.0 {
             Loop::V4(l) => l.poll().await.map(v4::polled).map_err(|e| v4::describe(&e)),
-            Loop::V5(l) => l.poll().await.map(v5::polled).map_err(|e| v5::describe(&e)),
+            Loop::V5(l) => l
+                .poll()
+                .await
+                .map(v5::polled)
+                .map_err(|e| v5::describe(&e, connected)),
         }
-    }
-}
-
-/// Acks held back at most: 16 MiB of 16-byte tokens. A broker that keeps to its inflight window
-/// never has more than that window (at most 65,535) unacknowledged; Mosquitto before 2.0.13 does
-/// not keep to it, and while it drains a backlog it sends ten messages for each ack rumqttc
-/// takes, so a 100,000-message backlog held over 65,536 acks here (measured: 25,967 dropped in
-/// the 10,000-device benchmark drain with a cap of 65,536).
-const HELD_ACKS_MAX: usize = 1 << 20;
-
-/// Sends acknowledgements through the client. Cheap to clone.
-///
-/// rumqttc's event loop takes one request (one ack) per turn but reads up to ten incoming
-/// packets in one, so behind a deep backlog its request channel can fill faster than it empties.
-/// An ack that does not fit is held here and sent on a later turn, rather than lost (which would
-/// make the broker redeliver a message already written).
-#[derive(Debug, Clone)]
-pub struct Acker {
-    client: Client,
-    generation: Arc<AtomicU64>,
-    // A std Mutex: held only to move tokens in and out, never across an await.
-    held: Arc<std::sync::Mutex<Held>>,
-}
-
-/// What waits for room in the client's request channel, in the order it must go out.
-#[derive(Debug, Default)]
-struct Held {
-    /// The subscriptions for the newest connection, until the channel takes them.
-    subscribe: Option<Vec<Filter>>,
-    acks: std::collections::VecDeque<AckToken>,
-    /// Acks dropped for want of room since the last report.
-    dropped: u64,
-    /// Shutdown asked to disconnect: sent once every held ack is in the channel, never
-    /// before (the broker would redeliver what was written but not acknowledged) and never
-    /// lost (the event loop waits for it to go out).
-    disconnect: bool,
-}
-
-impl Acker {
-    fn new(client: Client) -> Self {
-        Self {
-            client,
-            generation: Arc::new(AtomicU64::new(0)),
-            held: Arc::default(),
-        }
-    }
-
-    /// Acknowledges a committed message. An ack for a message that arrived on an earlier
-    /// connection is not sent: its packet id may now name another message, and the broker
-    /// redelivers the old one anyway (the write is idempotent).
-    pub fn ack(&self, token: AckToken) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.acks.push_back(token);
-        self.send_held(&mut held);
-    }
-
-    /// Sends held acks, oldest first, while the client takes them, then a disconnect that
-    /// was asked for.
-    pub fn flush_held(&self) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if !held.acks.is_empty() || held.disconnect || held.subscribe.is_some() {
-            self.send_held(&mut held);
-        }
-    }
-
-    /// Subscribes to `filters` on the current connection: at once when the channel has room,
-    /// else as soon as it has.
-    fn subscribe(&self, filters: &[Filter]) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.subscribe = Some(filters.to_vec());
-        self.send_held(&mut held);
-        if held.subscribe.is_some() {
-            debug!("subscription request waits for room in the client's request channel");
-        }
-    }
-
-    fn send_held(&self, held: &mut Held) {
-        if let Some(filters) = &held.subscribe
-            && self.client.try_subscribe(filters).is_ok()
-        {
-            held.subscribe = None;
-        }
-        self.send_held_acks(&mut held.acks);
-        if held.acks.len() > HELD_ACKS_MAX {
-            let n = held.acks.len() - HELD_ACKS_MAX;
-            held.acks.drain(..n);
-            if held.dropped == 0 {
-                warn!(
-                    held = HELD_ACKS_MAX,
-                    "acknowledgements dropped: too many waiting for the client; the broker redelivers those messages after the next reconnect"
-                );
-            }
-            held.dropped += n as u64;
-        } else if held.dropped > 0 && held.acks.len() < HELD_ACKS_MAX / 2 {
-            warn!(
-                dropped = held.dropped,
-                "acknowledgements were dropped; the broker redelivers those messages after the next reconnect"
-            );
-            held.dropped = 0;
-        }
-        if held.disconnect && held.acks.is_empty() {
-            // Not taken: the channel is full (the event loop flushes again after each request
-            // it takes) or closed (the event loop has stopped; nothing left to disconnect).
-            if self.client.try_disconnect().is_ok() {
-                held.disconnect = false;
-            }
-        }
-    }
-
-    fn send_held_acks(&self, held: &mut std::collections::VecDeque<AckToken>) {
-        let generation = self.generation.load(Ordering::Acquire);
-        while let Some(token) = held.front() {
-            if token.generation != generation {
-                debug!(
-                    pkid = token.delivery.pkid(),
-                    "not acknowledging a message from an earlier connection; the broker redelivers it"
-                );
-                held.pop_front();
-                continue;
-            }
-            if self.client.try_ack(&token.delivery).is_err() {
-                // Full (sent on a later turn) or closed (shutting down: the broker keeps the
-                // message and redelivers it).
-                break;
-            }
-            held.pop_front();
-        }
-    }
-
-    /// Asks the event loop to disconnect after every acknowledgement already given, also those
-    /// still held for room in the client's channel.
-    pub fn disconnect(&self) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.disconnect = true;
-        self.send_held(&mut held);
     }
 }
 
@@ -394,32 +262,135 @@ fn parts(
     })
 }
 
+/// The service's side of the broker before it connects: its client and event loop.
+pub struct Link {
+    client: Client,
+    connection: Connection,
+}
+
 /// The service's client and its event loop (not connected yet: polling connects): persistent
 /// session unless `MQTT_CLEAN_SESSION` says otherwise, manual acks, TLS when configured.
-pub fn client(settings: &MqttSettings) -> Result<(Connection, Acker), ConfigError> {
+pub fn client(settings: &MqttSettings) -> Result<Link, ConfigError> {
     let (client, connection) = parts(
         settings,
         &settings.client_id,
         !settings.clean_session,
         REQUEST_CAPACITY,
     )?;
-    Ok((connection, Acker::new(client)))
+    Ok(Link { client, connection })
+}
+
+/// How long a connection must stay up and subscribed before the reconnect backoff starts over:
+/// a broker that drops us right after connecting or subscribing (it refuses a feature, or
+/// disconnects a client it finds at fault) meets a growing wait, not a reconnect every
+/// `MQTT_RECONNECT_MIN_SECS`.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Why the event loop stopped the service: the broker lacks something the settings ask for, and
+/// waiting will not bring it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(String);
+
+/// What the event loop is given to run.
+pub struct EventLoopParts {
+    pub settings: MqttSettings,
+    pub rules: Rules,
+    pub link: Link,
+    /// Where validated updates go.
+    pub jobs: Router,
+    /// Tokens of settled messages, from the writers.
+    pub settled: SettledReceiver,
+    /// What the writers read to skip a batch wait when nothing more can come.
+    pub in_flight: Arc<InFlight>,
+    pub rejects: Option<RejectSink>,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+}
+
+/// The event-loop task's own state: the only owner of the client, the ack ledger and what
+/// waits for room in the client's request channel.
+struct Outbox {
+    client: Client,
+    acks: Ledger,
+    /// The subscriptions for the newest connection, until the channel takes them.
+    subscribe: Option<Vec<Filter>>,
+    /// Every writer has finished and shutdown asked to disconnect: sent once every releasable
+    /// ack is in the channel, never before (the broker would redeliver what was written but not
+    /// acknowledged) and never lost (the loop waits for it to go out).
+    disconnect: bool,
+    in_flight: Arc<InFlight>,
+}
+
+impl Outbox {
+    /// Sends what may go out, in order, while the client's channel takes it: the subscriptions,
+    /// the acks whose earlier messages are all settled, then a disconnect that was asked for.
+    /// What does not fit goes on a later turn (the loop calls this after every poll).
+    fn flush(&mut self) {
+        if let Some(filters) = &self.subscribe
+            && self.client.try_subscribe(filters).is_ok()
+        {
+            self.subscribe = None;
+        }
+        while let Some(delivery) = self.acks.next() {
+            if self.client.try_ack(&delivery).is_err() {
+                // Full (sent on a later turn) or closed (shutting down: the broker keeps the
+                // message and redelivers it).
+                break;
+            }
+            self.acks.sent();
+        }
+        self.in_flight.set_unacked(self.acks.unacked());
+        if self.disconnect
+            && self.acks.next().is_none()
+            && self.subscribe.is_none()
+            && self.client.try_disconnect().is_ok()
+        {
+            self.disconnect = false;
+        }
+    }
+
+    fn settle(&mut self, tokens: Vec<AckToken>) {
+        for t in tokens {
+            self.acks.settle(t);
+        }
+        self.flush();
+    }
+
+    /// Takes a QoS 1/2 message in: its token, in the connection's order of receipt.
+    fn receive(&mut self, delivery: Delivery) -> AckToken {
+        let (token, forgotten) = self.acks.receive(delivery);
+        self.in_flight.set_unacked(self.acks.unacked());
+        if forgotten > 0 && forgotten == self.acks.take_forgotten() {
+            warn!(
+                kept = acks::KEPT_MAX,
+                "acknowledgements dropped: the broker sent far more than its inflight window; it redelivers those messages after the next reconnect"
+            );
+        }
+        token
+    }
 }
 
 /// Runs the event loop until the disconnect that shutdown asks for (or until `shutdown` fires
 /// while there is no connection). Reconnects forever with backoff and re-subscribes after every
-/// connection: rumqttc does neither on its own.
-#[allow(clippy::too_many_arguments)] // the parts it connects; a struct would only rename them
-pub async fn run_event_loop(
-    settings: MqttSettings,
-    rules: Rules,
-    mut connection: Connection,
-    acker: Acker,
-    jobs: Router,
-    rejects: Option<RejectSink>,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
-) {
+/// connection: rumqttc does neither on its own. Owns the acknowledgements: the writers report
+/// settled messages, and their acks leave here in order of receipt. Fails only when the broker
+/// lacks what the settings need ([`Unsupported`]).
+pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
+    let EventLoopParts {
+        settings,
+        rules,
+        link: Link {
+            client,
+            mut connection,
+        },
+        jobs,
+        mut settled,
+        in_flight,
+        rejects,
+        stats,
+        shutdown,
+    } = parts;
     let filters: Vec<Filter> = TopicKind::ALL
         .iter()
         .map(|k| Filter {
@@ -427,8 +398,19 @@ pub async fn run_event_loop(
             qos: settings.qos,
         })
         .collect();
+    let mut outbox = Outbox {
+        client,
+        acks: Ledger::new(),
+        subscribe: None,
+        disconnect: false,
+        in_flight,
+    };
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let mut first_connection = true;
+    // Whether the current connection got its CONNACK, and since when it is subscribed.
+    let mut connected = false;
+    let mut subscribed_at: Option<Instant> = None;
+    let mut settled_open = true;
     let address = format!("{}:{}", settings.broker, settings.port);
     info!(
         broker = %address,
@@ -437,59 +419,84 @@ pub async fn run_event_loop(
         "connecting to the MQTT broker"
     );
     loop {
-        let polled = connection.poll().await;
+        // The poll is never cancelled (rumqttc does not promise that it may be): settled
+        // tokens are taken in while it waits, and the acks they release wake it up.
+        let polled = {
+            let poll = connection.poll(connected);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    biased;
+                    tokens = settled.recv(), if settled_open => {
+                        match tokens {
+                            Some(tokens) => outbox.settle(tokens),
+                            None => {
+                                // Every writer has finished: after shutdown, what was taken
+                                // in is settled, so the disconnect may follow the last ack.
+                                settled_open = false;
+                                outbox.disconnect = connected;
+                                outbox.flush();
+                            }
+                        }
+                    }
+                    r = &mut poll => break Some(r),
+                    // Shutdown while connecting (or waiting to): nothing was taken in on this
+                    // connection, so nothing waits for an ack. Stop at once.
+                    _ = shutdown.cancelled(), if !connected => break None,
+                }
+            }
+        };
+        let Some(polled) = polled else {
+            stats.disconnected();
+            debug!("stopped while not connected");
+            return Ok(());
+        };
         // Every poll result, pings included, is a sign of life for the systemd watchdog.
         stats.event_loop_beat();
-        // Acks that did not fit in the client's channel go out as it empties.
-        acker.flush_held();
         match polled {
             Ok(Polled::Publish(message)) => {
                 let ctx = Intake {
                     settings: &settings,
                     rules: &rules,
-                    acker: &acker,
                     jobs: &jobs,
                     rejects: rejects.as_ref(),
                     stats: &stats,
                     shutdown: &shutdown,
                 };
-                handle_publish(message, &ctx).await;
+                handle_publish(message, &ctx, &mut outbox).await;
             }
-            Ok(Polled::ConnAck {
-                session_present,
-                session_expiry,
-            }) => {
-                acker.generation.fetch_add(1, Ordering::AcqRel);
+            Ok(Polled::ConnAck(connack)) => {
+                outbox.acks.new_connection();
+                outbox.in_flight.reset();
                 stats.connected(first_connection);
-                first_connection = false;
-                backoff.reset();
+                connected = true;
+                subscribed_at = None;
                 info!(
                     broker = %address,
-                    session_present,
+                    session_present = connack.session_present,
                     "connected to the MQTT broker"
                 );
-                if let Some(granted) = session_expiry
-                    && !settings.clean_session
-                    && u64::from(granted) < settings.session_expiry.as_secs()
-                {
-                    warn!(
-                        granted_secs = granted,
-                        asked_secs = settings.session_expiry.as_secs(),
-                        "the broker shortened the session expiry (MQTT_SESSION_EXPIRY_SECS): messages queue for a shorter outage"
-                    );
-                }
-                acker.subscribe(&filters);
+                check_connack(&settings, &connack, first_connection, &stats)?;
+                first_connection = false;
+                outbox.subscribe = Some(filters.clone());
             }
             Ok(Polled::SubAck {
-                refused: Some(codes),
+                refused: Some(refused),
             }) => {
+                if refused.shared_unsupported && settings.shared_group.is_some() {
+                    return Err(Unsupported(format!(
+                        "the broker does not support shared subscriptions ({}): unset MQTT_SHARED_GROUP, or use a broker that has them (see docs/brokers.md)",
+                        refused.codes
+                    )));
+                }
                 error!(
-                    codes = %codes,
+                    codes = %refused.codes,
                     "the broker refused a subscription (check its ACL for this user)"
                 );
             }
             Ok(Polled::SubAck { refused: None }) => {
                 stats.subscribed();
+                subscribed_at = Some(Instant::now());
                 for f in &filters {
                     info!(topic = %f.path, qos = f.qos, "subscribed");
                 }
@@ -497,31 +504,94 @@ pub async fn run_event_loop(
             Ok(Polled::DisconnectSent) => {
                 info!("disconnected from the MQTT broker");
                 stats.disconnected();
-                return;
+                return Ok(());
             }
             Ok(Polled::Other) => {}
             Err(e) => {
                 stats.disconnected();
+                let was_connected = std::mem::replace(&mut connected, false);
                 if shutdown.is_cancelled() {
                     debug!(error = %e, "connection closed while shutting down");
-                    return;
+                    return Ok(());
+                }
+                let up = subscribed_at.take().map(|t| t.elapsed());
+                let stable = up.is_some_and(|up| up >= STABLE_AFTER);
+                if stable {
+                    backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                warn!(
-                    broker = %address,
-                    error = %e,
-                    retry_in_secs = delay.as_secs_f32(),
-                    "MQTT connection failed; retrying"
-                );
+                if was_connected && !stable {
+                    warn!(
+                        broker = %address,
+                        error = %e,
+                        subscribed = up.is_some(),
+                        subscribed_secs = up.map(|d| d.as_secs_f32()),
+                        retry_in_secs = delay.as_secs_f32(),
+                        "the broker closed the connection soon after it was made; the wait before each retry grows until a connection lasts {}s",
+                        STABLE_AFTER.as_secs()
+                    );
+                } else {
+                    warn!(
+                        broker = %address,
+                        error = %e,
+                        retry_in_secs = delay.as_secs_f32(),
+                        "MQTT connection failed; retrying"
+                    );
+                }
                 stats.event_loop_waiting();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return Ok(()),
                 }
                 stats.event_loop_beat();
             }
         }
+        // Acks that did not fit in the client's channel go out as it empties.
+        outbox.flush();
     }
+}
+
+/// Reads what a CONNACK says about the session and the broker's limits: a persistent session
+/// the broker no longer had is a WARN and a counter; a broker without shared subscriptions
+/// stops the service when `MQTT_SHARED_GROUP` asks for one.
+fn check_connack(
+    settings: &MqttSettings,
+    connack: &ConnAck,
+    first: bool,
+    stats: &Stats,
+) -> Result<(), Unsupported> {
+    if connack.shared_unavailable && settings.shared_group.is_some() {
+        return Err(Unsupported(
+            "the broker says it has no shared subscriptions (MQTT 5 CONNACK), but MQTT_SHARED_GROUP is set: unset it, or use a broker that has them (see docs/brokers.md)".into(),
+        ));
+    }
+    let persistent = !settings.clean_session;
+    if persistent && !connack.session_present && !first {
+        stats.session_lost();
+        warn!(
+            client_id = %settings.client_id,
+            "the broker no longer had this client's session (session_present=false): messages it queued while we were away are lost. Likely causes: the broker restarted without persistence, its queue limit or session expiry was reached, or it keeps no sessions for this login. Prevent it with broker persistence, a session expiry and queue longer than the longest outage (Mosquitto: persistence true, persistent_client_expiration, max_queued_messages; see docs/brokers.md)"
+        );
+    }
+    if let Some(granted) = connack.session_expiry
+        && persistent
+        && u64::from(granted) < settings.session_expiry.as_secs()
+    {
+        warn!(
+            granted_secs = granted,
+            asked_secs = settings.session_expiry.as_secs(),
+            "the broker shortened the session expiry (MQTT_SESSION_EXPIRY_SECS): messages queue for a shorter outage"
+        );
+    }
+    // rumqttc keeps to both limits for what it sends (acks, subscriptions, no publishes): only
+    // worth a line when they are unusual.
+    if let Some(max) = connack.max_packet_size {
+        debug!(max_packet_size = max, "the broker's maximum packet size");
+    }
+    if let Some(max) = connack.receive_max {
+        debug!(receive_maximum = max, "the broker's receive maximum");
+    }
+    Ok(())
 }
 
 /// At most this many characters of a topic reach a log line.
@@ -544,18 +614,16 @@ fn shown_topic(topic: &str) -> String {
 struct Intake<'a> {
     settings: &'a MqttSettings,
     rules: &'a Rules,
-    acker: &'a Acker,
     jobs: &'a Router,
     rejects: Option<&'a RejectSink>,
     stats: &'a Stats,
     shutdown: &'a CancellationToken,
 }
 
-async fn handle_publish(message: Message, ctx: &Intake<'_>) {
+async fn handle_publish(message: Message, ctx: &Intake<'_>, outbox: &mut Outbox) {
     let Intake {
         settings,
         rules,
-        acker,
         jobs,
         rejects,
         stats,
@@ -575,10 +643,7 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
         .topics
         .parse(&topic)
         .and_then(|(device, kind)| payload::process(kind, device, &payload, received_at, rules));
-    let ack = ack.map(|delivery| AckToken {
-        delivery,
-        generation: acker.generation.load(Ordering::Acquire),
-    });
+    let ack = ack.map(|delivery| outbox.receive(delivery));
     let evidence = rejects.map(|sink| sink.evidence(&topic, &payload));
     match outcome {
         Err(rejection) => {
@@ -621,9 +686,10 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
                     rules.time.zone.at(received_at),
                 );
             }
-            // Final: the same message would be rejected again.
+            // Final: the same message would be rejected again. Its ack still waits for every
+            // earlier message's.
             if let Some(token) = ack {
-                acker.ack(token);
+                outbox.acks.settle(token);
             }
         }
         Ok(accepted) => {
@@ -665,8 +731,14 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>) {
             let sent = jobs.send(job).await;
             stats.event_loop_beat();
             if sent.is_err() {
+                // Shutting down: unacknowledged (and so is every later message of this
+                // connection), the broker keeps it for the next start.
                 stats.not_received();
                 debug!("writer closed; message left to the broker for redelivery");
+            } else if outbox.in_flight.window_full() {
+                // Nothing more comes until some are acknowledged: writers waiting for a batch
+                // to fill would wait for nothing.
+                jobs.wake();
             }
         }
     }
@@ -700,7 +772,7 @@ pub async fn check_connection(settings: &MqttSettings, timeout: Duration) -> Res
     let (client, mut connection) = parts(settings, &id, false, 10).map_err(|e| e.to_string())?;
     let result = tokio::time::timeout(timeout, async {
         loop {
-            match connection.poll().await {
+            match connection.poll(false).await {
                 Ok(Polled::ConnAck { .. }) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => return Err(e),
@@ -711,7 +783,7 @@ pub async fn check_connection(settings: &MqttSettings, timeout: Duration) -> Res
     .unwrap_or_else(|_| Err(format!("no answer within {}s", timeout.as_secs())));
     if result.is_ok() {
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(2), connection.poll()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.poll(true)).await;
     }
     result
 }
@@ -749,86 +821,111 @@ mod tests {
 }
 
 #[cfg(test)]
-mod held_ack_tests {
+mod outbox_tests {
     use super::*;
 
-    fn token(pkid: u16, generation: u64) -> AckToken {
-        AckToken {
-            delivery: Delivery {
-                v5: false,
-                exactly_once: false,
-                pkid,
-            },
-            generation,
+    fn delivery(pkid: u16) -> Delivery {
+        Delivery {
+            v5: false,
+            exactly_once: false,
+            pkid,
         }
     }
 
-    fn acked(rx: &flume::Receiver<rumqttc::Request>) -> Vec<u16> {
+    fn outbox(room: usize) -> (Outbox, flume::Receiver<rumqttc::Request>) {
+        let (tx, rx) = flume::bounded(room);
+        let outbox = Outbox {
+            client: Client::V4(rumqttc::AsyncClient::from_senders(tx)),
+            acks: Ledger::new(),
+            subscribe: None,
+            disconnect: false,
+            in_flight: InFlight::new(),
+        };
+        (outbox, rx)
+    }
+
+    fn sent(rx: &flume::Receiver<rumqttc::Request>) -> Vec<String> {
         rx.drain()
-            .filter_map(|r| match r {
-                rumqttc::Request::PubAck(a) => Some(a.pkid),
-                _ => None,
+            .map(|r| match r {
+                rumqttc::Request::PubAck(a) => a.pkid.to_string(),
+                rumqttc::Request::PubRec(a) => format!("rec{}", a.pkid),
+                rumqttc::Request::Disconnect(_) => "disconnect".to_string(),
+                rumqttc::Request::Subscribe(s) => format!("sub {}", s.filters[0].path),
+                other => format!("{other:?}"),
             })
             .collect()
     }
 
     #[test]
-    fn acks_that_do_not_fit_are_held_and_sent_in_order_later() {
-        let (tx, rx) = flume::bounded(2);
-        let acker = Acker::new(Client::V4(rumqttc::AsyncClient::from_senders(tx)));
-        for pkid in 1..=5 {
-            acker.ack(token(pkid, 0));
-        }
-        assert_eq!(acked(&rx), [1, 2], "the channel holds two");
-        acker.flush_held();
-        assert_eq!(acked(&rx), [3, 4]);
-        // A new connection: what was held for the old one is not sent.
-        acker.generation.fetch_add(1, Ordering::AcqRel);
-        acker.flush_held();
-        acker.ack(token(9, 1));
-        assert_eq!(acked(&rx), [9]);
+    fn acks_leave_in_order_of_receipt_and_wait_for_room() {
+        let (mut o, rx) = outbox(2);
+        let tokens: Vec<_> = (1..=5).map(|p| o.receive(delivery(p))).collect();
+        assert!(o.in_flight.window_full());
+        // Settled out of order: 2 and 3 wait for 1.
+        o.settle(vec![tokens[2], tokens[1]]);
+        assert!(sent(&rx).is_empty());
+        o.settle(vec![tokens[0], tokens[4], tokens[3]]);
+        assert_eq!(sent(&rx), ["1", "2"], "the channel holds two");
+        o.flush();
+        assert_eq!(sent(&rx), ["3", "4"]);
+        o.flush();
+        assert_eq!(sent(&rx), ["5"]);
+        assert!(!o.in_flight.window_full(), "nothing unacknowledged");
     }
 
     #[test]
-    fn a_disconnect_waits_for_held_acks_and_is_not_lost_to_a_full_channel() {
-        let (tx, rx) = flume::bounded(2);
-        let acker = Acker::new(Client::V4(rumqttc::AsyncClient::from_senders(tx)));
-        for pkid in 1..=5 {
-            acker.ack(token(pkid, 0));
-        }
-        // The channel is full: the disconnect must wait behind the three held acks.
-        acker.disconnect();
-        let mut sent = Vec::new();
+    fn qos2_gets_a_pubrec_in_the_same_order() {
+        let (mut o, rx) = outbox(10);
+        let a = o.receive(delivery(1));
+        let b = o.receive(Delivery {
+            v5: false,
+            exactly_once: true,
+            pkid: 2,
+        });
+        o.settle(vec![b]);
+        o.settle(vec![a]);
+        assert_eq!(sent(&rx), ["1", "rec2"]);
+    }
+
+    #[test]
+    fn a_new_connection_drops_the_old_acks() {
+        let (mut o, rx) = outbox(10);
+        let old = o.receive(delivery(1));
+        o.acks.new_connection();
+        let new = o.receive(delivery(1));
+        o.settle(vec![old]);
+        assert!(sent(&rx).is_empty());
+        o.settle(vec![new]);
+        assert_eq!(sent(&rx), ["1"]);
+    }
+
+    #[test]
+    fn a_disconnect_waits_for_releasable_acks_and_is_not_lost_to_a_full_channel() {
+        let (mut o, rx) = outbox(2);
+        let tokens: Vec<_> = (1..=6).map(|p| o.receive(delivery(p))).collect();
+        // 6 is never settled (its writer stopped first): the disconnect does not wait for it.
+        o.settle(tokens[..5].to_vec());
+        o.disconnect = true;
+        o.flush();
+        let mut out = Vec::new();
         for _ in 0..5 {
-            sent.extend(rx.drain().map(|r| match r {
-                rumqttc::Request::PubAck(a) => a.pkid.to_string(),
-                rumqttc::Request::Disconnect(_) => "disconnect".to_string(),
-                other => format!("{other:?}"),
-            }));
-            acker.flush_held();
+            out.extend(sent(&rx));
+            o.flush();
         }
-        assert_eq!(sent, ["1", "2", "3", "4", "5", "disconnect"]);
+        assert_eq!(out, ["1", "2", "3", "4", "5", "disconnect"]);
     }
 
     #[test]
-    fn a_subscription_is_not_lost_to_a_full_channel() {
-        let (tx, rx) = flume::bounded(1);
-        let acker = Acker::new(Client::V4(rumqttc::AsyncClient::from_senders(tx)));
-        acker.ack(token(1, 0));
-        acker.subscribe(&[Filter {
+    fn a_subscription_goes_first_and_is_not_lost_to_a_full_channel() {
+        let (mut o, rx) = outbox(1);
+        let t = o.receive(delivery(1));
+        o.subscribe = Some(vec![Filter {
             path: "devices/+/data".into(),
             qos: 1,
         }]);
-        let first: Vec<_> = rx.drain().collect();
-        assert!(
-            matches!(first[..], [rumqttc::Request::PubAck(_)]),
-            "{first:?}"
-        );
-        acker.flush_held();
-        let second: Vec<_> = rx.drain().collect();
-        assert!(
-            matches!(&second[..], [rumqttc::Request::Subscribe(s)] if s.filters[0].path == "devices/+/data"),
-            "{second:?}"
-        );
+        o.settle(vec![t]);
+        assert_eq!(sent(&rx), ["sub devices/+/data"]);
+        o.flush();
+        assert_eq!(sent(&rx), ["1"]);
     }
 }

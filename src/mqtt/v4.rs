@@ -7,7 +7,8 @@ use rumqttc::{
 };
 
 use super::{
-    BAD_CLIENT_ID, BAD_LOGIN, Delivery, Filter, MQTT_MAX_PACKET, Message, NOT_AUTHORIZED, Polled,
+    BAD_CLIENT_ID, BAD_LOGIN, ConnAck, Delivery, Filter, MQTT_MAX_PACKET, Message, NOT_AUTHORIZED,
+    Polled, Refused,
 };
 use crate::config::{ConfigError, MqttSettings};
 
@@ -58,16 +59,19 @@ pub(super) fn polled(event: Event) -> Polled {
                 }),
             })
         }
-        Event::Incoming(Packet::ConnAck(connack)) => Polled::ConnAck {
+        Event::Incoming(Packet::ConnAck(connack)) => Polled::ConnAck(ConnAck {
             session_present: connack.session_present,
-            session_expiry: None,
-        },
+            ..ConnAck::default()
+        }),
         Event::Incoming(Packet::SubAck(suback)) => Polled::SubAck {
             refused: suback
                 .return_codes
                 .iter()
                 .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                .then(|| format!("{:?}", suback.return_codes)),
+                .then(|| Refused {
+                    codes: format!("{:?}", suback.return_codes),
+                    shared_unsupported: false,
+                }),
         },
         Event::Outgoing(Outgoing::Disconnect) => Polled::DisconnectSent,
         _ => Polled::Other,

@@ -18,7 +18,8 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::{ConnectionError, Event, MqttOptions, StateError};
 
 use super::{
-    BAD_CLIENT_ID, BAD_LOGIN, Delivery, Filter, MQTT_MAX_PACKET, Message, NOT_AUTHORIZED, Polled,
+    BAD_CLIENT_ID, BAD_LOGIN, ConnAck, Delivery, Filter, MQTT_MAX_PACKET, Message, NOT_AUTHORIZED,
+    Polled, Refused,
 };
 use crate::config::{ConfigError, MqttSettings};
 
@@ -82,10 +83,16 @@ pub(super) fn polled(event: Event) -> Polled {
                 }),
             })
         }
-        Event::Incoming(Packet::ConnAck(connack)) => Polled::ConnAck {
-            session_present: connack.session_present,
-            session_expiry: connack.properties.and_then(|p| p.session_expiry_interval),
-        },
+        Event::Incoming(Packet::ConnAck(connack)) => {
+            let p = connack.properties.as_ref();
+            Polled::ConnAck(ConnAck {
+                session_present: connack.session_present,
+                session_expiry: p.and_then(|p| p.session_expiry_interval),
+                shared_unavailable: p.and_then(|p| p.shared_subscription_available) == Some(0),
+                receive_max: p.and_then(|p| p.receive_max),
+                max_packet_size: p.and_then(|p| p.max_packet_size),
+            })
+        }
         Event::Incoming(Packet::SubAck(suback)) => Polled::SubAck {
             refused: suback
                 .return_codes
@@ -93,9 +100,14 @@ pub(super) fn polled(event: Event) -> Polled {
                 .any(|c| !matches!(c, SubscribeReasonCode::Success(_)))
                 .then(|| {
                     let reason = suback.properties.and_then(|p| p.reason_string);
-                    match reason {
-                        Some(r) => format!("{:?} ({r})", suback.return_codes),
-                        None => format!("{:?}", suback.return_codes),
+                    Refused {
+                        codes: match reason {
+                            Some(r) => format!("{:?} ({r})", suback.return_codes),
+                            None => format!("{:?}", suback.return_codes),
+                        },
+                        shared_unsupported: suback.return_codes.iter().any(|c| {
+                            matches!(c, SubscribeReasonCode::SharedSubscriptionsNotSupported)
+                        }),
                     }
                 }),
         },
@@ -104,8 +116,35 @@ pub(super) fn polled(event: Event) -> Polled {
     }
 }
 
-/// Describes a connection error for an operator, with a hint where one helps.
-pub(super) fn describe(e: &ConnectionError) -> String {
+/// The hint for a broker that does not answer an MQTT 5 CONNECT the way MQTT 5 says: aedes
+/// answers with an MQTT 3.1.1 refusal that reads as the connection closing, amqtt does not
+/// answer at all.
+const NOT_MQTT5: &str = "no MQTT 5 answer to the CONNECT: if the broker only speaks MQTT 3.1.1, set MQTT_PROTOCOL=3.1.1";
+
+/// Describes a connection error for an operator, with a hint where one helps. `connected`:
+/// whether the broker had answered the CONNECT; a connection that ends or times out before
+/// that is most often a broker without MQTT 5.
+pub(super) fn describe(e: &ConnectionError, connected: bool) -> String {
+    let text = describe_error(e);
+    let before_answer = matches!(
+        e,
+        ConnectionError::Io(_)
+            | ConnectionError::Timeout(_)
+            | ConnectionError::NotConnAck(_)
+            | ConnectionError::MqttState(
+                StateError::Io(_) | StateError::Deserialization(_) | StateError::ConnectionAborted
+            )
+    );
+    let refused_io =
+        matches!(e, ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+    if !connected && before_answer && !refused_io {
+        format!("{text} ({NOT_MQTT5})")
+    } else {
+        text
+    }
+}
+
+fn describe_error(e: &ConnectionError) -> String {
     use ConnectReturnCode as C;
     match e {
         ConnectionError::ConnectionRefused(C::BadUserNamePassword) => BAD_LOGIN.into(),
@@ -238,30 +277,38 @@ mod tests {
         ] {
             let bad = suback(vec![SubscribeReasonCode::Success(QoS::AtLeastOnce), code]);
             let Polled::SubAck {
-                refused: Some(codes),
+                refused: Some(refused),
             } = polled(Event::Incoming(Packet::SubAck(bad)))
             else {
                 panic!("{code:?} not reported");
             };
-            assert!(codes.contains(&format!("{code:?}")), "{codes}");
+            assert!(
+                refused.codes.contains(&format!("{code:?}")),
+                "{}",
+                refused.codes
+            );
+            assert_eq!(
+                refused.shared_unsupported,
+                code == SubscribeReasonCode::SharedSubscriptionsNotSupported
+            );
         }
     }
 
     #[test]
-    fn the_granted_session_expiry_is_passed_on() {
+    fn what_the_connack_says_is_passed_on() {
         let props = ConnAckProperties {
             session_expiry_interval: Some(60),
-            receive_max: None,
+            receive_max: Some(1),
             max_qos: None,
             retain_available: None,
-            max_packet_size: None,
+            max_packet_size: Some(4096),
             assigned_client_identifier: None,
             topic_alias_max: None,
             reason_string: None,
             user_properties: Vec::new(),
             wildcard_subscription_available: None,
             subscription_identifiers_available: None,
-            shared_subscription_available: None,
+            shared_subscription_available: Some(0),
             server_keep_alive: None,
             response_information: None,
             server_reference: None,
@@ -273,29 +320,68 @@ mod tests {
             code: ConnectReturnCode::Success,
             properties: Some(props),
         };
-        assert!(matches!(
-            polled(Event::Incoming(Packet::ConnAck(connack))),
-            Polled::ConnAck {
+        let Polled::ConnAck(c) = polled(Event::Incoming(Packet::ConnAck(connack))) else {
+            panic!("not a connack");
+        };
+        assert_eq!(
+            c,
+            super::super::ConnAck {
                 session_present: true,
-                session_expiry: Some(60)
+                session_expiry: Some(60),
+                shared_unavailable: true,
+                receive_max: Some(1),
+                max_packet_size: Some(4096),
             }
-        ));
+        );
     }
 
     #[test]
     fn refusals_and_disconnects_name_what_to_check() {
-        let refused = |c| describe(&ConnectionError::ConnectionRefused(c));
+        let refused = |c| describe(&ConnectionError::ConnectionRefused(c), false);
         assert!(refused(ConnectReturnCode::BadUserNamePassword).contains("MQTT_PASSWORD"));
         assert!(refused(ConnectReturnCode::NotAuthorized).contains("ACL"));
         assert!(refused(ConnectReturnCode::ClientIdentifierNotValid).contains("MQTT_CLIENT_ID"));
         assert!(refused(ConnectReturnCode::UnsupportedProtocolVersion).contains("MQTT_PROTOCOL"));
         assert!(refused(ConnectReturnCode::QuotaExceeded).contains("QuotaExceeded"));
-        let taken = describe(&ConnectionError::MqttState(StateError::ServerDisconnect {
-            reason_code: DisconnectReasonCode::SessionTakenOver,
-            reason_string: None,
-        }));
+        let taken = describe(
+            &ConnectionError::MqttState(StateError::ServerDisconnect {
+                reason_code: DisconnectReasonCode::SessionTakenOver,
+                reason_string: None,
+            }),
+            true,
+        );
         assert!(taken.contains("MQTT_CLIENT_ID"), "{taken}");
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert!(describe(&ConnectionError::Io(io)).contains("MQTT_PORT"));
+        let text = describe(&ConnectionError::Io(io), false);
+        assert!(
+            text.contains("MQTT_PORT") && !text.contains("MQTT_PROTOCOL"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_broker_without_mqtt5_gets_the_protocol_hint_in_every_form_seen() {
+        // aedes: an MQTT 3.1.1 refusal, read as the connection closing; amqtt: no answer.
+        let forms = [
+            ConnectionError::MqttState(StateError::ConnectionAborted),
+            ConnectionError::MqttState(StateError::Io(std::io::Error::from(
+                std::io::ErrorKind::UnexpectedEof,
+            ))),
+            ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            ConnectionError::NotConnAck(Box::new(Packet::PingResp(
+                rumqttc::v5::mqttbytes::v5::PingResp,
+            ))),
+            ConnectionError::ConnectionRefused(ConnectReturnCode::UnsupportedProtocolVersion),
+        ];
+        for e in forms {
+            let text = describe(&e, false);
+            assert!(text.contains("MQTT_PROTOCOL=3.1.1"), "{e:?}: {text}");
+        }
+        // Once the broker answered, a closed connection is just that.
+        let closed = describe(
+            &ConnectionError::MqttState(StateError::ConnectionAborted),
+            true,
+        );
+        assert!(!closed.contains("MQTT_PROTOCOL"), "{closed}");
     }
 }
