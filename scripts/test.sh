@@ -45,7 +45,7 @@ echo "test: cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
 # Every test binary that runs the service's ingest path runs once more under MQTT 5.
-INGEST_BINARIES=(ingest codehubot faults keep tls scale ops systemd hostile chaos)
+INGEST_BINARIES=(ingest codehubot faults keep tls scale ops systemd hostile chaos strict brokers)
 v311=0
 v5=0
 if [[ $runner == nextest ]]; then
