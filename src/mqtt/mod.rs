@@ -320,6 +320,10 @@ struct Outbox {
     /// acknowledged) and never lost (the loop waits for it to go out).
     disconnect: bool,
     in_flight: Arc<InFlight>,
+    /// Whether the current connection got its CONNACK. Between a lost connection and the next
+    /// CONNACK nothing is sent: rumqttc would send it on the next connection, where an ack for
+    /// an old packet id is out of order (the next CONNACK drops what the ledger keeps).
+    connected: bool,
 }
 
 impl Outbox {
@@ -327,6 +331,9 @@ impl Outbox {
     /// the acks whose earlier messages are all settled, then a disconnect that was asked for.
     /// What does not fit goes on a later turn (the loop calls this after every poll).
     fn flush(&mut self) {
+        if !self.connected {
+            return;
+        }
         if let Some(filters) = &self.subscribe
             && self.client.try_subscribe(filters).is_ok()
         {
@@ -404,6 +411,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
         subscribe: None,
         disconnect: false,
         in_flight,
+        connected: false,
     };
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let mut first_connection = true;
@@ -470,6 +478,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
                 outbox.in_flight.reset();
                 stats.connected(first_connection);
                 connected = true;
+                outbox.connected = true;
                 subscribed_at = None;
                 info!(
                     broker = %address,
@@ -510,6 +519,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
             Err(e) => {
                 stats.disconnected();
                 let was_connected = std::mem::replace(&mut connected, false);
+                outbox.connected = false;
                 if shutdown.is_cancelled() {
                     debug!(error = %e, "connection closed while shutting down");
                     return Ok(());
@@ -840,6 +850,7 @@ mod outbox_tests {
             subscribe: None,
             disconnect: false,
             in_flight: InFlight::new(),
+            connected: true,
         };
         (outbox, rx)
     }
@@ -885,6 +896,19 @@ mod outbox_tests {
         o.settle(vec![b]);
         o.settle(vec![a]);
         assert_eq!(sent(&rx), ["1", "rec2"]);
+    }
+
+    #[test]
+    fn nothing_goes_out_between_a_lost_connection_and_the_next_connack() {
+        let (mut o, rx) = outbox(10);
+        let t = o.receive(delivery(1));
+        o.connected = false;
+        o.settle(vec![t]);
+        assert!(sent(&rx).is_empty(), "it would reach the next connection");
+        o.acks.new_connection();
+        o.connected = true;
+        o.flush();
+        assert!(sent(&rx).is_empty(), "the old connection's ack is dropped");
     }
 
     #[test]

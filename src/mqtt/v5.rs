@@ -177,6 +177,12 @@ fn describe_error(e: &ConnectionError) -> String {
                 None => format!("broker disconnected us: {reason_code:?}{hint}"),
             }
         }
+        // The broker's CONNACK set a maximum packet size that the subscription does not fit.
+        ConnectionError::MqttState(StateError::OutgoingPacketTooLarge { pkt_size, max }) => {
+            format!(
+                "the broker takes packets of at most {max} bytes (its MQTT 5 CONNACK), and the subscription is {pkt_size}: shorten MQTT_TOPIC_PREFIX or MQTT_SHARED_GROUP, or raise the broker's limit"
+            )
+        }
         ConnectionError::Io(io) => super::io_refused(io).unwrap_or_else(|| e.to_string()),
         other => other.to_string(),
     }
@@ -351,6 +357,14 @@ mod tests {
             true,
         );
         assert!(taken.contains("MQTT_CLIENT_ID"), "{taken}");
+        let too_large = describe(
+            &ConnectionError::MqttState(StateError::OutgoingPacketTooLarge {
+                pkt_size: 300,
+                max: 128,
+            }),
+            true,
+        );
+        assert!(too_large.contains("MQTT_TOPIC_PREFIX"), "{too_large}");
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let text = describe(&ConnectionError::Io(io), false);
         assert!(
