@@ -117,6 +117,9 @@ class Broker:
     def install(self):
         pass
 
+    def reset(self):
+        """Forgets every session and queued message: each check starts from an empty broker."""
+
     def command(self):
         raise NotImplementedError
 
@@ -145,12 +148,19 @@ class Broker:
 class Mosquitto(Broker):
     name = "mosquitto"
 
+    def reset(self):
+        for f in self.dir.glob("*.db*"):
+            f.unlink()
+
     def command(self):
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {self.dir}/\nautosave_interval 1\n"
             "max_queued_messages 0\nmax_inflight_messages 1000\n")
+        # Started as root, Mosquitto drops to its own user: the snapshot must be writable to it.
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "mosquitto", str(self.dir)], check=False)
         return ["mosquitto", "-c", str(conf)]
 
 
@@ -241,15 +251,15 @@ class Ejabberd(Broker):
                     policy.unlink()
 
     def env(self):
-        home = self.dir / "home"
-        home.mkdir(exist_ok=True)
-        return dict(os.environ, HOME=str(home), EJABBERD_CONFIG_PATH=str(self.dir / "ejabberd.yml"),
-                    CONFIG_DIR=str(self.dir), LOGS_DIR=str(self.dir / "logs"),
-                    SPOOL_DIR=str(self.dir / "spool"), ERL_EPMD_ADDRESS="127.0.0.1")
+        return dict(os.environ, HOME=str(self.dir))
 
     def command(self):
+        # Debian's ejabberdctl runs ejabberd as its own user, reads /etc/ejabberd unless given
+        # its own ejabberdctl.cfg, and starts from an empty spool (sessions live in RAM anyway).
+        shutil.rmtree(self.dir / "spool", ignore_errors=True)
         for d in ("logs", "spool"):
             (self.dir / d).mkdir(exist_ok=True)
+        (self.dir / "ejabberdctl.cfg").write_text("ERLANG_NODE=matrix@localhost\n")
         # Any login is taken (anonymous authentication in its "login" form): mod_mqtt refuses
         # a CONNECT without a user name.
         (self.dir / "ejabberd.yml").write_text(
@@ -259,9 +269,16 @@ class Ejabberd(Broker):
             "listen:\n"
             f"  - port: {self.port}\n    ip: 127.0.0.1\n    module: mod_mqtt\n"
             "modules:\n  mod_mqtt: {}\n")
+        run(["chown", "-R", "ejabberd:ejabberd", str(self.dir)])
         return ["ejabberdctl", "--config", str(self.dir / "ejabberd.yml"),
+                "--ctl-config", str(self.dir / "ejabberdctl.cfg"),
                 "--logs", str(self.dir / "logs"), "--spool", str(self.dir / "spool"),
                 "foreground"]
+
+    def stop(self):
+        super().stop()
+        subprocess.run(["pkill", "-f", str(self.dir / "ejabberd.yml")], check=False)
+        time.sleep(1)
 
 
 BROKERS = {b.name: b for b in (Mosquitto, Rumqttd, Aedes, Amqtt, Ejabberd)}
@@ -283,12 +300,16 @@ class Service:
             "LOG_FORMAT": "text", "LOG_LEVEL": "info", "STATS_INTERVAL_SECS": "0",
         })
         env.update(extra or {})
+        # One log per check, appended to: this run's part starts here.
+        self.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen(
             [str(SERVICE), "--env-file", "/dev/null"], env=env,
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
 
     def text(self):
-        return self.log_path.read_text(errors="replace")
+        with open(self.log_path, "rb") as f:
+            f.seek(self.offset)
+            return f.read().decode(errors="replace")
 
     def wait_log(self, needle, timeout):
         deadline = time.monotonic() + timeout
@@ -354,6 +375,7 @@ def check(broker, protocol):
     db = f"mi_matrix_{broker.name}_{protocol.replace('.', '')}"
     client = f"matrix-{broker.name}-{protocol.replace('.', '')}"
     fresh_database(db)
+    broker.reset()
     broker.start()
     svc = Service(broker, protocol, db, client)
     if not svc.wait_log("subscribed", 40):
@@ -398,7 +420,7 @@ def check(broker, protocol):
     for d in range(DEVICES):
         publish_lines(broker, f"devices/dev{d}/data",
                       [f'{{"seq": {s}}}' for s in range(SEQS)])
-    got = wait_count(db, "uuid LIKE 'dev%' AND " + has("seq", SEQS - 1), DEVICES, 600)
+    got = wait_count(db, "uuid LIKE 'dev%' AND " + has("seq", SEQS - 1), DEVICES, 180)
     took = time.monotonic() - started
     reconnects = svc.connects() - before
     row["burst 5,000"] = (f"{got}/{DEVICES} devices at their last value, {took:.0f} s, "
