@@ -1,16 +1,23 @@
-//! The operations listener: `/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1.
+//! The operations listener: `/metrics`, `/healthz` and `/readyz` over HTTP/1.1, served by hyper.
 //!
-//! A small responder of its own rather than an HTTP framework: three GET endpoints for
-//! Prometheus and probes need no keep-alive, bodies or routing, so it reads one request head
-//! (bounded in size and time), answers, and closes the connection. That keeps the surface an
-//! attacker on the network can reach to a few dozen lines, and the dependency tree unchanged.
+//! hyper parses the requests (bare-LF line ends included) and writes the responses; this module
+//! keeps what an operations port reachable from the network needs on top: at most
+//! `MAX_CONNECTIONS` served at once, a deadline for the request head, no keep-alive, and only
+//! GET and HEAD (anything else is a 405 with `Allow`).
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -18,12 +25,12 @@ use tracing::{debug, info};
 use crate::health::Health;
 use crate::metrics;
 
-/// Largest request head read; a probe's GET is a few hundred bytes.
-const MAX_HEAD: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 32;
+/// Largest request head read (hyper's smallest buffer); a probe's GET is a few hundred bytes.
+const MAX_HEAD: usize = 8 * 1024;
 
 /// Binds the listener (at start-up, so a taken port stops the service with a clear error).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -59,7 +66,18 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: Cancell
         };
         let health = health.clone();
         tokio::spawn(async move {
-            if let Err(e) = respond(stream, &health).await {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let answer = route(req.method(), req.uri().path(), &health);
+                async move { Ok::<_, Infallible>(answer.into_response()) }
+            });
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT)
+                .keep_alive(false)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
                 debug!(peer = %peer, error = %e, "HTTP request failed");
             }
             drop(slot);
@@ -67,129 +85,135 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: Cancell
     }
 }
 
-/// A response: status line, content type and body.
+/// What to answer: status, content type and body (hyper leaves the body out for HEAD).
 #[derive(Debug, PartialEq)]
-struct Response {
-    status: &'static str,
+struct Answer {
+    status: StatusCode,
     content_type: &'static str,
     body: String,
 }
 
-impl Response {
-    fn text(status: &'static str, body: impl Into<String>) -> Self {
+impl Answer {
+    fn text(status: StatusCode, body: impl Into<String>) -> Self {
         Self {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
         }
     }
-}
 
-async fn respond(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()), // a client that says nothing gets nothing
-    };
-    let (response, head_only) = match head {
-        Some(head) => route(&head, health),
-        None => (Response::text("400 Bad Request", "bad request\n"), false),
-    };
-    let mut out = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        response.status,
-        response.content_type,
-        response.body.len()
-    );
-    if !head_only {
-        out.push_str(&response.body);
-    }
-    stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Reads up to the blank line that ends a request head. `None` if it is too long or the
-/// client closed early.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end);
-            return Ok(String::from_utf8(buf).ok());
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
-    }
-}
-
-/// Picks the answer for a request head; the flag says "HEAD: no body".
-fn route(head: &str, health: &Health) -> (Response, bool) {
-    let mut parts = head.lines().next().unwrap_or("").split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return (
-            Response::text("405 Method Not Allowed", "only GET and HEAD\n"),
-            false,
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static(self.content_type),
         );
+        headers.insert(
+            CACHE_CONTROL,
+            hyper::header::HeaderValue::from_static("no-store"),
+        );
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            headers.insert(ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        }
+        response
     }
-    let path = target.split('?').next().unwrap_or("");
-    let response = match path {
-        "/metrics" => Response {
-            status: "200 OK",
+}
+
+/// Picks the answer for a request.
+fn route(method: &Method, path: &str, health: &Health) -> Answer {
+    if method != Method::GET && method != Method::HEAD {
+        return Answer::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    match path {
+        "/metrics" => Answer {
+            status: StatusCode::OK,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body: metrics::render(&health.stats().snapshot(), &health.gauges()),
         },
-        "/healthz" => Response::text("200 OK", "ok\n"),
+        "/healthz" => Answer::text(StatusCode::OK, "ok\n"),
         "/readyz" => match health.readiness() {
-            Ok(()) => Response::text("200 OK", "ready\n"),
-            Err(why) => Response::text("503 Service Unavailable", format!("not ready: {why}\n")),
+            Ok(()) => Answer::text(StatusCode::OK, "ready\n"),
+            Err(why) => Answer::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
-        _ => Response::text(
-            "404 Not Found",
+        _ => Answer::text(
+            StatusCode::NOT_FOUND,
             "not found; try /metrics, /healthz, /readyz\n",
         ),
-    };
-    (response, head_only)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::stats::Stats;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn health() -> Health {
-        Health::new(Arc::new(Stats::default()))
+    fn health() -> Arc<Health> {
+        Arc::new(Health::new(Arc::new(Stats::default())))
     }
 
     #[test]
     fn routes_and_methods() {
         let h = health();
-        let get = |target: &str| route(&format!("GET {target} HTTP/1.1\r\nHost: x"), &h).0;
-        assert_eq!(get("/healthz").status, "200 OK");
+        let get = |path: &str| route(&Method::GET, path, &h);
+        assert_eq!(get("/healthz").status, StatusCode::OK);
         assert_eq!(get("/healthz").body, "ok\n");
-        assert_eq!(get("/metrics?x=1").status, "200 OK");
+        assert_eq!(get("/metrics").status, StatusCode::OK);
         assert!(
             get("/metrics")
                 .body
                 .contains("mqtt_ingest_messages_received_total 0")
         );
         let ready = get("/readyz");
-        assert_eq!(ready.status, "503 Service Unavailable");
+        assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(ready.body.contains("mqtt:") && ready.body.contains("database:"));
-        assert_eq!(get("/nope").status, "404 Not Found");
-        let (r, head_only) = route("HEAD /healthz HTTP/1.1", &h);
-        assert_eq!((r.status, head_only), ("200 OK", true));
-        assert_eq!(
-            route("POST /metrics HTTP/1.1", &h).0.status,
-            "405 Method Not Allowed"
+        assert_eq!(get("/nope").status, StatusCode::NOT_FOUND);
+        assert_eq!(route(&Method::HEAD, "/healthz", &h).status, StatusCode::OK);
+        let post = route(&Method::POST, "/metrics", &h).into_response();
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[ALLOW], "GET, HEAD");
+    }
+
+    /// Sends `request` as raw bytes and returns the whole answer.
+    async fn exchange(request: &[u8]) -> String {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, health(), shutdown.clone()));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+            .await
+            .expect("answered and closed in time")
+            .unwrap();
+        shutdown.cancel();
+        server.await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn bare_lf_requests_are_answered_and_the_connection_closed() {
+        let answer = exchange(b"GET /healthz HTTP/1.1\nHost: x\n\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("ok\n"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn head_has_no_body_and_other_methods_get_allow() {
+        let head = exchange(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+        let delete = exchange(b"DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(delete.starts_with("HTTP/1.1 405"), "{delete}");
+        assert!(
+            delete.to_ascii_lowercase().contains("allow: get, head"),
+            "{delete}"
         );
-        assert_eq!(route("", &h).0.status, "405 Method Not Allowed");
     }
 }

@@ -358,9 +358,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Stri
             .nth(1)
             .and_then(|s| s.parse().ok())
             .with_context(|| format!("no status in {head:?}"))?;
+        // Header names are case-insensitive (hyper writes them in lower case).
         let length: usize = head
             .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length").then_some(value)
+            })
             .and_then(|v| v.trim().parse().ok())
             .with_context(|| format!("no Content-Length in {head:?}"))?;
         anyhow::ensure!(
