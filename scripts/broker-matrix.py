@@ -11,6 +11,7 @@ account (target/test-db.env, written by `scripts/setup.sh --for-tests`). Slow (a
 per broker): not part of the test suite. Usage:
 
     scripts/broker-matrix.sh [mosquitto rumqttd aedes amqtt ejabberd]
+    scripts/broker-matrix.sh --one-in-flight OTHER_BINARY   (ejabberd's window of one, side by side)
 """
 
 import os
@@ -453,11 +454,50 @@ def check(broker, protocol):
     return row
 
 
+def one_in_flight(other_binary, devices=50, seqs=40, rounds=2):
+    """ejabberd keeps one message in flight: the drain of a queued backlog shows whether the
+    service waits out a batch deadline per message. This binary against `other_binary`, same
+    broker, alternating."""
+    global SERVICE
+    mine = SERVICE
+    broker = Ejabberd()
+    broker.install()
+    broker.start()
+    try:
+        for r in range(rounds):
+            for label, binary in (("this", mine), ("other", Path(other_binary))):
+                SERVICE = binary
+                db = f"mi_matrix_drain_{label}"
+                fresh_database(db)
+                client = f"matrix-drain-{label}-{r}"
+                svc = Service(broker, "3.1.1", db, client)
+                svc.wait_log("subscribed topic=", 40)
+                register(db, [f"dev{i}" for i in range(devices)])
+                svc.stop()
+                for d in range(devices):
+                    publish_lines(broker, f"devices/dev{d}/data",
+                                  [f'{{"seq": {s}}}' for s in range(seqs)])
+                started = time.monotonic()
+                svc = Service(broker, "3.1.1", db, client)
+                got = wait_count(db, "uuid LIKE 'dev%' AND " + has("seq", seqs - 1), devices, 300)
+                took = time.monotonic() - started
+                svc.stop()
+                n = devices * seqs
+                print(f"{label} ({binary}): {got}/{devices} devices, {n} queued messages in "
+                      f"{took:.1f} s = {n / took:.0f} msg/s, start-up included", flush=True)
+    finally:
+        SERVICE = mine
+        broker.stop()
+
+
 COLUMNS = ["connect", "seed examples", "service restart", "broker restart", "burst 5,000",
            "$share"]
 
 
 def main():
+    if sys.argv[1:2] == ["--one-in-flight"]:
+        one_in_flight(sys.argv[2])
+        return
     names = sys.argv[1:] or list(BROKERS)
     WORK.mkdir(parents=True, exist_ok=True)
     if not SERVICE.exists():
