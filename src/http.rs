@@ -27,6 +27,8 @@ use crate::metrics;
 
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one connection is served, answer included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 32;
 /// Largest request head read (hyper's smallest buffer); a probe's GET is a few hundred bytes.
@@ -70,15 +72,17 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: Cancell
                 let answer = route(req.method(), req.uri().path(), &health);
                 async move { Ok::<_, Infallible>(answer.into_response()) }
             });
-            let served = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(READ_TIMEOUT)
                 .keep_alive(false)
                 .max_buf_size(MAX_HEAD)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                debug!(peer = %peer, error = %e, "HTTP request failed");
+                .serve_connection(TokioIo::new(stream), service);
+            // A client that does not read its answer does not keep the slot.
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(peer = %peer, error = %e, "HTTP request failed"),
+                Err(_) => debug!(peer = %peer, "HTTP connection timed out"),
             }
             drop(slot);
         });

@@ -67,21 +67,29 @@ impl RejectSink {
         }
     }
 
-    /// Records a rejection (never waits; drops and counts when the queue is full).
+    /// Records a rejection (never waits; drops and counts when the queue is full). `messages`:
+    /// how many messages it stands for (folded into one update, all rejected with it; the
+    /// evidence is the first one's).
     pub fn record(
         &self,
         evidence: Evidence,
         device: Option<&str>,
         rejection: &Rejection,
         received_at: DateTime<FixedOffset>,
+        messages: u64,
     ) {
+        let detail = if messages > 1 {
+            format!("{rejection} ({messages} messages folded into one; the first is shown)")
+        } else {
+            rejection.to_string()
+        };
         let record = RejectRecord {
             // In the database's zone, like every DATETIME the service writes.
             received_at: received_at.naive_local(),
             topic: evidence.topic,
             device: device.map(str::to_owned),
             reason: rejection.reason(),
-            detail: fit_chars(&rejection.to_string(), DETAIL_MAX_CHARS).to_owned(),
+            detail: fit_chars(&detail, DETAIL_MAX_CHARS).to_owned(),
             payload: evidence.payload,
             payload_bytes: evidence.payload_bytes,
         };
@@ -326,6 +334,7 @@ mod tests {
                 None,
                 &Rejection::NotObject,
                 Utc::now().fixed_offset(),
+                1,
             );
         }
         assert_eq!(sink.dropped(), 5);

@@ -251,9 +251,15 @@ impl Service {
         // The event loop sends the last acks, then disconnects, once the writers have ended.
         let loop_done = match loop_ended {
             Some(result) => result,
-            None => wait(event_loop, deadline, "the MQTT event loop")
-                .await
-                .and_then(|r| r.map_err(anyhow::Error::from)),
+            // At least a moment of its own, even when a writer used up the deadline: the acks
+            // of what was committed and the DISCONNECT still go out.
+            None => wait(
+                event_loop,
+                deadline.max(tokio::time::Instant::now() + Duration::from_secs(2)),
+                "the MQTT event loop",
+            )
+            .await
+            .and_then(|r| r.map_err(anyhow::Error::from)),
         };
         // Its senders went with the writers and the event loop: it ends once it has written.
         let mut rejects_done = Ok(());

@@ -216,11 +216,11 @@ impl Queue {
             ack,
             evidence,
         } = job;
+        // Kept rejects change nothing here: a folded message's evidence goes (the update keeps
+        // its first message's, which is what a rejection of the device shows).
         if let Some(i) = slot
             && self.coalesce
-            && evidence.is_none()
             && let Some(last) = state.entries[i].items.last_mut()
-            && last.job.evidence.is_none()
         {
             match absorb(&mut last.job.update, update) {
                 Ok(()) => {
@@ -450,6 +450,7 @@ impl Outcomes<'_> {
                 warn!(device = %job.update.device, "⚠️ 设备不存在: {}", job.update.device);
             }
         }
+        let messages = held.messages();
         let Held {
             job, folded_acks, ..
         } = held;
@@ -459,6 +460,7 @@ impl Outcomes<'_> {
                 Some(job.update.device.as_str()),
                 &rejection,
                 job.update.received_at,
+                messages,
             );
         }
         tokens.extend(job.ack);
@@ -657,20 +659,33 @@ mod tests {
     }
 
     #[test]
-    fn without_coalescing_or_with_evidence_nothing_folds() {
+    fn without_coalescing_nothing_folds_and_kept_evidence_changes_nothing() {
         let q = Queue::new(10, false);
         assert_eq!(put(&q, data("a", 1)), "taken");
         assert_eq!(put(&q, data("a", 2)), "taken");
         assert_eq!(shape(&q.take(10)).len(), 2);
         let q = Queue::new(10, true);
-        let mut kept = data("a", 1);
-        kept.evidence = Some(crate::rejects::Evidence {
+        let evidence = |n: u8| crate::rejects::Evidence {
             topic: "devices/a/data".into(),
-            payload: b"{}".to_vec(),
-            payload_bytes: 2,
-        });
-        assert_eq!(put(&q, kept), "taken");
-        assert_eq!(put(&q, data("a", 2)), "taken");
-        assert_eq!(shape(&q.take(10)).len(), 2);
+            payload: vec![n],
+            payload_bytes: 1,
+        };
+        let mut first = data("a", 1);
+        first.evidence = Some(evidence(1));
+        let mut second = data("a", 2);
+        second.evidence = Some(evidence(2));
+        assert_eq!(put(&q, first), "taken");
+        assert_eq!(put(&q, second), "taken");
+        let batch = q.take(10);
+        assert_eq!(
+            shape(&batch),
+            [("a".to_owned(), 2)],
+            "folded as without rejects"
+        );
+        assert_eq!(
+            batch[0].job.evidence,
+            Some(evidence(1)),
+            "the first message's"
+        );
     }
 }

@@ -188,13 +188,35 @@ impl Connection {
     /// broker that cannot speak MQTT 5 fails before that). Polling again after an error
     /// reconnects.
     async fn poll(&mut self, connected: bool) -> Result<Polled, String> {
-        match &mut self.0 {
+        let polled = match &mut self.0 {
             Loop::V4(l) => l.poll().await.map(v4::polled).map_err(|e| v4::describe(&e)),
             Loop::V5(l) => l
                 .poll()
                 .await
                 .map(v5::polled)
                 .map_err(|e| v5::describe(&e, connected)),
+        };
+        if polled.is_err() {
+            self.forget_the_connection();
+        }
+        polled
+    }
+
+    /// After a connection failed, drops what rumqttc keeps of it: publishes it had read but not
+    /// yet handed out (MQTT 3.1.1 would hand them out after the next CONNACK, where their packet
+    /// ids name other messages), and requests it would send first on the next connection (a
+    /// PUBREC or SUBSCRIBE meant for the old one). The broker redelivers those messages, and the
+    /// event loop subscribes again on every CONNACK.
+    fn forget_the_connection(&mut self) {
+        match &mut self.0 {
+            Loop::V4(l) => {
+                l.state.events.clear();
+                l.pending.clear();
+            }
+            Loop::V5(l) => {
+                l.state.events.clear();
+                l.pending.clear();
+            }
         }
     }
 }
@@ -286,11 +308,11 @@ pub fn client(settings: &MqttSettings) -> Result<Link, ConfigError> {
 /// `MQTT_RECONNECT_MIN_SECS`.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
-/// Why the event loop stopped the service: the broker lacks something the settings ask for, and
-/// waiting will not bring it.
+/// Why the event loop stopped the service: the broker lacks something the settings ask for, or
+/// a writer is gone; waiting will not bring either back.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Unsupported(String);
+pub struct Fatal(String);
 
 /// What the event loop is given to run.
 pub struct EventLoopParts {
@@ -382,8 +404,8 @@ impl Outbox {
 /// while there is no connection). Reconnects forever with backoff and re-subscribes after every
 /// connection: rumqttc does neither on its own. Owns the acknowledgements: the writers report
 /// settled messages, and their acks leave here in order of receipt. Fails only when the broker
-/// lacks what the settings need ([`Unsupported`]).
-pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
+/// lacks what the settings need ([`Fatal`]).
+pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
     let EventLoopParts {
         settings,
         rules,
@@ -426,6 +448,14 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
         protocol = %settings.protocol,
         "connecting to the MQTT broker"
     );
+    if settings.qos == 2 && !settings.clean_session {
+        // rumqttc forgets a QoS 2 message's PUBREC state with the connection; a broker that
+        // resends its PUBREL after a reconnect then gets the connection closed, again and again
+        // (rumqtt issue 664).
+        warn!(
+            "MQTT_QOS=2 with a persistent session: a reconnect between a message's PUBREC and its PUBREL can make the client drop every following connection; MQTT_QOS=1 gives the same guarantee here (writes are idempotent)"
+        );
+    }
     loop {
         // The poll is never cancelled (rumqttc does not promise that it may be): settled
         // tokens are taken in while it waits, and the acks they release wake it up.
@@ -471,7 +501,12 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
                     stats: &stats,
                     shutdown: &shutdown,
                 };
-                handle_publish(message, &ctx, &mut outbox).await;
+                handle_publish(message, &ctx, &mut outbox).await?;
+                if outbox.in_flight.window_full() {
+                    // Nothing more comes until some are acknowledged: writers waiting for a
+                    // batch to fill would wait for nothing.
+                    jobs.wake();
+                }
             }
             Ok(Polled::ConnAck(connack)) => {
                 outbox.acks.new_connection();
@@ -493,7 +528,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Unsupported> {
                 refused: Some(refused),
             }) => {
                 if refused.shared_unsupported && settings.shared_group.is_some() {
-                    return Err(Unsupported(format!(
+                    return Err(Fatal(format!(
                         "the broker does not support shared subscriptions ({}): unset MQTT_SHARED_GROUP, or use a broker that has them (see docs/brokers.md)",
                         refused.codes
                     )));
@@ -569,9 +604,9 @@ fn check_connack(
     connack: &ConnAck,
     first: bool,
     stats: &Stats,
-) -> Result<(), Unsupported> {
+) -> Result<(), Fatal> {
     if connack.shared_unavailable && settings.shared_group.is_some() {
-        return Err(Unsupported(
+        return Err(Fatal(
             "the broker says it has no shared subscriptions (MQTT 5 CONNACK), but MQTT_SHARED_GROUP is set: unset it, or use a broker that has them (see docs/brokers.md)".into(),
         ));
     }
@@ -630,7 +665,11 @@ struct Intake<'a> {
     shutdown: &'a CancellationToken,
 }
 
-async fn handle_publish(message: Message, ctx: &Intake<'_>, outbox: &mut Outbox) {
+async fn handle_publish(
+    message: Message,
+    ctx: &Intake<'_>,
+    outbox: &mut Outbox,
+) -> Result<(), Fatal> {
     let Intake {
         settings,
         rules,
@@ -641,7 +680,7 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>, outbox: &mut Outbox)
     } = *ctx;
     if shutdown.is_cancelled() {
         // Not taken: unacknowledged, so the broker keeps it for the next start.
-        return;
+        return Ok(());
     }
     let received_at = Utc::now();
     let Message {
@@ -694,6 +733,7 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>, outbox: &mut Outbox)
                     device.as_ref().map(|d| d.as_str()),
                     &rejection,
                     rules.time.zone.at(received_at),
+                    1,
                 );
             }
             // Final: the same message would be rejected again. Its ack still waits for every
@@ -701,6 +741,7 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>, outbox: &mut Outbox)
             if let Some(token) = ack {
                 outbox.acks.settle(token);
             }
+            Ok(())
         }
         Ok(accepted) => {
             report_undated(&accepted, stats);
@@ -741,15 +782,17 @@ async fn handle_publish(message: Message, ctx: &Intake<'_>, outbox: &mut Outbox)
             let sent = jobs.send(job).await;
             stats.event_loop_beat();
             if sent.is_err() {
-                // Shutting down: unacknowledged (and so is every later message of this
-                // connection), the broker keeps it for the next start.
+                // Unacknowledged (and so is every later message of this connection): the
+                // broker keeps it for the next start.
                 stats.not_received();
                 debug!("writer closed; message left to the broker for redelivery");
-            } else if outbox.in_flight.window_full() {
-                // Nothing more comes until some are acknowledged: writers waiting for a batch
-                // to fill would wait for nothing.
-                jobs.wake();
+                if !shutdown.is_cancelled() {
+                    // A writer ended on its own: its token can never settle, so no later ack
+                    // could go out either. Stop rather than hold the broker's window forever.
+                    return Err(Fatal("a writer stopped unexpectedly".into()));
+                }
             }
+            Ok(())
         }
     }
 }

@@ -253,9 +253,14 @@ fn service_env(v: &str) -> anyhow::Result<(String, String)> {
     if OWN_VARS.contains(&k) {
         bail!("--service-env: {k} is set by the benchmark itself");
     }
-    let allowed = k.starts_with("INGEST_") || k.starts_with("DB_POOL_") || k == "LOG_LEVEL";
+    let allowed = k.starts_with("INGEST_")
+        || k.starts_with("DB_POOL_")
+        || k.starts_with("REJECTS_")
+        || k == "LOG_LEVEL";
     if !allowed {
-        bail!("--service-env: only INGEST_*, DB_POOL_* and LOG_LEVEL may be passed, got {k}");
+        bail!(
+            "--service-env: only INGEST_*, DB_POOL_*, REJECTS_* and LOG_LEVEL may be passed, got {k}"
+        );
     }
     Ok((k.to_owned(), val.to_owned()))
 }
