@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{Parser, Subcommand};
 use mqtt_ingest::config::Settings;
 use mqtt_ingest::service::Service;
 use mqtt_ingest::{mqtt, rejects, store, telemetry};
@@ -14,39 +15,74 @@ use tracing::{error, info, warn};
 /// sysexits' EX_CONFIG: the unit file tells systemd not to restart on it.
 const EXIT_CONFIG: u8 = 78;
 
-const USAGE: &str = "\
-mqtt-ingest: MQTT device telemetry into MySQL/MariaDB (device_main)
-
-Usage: mqtt-ingest [OPTIONS]
-       mqtt-ingest rejects [--device UUID] [--reason REASON] [--limit N] [--env-file PATH]
-
-Commands:
-  rejects           print the latest kept rejected messages (REJECTS_ENABLED=true keeps them),
-                    newest first; --limit defaults to 20
-
-Options:
-  --env-file PATH   read settings from PATH instead of ./.env (variables already set win)
-  --check-config    validate the settings, connect to the database and the broker, exit 0 or 1
-  -h, --help        print this help
-  -V, --version     print the version
-
+/// What the help says after the options: where the settings come from.
+const SETTINGS_HELP: &str = "\
 Settings come from the environment and a .env file: MQTT_BROKER, MQTT_PORT, MQTT_USERNAME,
 MQTT_PASSWORD, DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_TIMEZONE and more;
 .env.example lists them all with their defaults. The Python service's names for the broker
 (MQTT_SERVICE_BROKER, MQTT_BROKER_HOST, MQTT_SERVICE_PORT, MQTT_BROKER_PORT,
-MQTT_SERVICE_USERNAME, MQTT_SERVICE_PASSWORD) are read too; --check-config says which was used.";
+MQTT_SERVICE_USERNAME, MQTT_SERVICE_PASSWORD) are read too; check-config says which was used.";
 
+/// mqtt-ingest: MQTT device telemetry into MySQL/MariaDB (device_main).
+#[derive(Debug, Parser)]
+#[command(
+    name = "mqtt-ingest",
+    version,
+    after_help = SETTINGS_HELP
+)]
+struct Cli {
+    /// Read settings from PATH instead of ./.env (variables already set win)
+    #[arg(long, value_name = "PATH", global = true)]
+    env_file: Option<PathBuf>,
+    /// Same as the check-config command (kept for unit files and scripts that use it)
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+impl Cli {
+    /// The command to run and the .env file to read; `--check-config` beside a command is a
+    /// usage error (clap cannot say so itself: `--env-file` is global, so a plain conflict
+    /// between options and commands would refuse it too).
+    fn resolve(self) -> Result<(Command, Option<PathBuf>), clap::Error> {
+        use clap::CommandFactory;
+        let command = match (self.command, self.check_config) {
+            (Some(_), true) => {
+                return Err(Cli::command().error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--check-config is a command of its own: use it without another command",
+                ));
+            }
+            (None, true) => Command::CheckConfig,
+            (Some(command), false) => command,
+            (None, false) => Command::Run,
+        };
+        Ok((command, self.env_file))
+    }
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the service until SIGTERM or SIGINT (what no command means)
     Run,
+    /// Validate the settings, connect to the database and the broker, exit 0 or 1
     CheckConfig,
+    /// Print the latest kept rejected messages, newest first (REJECTS_ENABLED=true keeps them)
     Rejects(RejectsQuery),
 }
 
-#[derive(Default)]
+#[derive(Debug, clap::Args)]
 struct RejectsQuery {
+    /// Only this device's
+    #[arg(long, value_name = "UUID")]
     device: Option<String>,
+    /// Only this reason's (not_json, unknown_device, …)
+    #[arg(long)]
     reason: Option<String>,
-    limit: Option<u32>,
+    /// How many
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    limit: u32,
 }
 
 /// glibc's malloc keeps small freed blocks in "fast bins" and merges them all back whenever a
@@ -68,56 +104,11 @@ fn tune_allocator() {}
 
 fn main() -> ExitCode {
     tune_allocator();
-    let mut command = Command::Run;
-    let mut env_file: Option<PathBuf> = None;
-    let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("rejects") {
-        args.next();
-        command = Command::Rejects(RejectsQuery::default());
-    }
-    while let Some(arg) = args.next() {
-        if let Command::Rejects(query) = &mut command {
-            let slot = match arg.as_str() {
-                "--device" => Some(&mut query.device),
-                "--reason" => Some(&mut query.reason),
-                _ => None,
-            };
-            if let Some(slot) = slot {
-                match args.next() {
-                    Some(v) => *slot = Some(v),
-                    None => return usage_error(&format!("{arg} needs a value")),
-                }
-                continue;
-            }
-            if arg == "--limit" {
-                match args.next().and_then(|v| v.parse().ok()) {
-                    Some(n) => query.limit = Some(n),
-                    None => return usage_error("--limit needs a whole number"),
-                }
-                continue;
-            }
-        }
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            "-V" | "--version" => {
-                println!("mqtt-ingest {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            "--check-config" => command = Command::CheckConfig,
-            "--env-file" => match args.next() {
-                Some(path) => env_file = Some(path.into()),
-                None => return usage_error("--env-file needs a path"),
-            },
-            other => match other.strip_prefix("--env-file=") {
-                Some(path) => env_file = Some(path.into()),
-                None => return usage_error(&format!("unknown argument {other:?}")),
-            },
-        }
-    }
-
+    // Usage errors exit 2 with clap's message; --help and --version exit 0.
+    let (command, env_file) = match Cli::parse().resolve() {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
+    };
     let loaded = match &env_file {
         Some(path) => dotenvy::from_path(path).map(|()| Some(path.clone())),
         None => match dotenvy::dotenv() {
@@ -184,11 +175,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn usage_error(message: &str) -> ExitCode {
-    eprintln!("mqtt-ingest: {message}\n\n{USAGE}");
-    ExitCode::from(2)
-}
-
 async fn run(settings: Settings) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -226,12 +212,11 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 /// Prints the latest kept rejects.
 async fn print_rejects(settings: Settings, query: RejectsQuery) -> ExitCode {
     let pool = store::pool(&settings.db);
-    let limit = query.limit.unwrap_or(20);
     let result = rejects::latest(
         &pool,
         query.device.as_deref(),
         query.reason.as_deref(),
-        limit,
+        query.limit,
     )
     .await;
     pool.close().await;
@@ -324,5 +309,54 @@ async fn check_config(settings: Settings) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mqtt-ingest").chain(args.iter().copied()))
+    }
+
+    fn resolve(args: &[&str]) -> Result<(Command, Option<PathBuf>), clap::Error> {
+        parse(args)?.resolve()
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn commands_options_and_their_errors() {
+        assert!(parse(&[]).unwrap().command.is_none());
+        let c = parse(&["--env-file=/x", "--check-config"]).unwrap();
+        assert!(c.check_config && c.env_file == Some(PathBuf::from("/x")));
+        let c = parse(&["--env-file", "/x", "rejects"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Rejects(_))) && c.env_file.is_some());
+        let c = parse(&["check-config", "--env-file", "/x"]).unwrap();
+        assert!(matches!(c.command, Some(Command::CheckConfig)));
+        let c = parse(&["rejects", "--limit=5", "--device", "d"]).unwrap();
+        let Some(Command::Rejects(q)) = c.command else {
+            panic!("not rejects");
+        };
+        assert_eq!((q.limit, q.device.as_deref()), (5, Some("d")));
+        let Some(Command::Rejects(q)) = parse(&["rejects"]).unwrap().command else {
+            panic!("not rejects");
+        };
+        assert_eq!(q.limit, 20);
+        // What the hand-written loop got wrong.
+        assert!(parse(&["rejects", "--limit", "0"]).is_err());
+        assert!(resolve(&["rejects", "--check-config"]).is_err());
+        assert!(resolve(&["--check-config", "rejects"]).is_err());
+        assert!(matches!(
+            resolve(&["--check-config"]),
+            Ok((Command::CheckConfig, None))
+        ));
+        assert!(matches!(resolve(&[]), Ok((Command::Run, None))));
+        assert!(parse(&["--nope"]).is_err());
     }
 }
