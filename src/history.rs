@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::model::{Change, Update};
-use crate::store::{StoreError, delete_in_batches, fit_chars, placeholders, shaped_chunks};
+use crate::sql::{StoreError, delete_in_batches, fit_chars, placeholders, shaped_chunks};
 use crate::zone::Zone;
 
 /// Longest unit kept in history (the column is `VARCHAR(64)`).

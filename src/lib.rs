@@ -31,6 +31,7 @@ pub mod rejection;
 pub mod rejects;
 pub mod sensors;
 pub mod service;
+pub mod sql;
 pub mod stats;
 pub mod store;
 pub mod systemd;

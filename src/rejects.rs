@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::rejection::Rejection;
-use crate::store::{delete_in_batches, exact_chunks, fit_chars, placeholders};
+use crate::sql::{delete_in_batches, exact_chunks, fit_chars, placeholders};
 use crate::zone::Zone;
 
 /// Longest topic kept (the column is `VARCHAR(255)`).

@@ -13,7 +13,7 @@ use sqlx::{MySql, MySqlPool, Transaction};
 
 use crate::merge::is_older;
 use crate::model::{Change, Update};
-use crate::store::{StoreError, fit_chars, placeholders, shaped_chunks};
+use crate::sql::{StoreError, fit_chars, placeholders, shaped_chunks};
 use crate::zone::Zone;
 
 /// The columns the service writes.

@@ -1,0 +1,178 @@
+//! What every table's code shares, so that none of them imports another (`store` and `history`
+//! used to import each other): the classes of a database error and the writers' retry delay,
+//! the statement shapes and placeholders, cutting text to a column, and deleting in batches.
+
+use std::time::Duration;
+
+use sqlx::mysql::MySqlDatabaseError;
+use sqlx::{MySql, MySqlPool};
+
+/// A failed database attempt, sorted by what the writer should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused a statement because of the data in it (too long, invalid JSON, …):
+    /// retrying the same message gives the same answer.
+    #[error("database refused the data: {0}")]
+    Refused(#[source] sqlx::Error),
+    /// Two transactions met on the same locks (deadlock, lock wait timeout): the database
+    /// rolled this one back. Retried at once.
+    #[error("transaction conflict: {0}")]
+    Conflict(#[source] sqlx::Error),
+    /// Anything else: connection lost, server gone, table missing. Retried with backoff.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        // Only errors known to be about one row's data are final; an unknown error is
+        // retried, because acknowledging a message the database never took would lose it.
+        const DATA_ERRORS: &[u16] = &[
+            1048, // column cannot be null
+            1062, // duplicate key
+            1264, // out of range value
+            1292, // truncated incorrect value
+            1366, // incorrect string value
+            1406, // data too long
+            3140, // MySQL: invalid JSON text
+            3141, // MySQL: invalid JSON text in argument
+            4025, // MariaDB: CONSTRAINT_FAILED (the JSON_VALID check)
+            4038, // MariaDB: syntax error in JSON text
+        ];
+        const CONFLICTS: &[u16] = &[
+            1205, // lock wait timeout
+            1213, // deadlock
+        ];
+        match error_number(&e) {
+            Some(n) if DATA_ERRORS.contains(&n) => StoreError::Refused(e),
+            Some(n) if CONFLICTS.contains(&n) => StoreError::Conflict(e),
+            _ => StoreError::Unavailable(e),
+        }
+    }
+}
+
+/// The MySQL/MariaDB error number of an error the server returned.
+pub fn error_number(e: &sqlx::Error) -> Option<u16> {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
+        .map(MySqlDatabaseError::number)
+}
+
+/// What a person should check when the database refused the service or could not be reached:
+/// the setting to look at, from the error's class; `None` when nothing in the settings is
+/// likely at fault.
+pub fn settings_hint(e: &sqlx::Error) -> Option<&'static str> {
+    match (error_number(e), e) {
+        (Some(1045 | 1698), _) => {
+            Some("the server refused the login: check DB_USER and DB_PASSWORD")
+        }
+        (Some(1044), _) => Some(
+            "DB_USER may not use DB_NAME: grant it the rights in the README's least-privilege grant",
+        ),
+        (Some(1049), _) => Some("no such database: check DB_NAME, or create it"),
+        (Some(_), _) => None,
+        (None, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => Some(
+            "no connection: check DB_HOST and DB_PORT, and that the server is running and reachable",
+        ),
+        (None, sqlx::Error::Tls(_)) => {
+            Some("TLS to the database failed: check DB_SSL_MODE and DB_SSL_CA_FILE")
+        }
+        _ => None,
+    }
+}
+
+/// Whether the server refused the service itself (credentials, rights, the database name):
+/// retrying soon will not help.
+pub fn is_refusal(e: &sqlx::Error) -> bool {
+    matches!(error_number(e), Some(1044 | 1045 | 1049 | 1698))
+}
+
+/// Statement shapes: a batch is cut into chunks of at most the largest, and a chunk is padded
+/// up to the next shape by repeating its last item (harmless in an `IN` list, and a repeated row
+/// writes the same values). A few fixed shapes keep the prepared-statement cache small.
+pub const SHAPES: [usize; 4] = [1, 8, 64, 256];
+
+/// Cuts `items` into chunks of the fixed [`SHAPES`], padding the last one.
+pub fn shaped_chunks<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+    let largest = SHAPES[SHAPES.len() - 1];
+    items
+        .chunks(largest)
+        .map(|chunk| {
+            let size = SHAPES
+                .iter()
+                .copied()
+                .find(|&s| s >= chunk.len())
+                .unwrap_or(largest);
+            let mut padded = chunk.to_vec();
+            if let Some(last) = chunk.last() {
+                padded.resize(size, last.clone());
+            }
+            padded
+        })
+        .collect()
+}
+
+/// Cuts `items` into pieces whose sizes are all [`SHAPES`], without padding (for inserts where
+/// a repeated row would be a duplicate): greedily the largest shape that fits.
+pub fn exact_chunks<T>(items: &[T]) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let size = SHAPES
+            .iter()
+            .rev()
+            .copied()
+            .find(|&s| s <= rest.len())
+            .unwrap_or(1);
+        let (head, tail) = rest.split_at(size);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+/// `rows` copies of `per_row` joined by `separator`: the placeholders of a multi-row statement.
+pub fn placeholders(rows: usize, per_row: &str, separator: &str) -> String {
+    vec![per_row; rows].join(separator)
+}
+
+/// `s` cut to at most `chars` characters, to fit a text column.
+pub fn fit_chars(s: &str, chars: usize) -> &str {
+    match s.char_indices().nth(chars) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Runs `sql` (a `DELETE … LIMIT n` with one placeholder, bound to `arg`) until it deletes fewer
+/// than `n` rows, so that a large clean-up never holds its locks for long; returns how many.
+pub async fn delete_in_batches<A>(
+    pool: &MySqlPool,
+    sql: &'static str,
+    n: u64,
+    arg: A,
+) -> Result<u64, sqlx::Error>
+where
+    A: for<'q> sqlx::Encode<'q, MySql> + sqlx::Type<MySql> + Send + Copy,
+{
+    let mut deleted = 0;
+    loop {
+        let done = sqlx::query(sql)
+            .bind(arg)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        deleted += done;
+        if done < n {
+            return Ok(deleted);
+        }
+        // Let the ingest path's transactions in between.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// How long the writer waits before retrying after `attempt` failures (capped, with jitter).
+pub fn retry_delay(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16));
+    crate::backoff::with_jitter(base.min(max))
+}
