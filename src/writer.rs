@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::merge::absorb;
 use crate::rejection::Rejection;
@@ -366,6 +366,7 @@ pub async fn run_writer(parts: WriterParts) {
         stats: &stats,
     };
     let mut closing = false;
+    let mut batches: u64 = 0;
     loop {
         // Wait for the first update (or the end).
         loop {
@@ -408,7 +409,12 @@ pub async fn run_writer(parts: WriterParts) {
             }
         }
         let batch = queue.take(batching.max_messages);
-        write_batch(&store, batch, &out, batching.retry_max).await;
+        // Every line the batch logs (retries, rejections, isolation) carries which batch.
+        batches += 1;
+        let span = tracing::info_span!("batch", seq = batches, updates = batch.len());
+        write_batch(&store, batch, &out, batching.retry_max)
+            .instrument(span)
+            .await;
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use super::acks::{self, Ledger};
 use super::client::{Client, ConnAck, Delivery, Filter, Link, Polled, subscription};
@@ -160,6 +160,9 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
     let mut connected = false;
     let mut subscribed_at: Option<Instant> = None;
     let mut settled_open = true;
+    // Which connection a message's lines belong to (counted from 1 at each CONNACK).
+    let mut connections: u64 = 0;
+    let mut span = tracing::Span::none();
     let address = format!("{}:{}", settings.broker, settings.port);
     info!(
         broker = %address,
@@ -220,7 +223,9 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                     stats: &stats,
                     shutdown: &shutdown,
                 };
-                handle_publish(message, &ctx, &mut outbox).await?;
+                handle_publish(message, &ctx, &mut outbox)
+                    .instrument(span.clone())
+                    .await?;
                 if outbox.in_flight.window_full() {
                     // Nothing more comes until some are acknowledged: writers waiting for a
                     // batch to fill would wait for nothing.
@@ -228,6 +233,8 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                 }
             }
             Ok(Polled::ConnAck(connack)) => {
+                connections += 1;
+                span = tracing::info_span!("connection", n = connections);
                 outbox.acks.new_connection();
                 outbox.in_flight.reset();
                 stats.connected(first_connection);
