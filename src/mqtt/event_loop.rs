@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::acks::{self, Ledger};
 use super::client::{Client, ConnAck, Delivery, Filter, Link, Polled, subscription};
@@ -222,10 +222,9 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                     rejects: rejects.as_ref(),
                     stats: &stats,
                     shutdown: &shutdown,
+                    span: &span,
                 };
-                handle_publish(message, &ctx, &mut outbox)
-                    .instrument(span.clone())
-                    .await?;
+                handle_publish(message, &ctx, &mut outbox).await?;
                 if outbox.in_flight.window_full() {
                     // Nothing more comes until some are acknowledged: writers waiting for a
                     // batch to fill would wait for nothing.
