@@ -9,7 +9,7 @@
 # Settings: DB_* and MQTT_* from the environment, else from ./.env, else defaults.
 # Local services are only touched when DB_HOST / MQTT_BROKER point at this machine.
 # root's login is never changed, and an existing user is left as it is: a missing DB_USER is
-# created with DB_PASSWORD and the README's least-privilege grant.
+# created with DB_PASSWORD and the least-privilege grant of docs/operations.md (Security).
 #
 #   scripts/setup.sh               for the service (scripts/run.sh)
 #   scripts/setup.sh --for-tests   for the tests (scripts/test.sh): instead of DB_USER, an account
@@ -292,7 +292,7 @@ need_socket_root() {
         die "mariadb: $1, and root's socket login reaches a server that is not the one on port $DB_PORT"
 }
 
-# Creates DB_USER (absent) with DB_PASSWORD and the README's least-privilege grant on DB_NAME,
+# Creates DB_USER (absent) with DB_PASSWORD and the least-privilege grant of docs/operations.md (Security) on DB_NAME,
 # using root's socket login. root's own login is never changed and an existing user is left as
 # it is: both stop with a line that says what to fix.
 fix_tcp_login() {

@@ -67,7 +67,7 @@ pub fn settings_hint(e: &sqlx::Error) -> Option<&'static str> {
             Some("the server refused the login: check DB_USER and DB_PASSWORD")
         }
         (Some(1044), _) => Some(
-            "DB_USER may not use DB_NAME: grant it the rights in the README's least-privilege grant",
+            "DB_USER may not use DB_NAME: grant it the rights in docs/operations.md's least-privilege grant (Security)",
         ),
         (Some(1049), _) => Some("no such database: check DB_NAME, or create it"),
         (Some(_), _) => None,
