@@ -209,10 +209,13 @@ impl Stats {
 
     /// A message was rejected.
     pub fn rejected(&self, why: &Rejection) {
-        self.failed.fetch_add(1, Relaxed);
+        // The reason first, `failed` after it with Release: a snapshot that sees the message
+        // failed (Acquire) sees its reason too.
         if let Some(i) = Rejection::REASONS.iter().position(|r| *r == why.reason()) {
             self.rejected[i].fetch_add(1, Relaxed);
         }
+        self.failed
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// A device timestamp dated nothing.
@@ -272,13 +275,15 @@ impl Stats {
                 flush_buckets.push(flush_count);
             }
         }
+        // Before the reasons (see `rejected`).
+        let failed = self.failed.load(std::sync::atomic::Ordering::Acquire);
         Snapshot {
             uptime: self.started.elapsed(),
             connected: self.connected.load(Relaxed),
             subscribed: self.subscribed.load(Relaxed),
             received: self.received.load(Relaxed),
             succeeded: self.succeeded.load(Relaxed),
-            failed: self.failed.load(Relaxed),
+            failed,
             rejected: Rejection::REASONS
                 .iter()
                 .zip(&self.rejected)
