@@ -14,5 +14,5 @@
 # is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo test --release --test chaos -- --ignored --exact \
-    database_down_two_minutes_no_loss_and_bounded_memory --nocapture
+exec cargo test --release --test it -- --ignored --exact \
+    chaos::database_down_two_minutes_no_loss_and_bounded_memory --nocapture

@@ -13,4 +13,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SOAK_MESSAGES="${SOAK_MESSAGES:-1000000}" SOAK_DEVICES="${SOAK_DEVICES:-1000}"
-exec cargo test --release --test soak -- --ignored --exact soak --nocapture
+exec cargo test --release --test it -- --ignored --exact soak::soak --nocapture

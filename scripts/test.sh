@@ -44,24 +44,25 @@ cargo fmt --all -- --check
 echo "test: cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-# Every test binary that runs the service's ingest path runs once more under MQTT 5.
-INGEST_BINARIES=(ingest codehubot faults keep tls scale ops systemd hostile chaos strict brokers)
+# Every test module (of the one integration binary, tests/it) that runs the service's ingest
+# path runs once more under MQTT 5.
+INGEST_MODULES=(ingest codehubot faults keep tls scale ops systemd hostile chaos strict brokers)
 v311=0
 v5=0
 if [[ $runner == nextest ]]; then
     echo "test: TEST_MQTT_PROTOCOL=3.1.1 cargo nextest run --workspace --no-fail-fast --profile ci $*"
     TEST_MQTT_PROTOCOL=3.1.1 cargo nextest run --workspace --no-fail-fast --profile ci "$@" || v311=$?
-    filter=$(printf 'binary(%s) | ' "${INGEST_BINARIES[@]}")
-    filter=${filter% | }
+    filter=$(printf 'test(/^%s::/) | ' "${INGEST_MODULES[@]}")
+    filter="binary(it) & (${filter% | })"
     echo "test: TEST_MQTT_PROTOCOL=5 cargo nextest run --workspace --no-fail-fast --profile ci -E '$filter' $*"
     TEST_MQTT_PROTOCOL=5 cargo nextest run --workspace --no-fail-fast --profile ci -E "$filter" "$@" || v5=$?
 else
     echo "test: TEST_MQTT_PROTOCOL=3.1.1 cargo test --workspace --no-fail-fast $*"
     TEST_MQTT_PROTOCOL=3.1.1 cargo test --workspace --no-fail-fast "$@" || v311=$?
-    targets=$(printf -- '--test %s ' "${INGEST_BINARIES[@]}")
-    echo "test: TEST_MQTT_PROTOCOL=5 cargo test --no-fail-fast $targets$*"
-    # shellcheck disable=SC2086 # $targets is a list of words
-    TEST_MQTT_PROTOCOL=5 cargo test --no-fail-fast $targets "$@" || v5=$?
+    modules=$(printf -- '%s:: ' "${INGEST_MODULES[@]}")
+    echo "test: TEST_MQTT_PROTOCOL=5 cargo test --no-fail-fast --test it $* -- $modules"
+    # shellcheck disable=SC2086 # $modules is a list of words
+    TEST_MQTT_PROTOCOL=5 cargo test --no-fail-fast --test it "$@" -- $modules || v5=$?
 fi
 
 if ((v311 != 0 || v5 != 0)); then

@@ -1,4 +1,4 @@
-//! Shared support code for the integration tests (`mod common;` in each test file).
+//! Shared support code for the integration tests (the `it` binary's modules).
 //!
 //! Everything here is built for tests that run concurrently (several nextest
 //! processes at once): names, ports, databases and temp dirs are unique per

@@ -1,13 +1,10 @@
 //! systemd's notify protocol, played by the test: the real binary gets `NOTIFY_SOCKET` pointing
 //! at a datagram socket bound here, as systemd does for `Type=notify`.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{ServiceProcess, Target, migrate, register, sensor, wait_for_device};
-use common::{
+use crate::app::{ServiceProcess, Target, migrate, register, sensor, wait_for_device};
+use crate::common::{
     PrivateMariaDb, QoS, TestDb, clear_session, mqtt_publish, shared_mqtt_port, wait_until_named,
 };
 use tokio::net::UnixDatagram;

@@ -2,16 +2,13 @@
 //! SIGTERM with messages in flight. Tests that stop a server start their own private one, so
 //! the shared services (and tests beside these) are never disturbed.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{
+use crate::app::{
     ServiceProcess, Target, migrate, register, sensor, spawn_service, wait_devices_at_seq,
     wait_for_device,
 };
-use common::{
+use crate::common::{
     PrivateMariaDb, PrivateMosquitto, QoS, TestDb, clear_session, mqtt_publish, publish_many,
     shared_mqtt_port, wait_until_named,
 };

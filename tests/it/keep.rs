@@ -1,13 +1,10 @@
 //! Presence (offline after silence, last will), sensor history and kept rejects, against the
 //! real Mosquitto and MariaDB.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{Target, migrate, register, sensor, spawn_service, wait_for_device};
-use common::{
+use crate::app::{Target, migrate, register, sensor, spawn_service, wait_for_device};
+use crate::common::{
     QoS, TestDb, mqtt_publish, publish_many, shared_mqtt_port, unique_name, wait_until_named,
 };
 use rumqttc::{AsyncClient, LastWill, MqttOptions};
@@ -351,14 +348,14 @@ async fn the_sweep_sets_offline_in_sql_so_it_is_right_after_a_restart() {
     .unwrap();
     assert_eq!(changed, 1);
     assert!(
-        !app::device(&pool, "stale")
+        !crate::app::device(&pool, "stale")
             .await
             .unwrap()
             .unwrap()
             .is_online
     );
     assert!(
-        app::device(&pool, "fresh")
+        crate::app::device(&pool, "fresh")
             .await
             .unwrap()
             .unwrap()

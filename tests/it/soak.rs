@@ -7,15 +7,11 @@
 //! A private Mosquitto (`max_queued_messages 100000`) and a private MariaDB; the publisher stays
 //! at most 10,000 messages ahead of what the service took in, so the broker never drops any.
 
-mod app;
-mod common;
-mod ledger;
-
 use std::time::{Duration, Instant};
 
-use app::{ServiceProcess, Target, migrate};
-use common::{PrivateMariaDb, PrivateMosquitto, TestDb, clear_session};
-use ledger::{LedgerPublisher, logged_counter, rss_kib, stored_seqs};
+use crate::app::{ServiceProcess, Target, migrate};
+use crate::common::{PrivateMariaDb, PrivateMosquitto, TestDb, clear_session};
+use crate::ledger::{LedgerPublisher, logged_counter, rss_kib, stored_seqs};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -42,7 +38,7 @@ async fn soak() {
         let sql = format!("INSERT INTO device_main (device_id, uuid, name) VALUES {values}");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for d in chunk {
-            let u = ledger::device(*d);
+            let u = crate::ledger::device(*d);
             q = q.bind(format!("id-{u}")).bind(u.clone()).bind(u);
         }
         q.execute(&pool).await.unwrap();
@@ -137,10 +133,10 @@ async fn soak() {
     let stored = stored_seqs(&pool).await.unwrap();
     for (d, seq) in ledger.last() {
         assert_eq!(
-            stored.get(&ledger::device(d)),
+            stored.get(&crate::ledger::device(d)),
             Some(&seq),
             "{}",
-            ledger::device(d)
+            crate::ledger::device(d)
         );
     }
     assert!(

@@ -4,16 +4,13 @@
 //! have, and the time zone the backend expects. Each test has its own database, client id and
 //! topic prefix.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{ServiceProcess, Target, device, spawn_service, wait_for_device};
-use chrono::{NaiveDateTime, TimeDelta, Utc};
-use common::{
+use crate::app::{ServiceProcess, Target, device, spawn_service, wait_for_device};
+use crate::common::{
     PrivateMosquitto, QoS, TestDb, clear_session, mqtt_publish, shared_mqtt_port, wait_until_named,
 };
+use chrono::{NaiveDateTime, TimeDelta, Utc};
 use serde_json::json;
 use sqlx::{MySqlPool, Row};
 
@@ -576,7 +573,7 @@ async fn registering_unknown_devices_is_refused_where_rows_cannot_be_made() {
 async fn registering_unknown_devices_burns_no_ids() {
     let db = TestDb::new().await;
     let pool = db.pool();
-    app::migrate(&pool).await;
+    crate::app::migrate(&pool).await;
     let target =
         Target::new(&db, shared_mqtt_port()).with("INGEST_REGISTER_UNKNOWN_DEVICES", "true");
     let service = spawn_service(&target).await;

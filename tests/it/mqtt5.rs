@@ -3,11 +3,8 @@
 //! `TEST_MQTT_PROTOCOL` says. (Everything else of the ingest path runs under MQTT 5 through
 //! `TEST_MQTT_PROTOCOL=5`; see scripts/test.sh.)
 
-mod app;
-mod common;
-
-use app::{Target, migrate, register, sensor, spawn_service, wait_for_device};
-use common::{QoS, TestDb, clear_session, publish_many, shared_mqtt_port};
+use crate::app::{Target, migrate, register, sensor, spawn_service, wait_for_device};
+use crate::common::{QoS, TestDb, clear_session, publish_many, shared_mqtt_port};
 use serde_json::json;
 
 const DEVICES: usize = 20;
@@ -45,7 +42,7 @@ async fn published_while_stopped(expiry: &str) -> (i64, u64) {
         .await
         .unwrap();
     first.settled(DEVICES as u64).await;
-    assert_eq!(app::devices_at_seq(&pool, 1).await.unwrap(), DEVICES);
+    assert_eq!(crate::app::devices_at_seq(&pool, 1).await.unwrap(), DEVICES);
     first.stop_keeping_session().await.unwrap();
 
     // The service is away: only its session, if the broker kept it, can take these.
@@ -67,7 +64,7 @@ async fn published_while_stopped(expiry: &str) -> (i64, u64) {
     .await;
     assert!(row.data.is_some());
     let received = second.stats.snapshot().received;
-    let landed = app::devices_at_seq(&pool, 2).await.unwrap() as i64;
+    let landed = crate::app::devices_at_seq(&pool, 2).await.unwrap() as i64;
     second.stop().await.unwrap();
     clear_session(target.mqtt_port, &target.client_id)
         .await
@@ -123,7 +120,7 @@ async fn check_config_connects_with_mqtt_5() {
         "{out}"
     );
 
-    let closed = common::free_port();
+    let closed = crate::common::free_port();
     let (ok, out) = check_config(&target.clone().with("MQTT_PORT", &closed.to_string()));
     assert!(!ok, "{out}");
     assert!(

@@ -1,15 +1,12 @@
 //! TLS to the broker and to the database, each against a CA made for the test (openssl) and a
 //! private server that only speaks TLS to the service.
 
-mod app;
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use app::{Target, migrate, register, sensor, spawn_service, wait_for_device};
-use common::{
+use crate::app::{Target, migrate, register, sensor, spawn_service, wait_for_device};
+use crate::common::{
     PrivateMariaDb, PrivateMosquitto, QoS, TestDb, free_port, mqtt_publish, wait_until_named,
 };
 use mqtt_ingest::config::Settings;
@@ -173,7 +170,7 @@ async fn mysql_over_tls_with_a_verified_server_identity() {
     .execute(&pool)
     .await
     .unwrap();
-    let base = Target::new(&db, common::shared_mqtt_port());
+    let base = Target::new(&db, crate::common::shared_mqtt_port());
     let target = base
         .clone()
         .with("DB_USER", "ingest")

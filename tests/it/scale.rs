@@ -1,13 +1,10 @@
 //! Scale-out: instances in one shared-subscription group split the messages between them, and
 //! when one dies the others carry on.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{Target, migrate, register, spawn_service, wait_devices_at_seq};
-use common::{QoS, TestDb, publish_many, shared_mqtt_port, unique_name, wait_until_named};
+use crate::app::{Target, migrate, register, spawn_service, wait_devices_at_seq};
+use crate::common::{QoS, TestDb, publish_many, shared_mqtt_port, unique_name, wait_until_named};
 
 const DEVICES: usize = 40;
 

@@ -6,14 +6,11 @@
 //!
 //! A private Mosquitto is used: the shared one drops what exceeds its default queue of 1000.
 
-mod app;
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use app::{Running, Target, migrate, register, sensor, spawn_service, wait_for_device};
-use common::{PrivateMosquitto, QoS, TestDb, mqtt_publish, publish_many};
+use crate::app::{Running, Target, migrate, register, sensor, spawn_service, wait_for_device};
+use crate::common::{PrivateMosquitto, QoS, TestDb, mqtt_publish, publish_many};
 use mqtt_ingest::rejection::Rejection;
 use mqtt_ingest::stats::Snapshot;
 use mqtt_ingest::topic::TopicLayout;
@@ -870,7 +867,7 @@ async fn every_hostile_row_has_its_outcome_and_counter() {
                         "counters: received {received}, succeeded {succeeded}, failed {failed}, skipped {skipped}, rejected {reasons:?}; expected {parts} skipped"
                     ),
                 );
-                let row = app::device(&s.pool, &c.device)
+                let row = crate::app::device(&s.pool, &c.device)
                     .await
                     .unwrap()
                     .expect("registered");
@@ -896,7 +893,7 @@ async fn every_hostile_row_has_its_outcome_and_counter() {
                         "counters: received {received}, succeeded {succeeded}, failed {failed}"
                     ),
                 );
-                let row = app::device(&s.pool, &c.device)
+                let row = crate::app::device(&s.pool, &c.device)
                     .await
                     .unwrap()
                     .expect("registered");
@@ -942,7 +939,7 @@ async fn a_thousand_bad_messages_then_good_ones_all_land() {
     devices.push("victim".into());
     let s = setup(&devices).await;
     prime_victim(&s).await;
-    let victim_before = app::device(&s.pool, "victim").await.unwrap();
+    let victim_before = crate::app::device(&s.pool, "victim").await.unwrap();
     let start = s.service.stats.snapshot();
 
     let mut expected: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -980,12 +977,15 @@ async fn a_thousand_bad_messages_then_good_ones_all_land() {
     assert_eq!(reasons, expected, "rejections by reason");
     assert_eq!(end.received, end.succeeded + end.failed);
     for d in 0..GOOD_DEVICES {
-        let row = app::device(&s.pool, &format!("good{d}"))
+        let row = crate::app::device(&s.pool, &format!("good{d}"))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(sensor(&row, "seq"), Some(json!(GOOD_SEQS - 1)), "good{d}");
     }
-    assert_eq!(app::device(&s.pool, "victim").await.unwrap(), victim_before);
+    assert_eq!(
+        crate::app::device(&s.pool, "victim").await.unwrap(),
+        victim_before
+    );
     s.service.stop().await.unwrap();
 }

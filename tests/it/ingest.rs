@@ -2,13 +2,12 @@
 //! rejected input, and migrations on a backend's existing table. Each test has its own
 //! database, client id and topic prefix.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{DeviceRow, Target, device, migrate, register, sensor, spawn_service, wait_for_device};
-use common::{QoS, TestDb, mqtt_publish, shared_mqtt_port, wait_until_named};
+use crate::app::{
+    DeviceRow, Target, device, migrate, register, sensor, spawn_service, wait_for_device,
+};
+use crate::common::{QoS, TestDb, mqtt_publish, shared_mqtt_port, wait_until_named};
 use serde_json::{Value, json};
 
 const SEED_DEVICE: &str = "test-device-uuid";
@@ -679,7 +678,7 @@ async fn stored_data_that_is_not_json_is_replaced_not_a_poison_message() {
     // A row whose JSON was nulled or never set, and one device that sends two messages in a
     // single batch.
     let service = spawn_service(&target).await;
-    common::publish_many(
+    crate::common::publish_many(
         target.mqtt_port,
         [
             (target.topic("odd", "data"), br#"{"a": 1}"#.to_vec()),
@@ -724,7 +723,7 @@ async fn a_devices_messages_in_one_batch_become_one_row_write() {
             (target.topic("chatty", "data"), payload.into_bytes())
         })
         .collect();
-    common::publish_many(target.mqtt_port, messages, QoS::AtLeastOnce)
+    crate::common::publish_many(target.mqtt_port, messages, QoS::AtLeastOnce)
         .await
         .unwrap();
     let row = wait_for_device(&pool, "chatty", "the last message", |r| {
@@ -960,7 +959,7 @@ async fn several_writers_share_many_devices_and_every_final_reading_lands() {
         }
     }
     // Under the shared broker's default queue limit (1000 per client).
-    common::publish_many(target.mqtt_port, messages, QoS::AtLeastOnce)
+    crate::common::publish_many(target.mqtt_port, messages, QoS::AtLeastOnce)
         .await
         .unwrap();
     wait_until_named("every device at seq 2", Duration::from_secs(30), Duration::from_millis(50), async || {
@@ -985,7 +984,7 @@ async fn several_writers_share_many_devices_and_every_final_reading_lands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_folds_per_device_and_every_message_is_acknowledged() {
     // A private broker that lets the backlog be in flight at once, whatever the shared one allows.
-    let broker = common::PrivateMosquitto::start().await;
+    let broker = crate::common::PrivateMosquitto::start().await;
     let db = TestDb::new().await;
     migrate(&db.pool()).await;
     // Batches smaller than a round of devices: a device's waiting messages still go together
@@ -1027,7 +1026,7 @@ async fn a_backlog_folds_per_device_and_every_message_is_acknowledged() {
         }
     }
     let total = messages.len() as u64;
-    common::publish_many(broker.port(), messages, QoS::AtLeastOnce)
+    crate::common::publish_many(broker.port(), messages, QoS::AtLeastOnce)
         .await
         .unwrap();
 

@@ -4,13 +4,12 @@
 //! brokers are a few lines of TCP here that say exactly what the real ones were seen to say
 //! (aedes, amqtt, ejabberd: see docs/brokers.md); the strict one (rumqttd) is in `strict.rs`.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{ServiceProcess, Target, migrate, register, sensor, spawn_service, wait_for_device};
-use common::{PrivateMosquitto, QoS, TestDb, mqtt_publish, wait_until_named};
+use crate::app::{
+    ServiceProcess, Target, migrate, register, sensor, spawn_service, wait_for_device,
+};
+use crate::common::{PrivateMosquitto, QoS, TestDb, mqtt_publish, wait_until_named};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;

@@ -7,14 +7,11 @@
 //! rumqttd keeps sessions in memory and cannot be stopped: one broker serves the whole test
 //! binary, each test with its own client id, topic prefix and database.
 
-mod app;
-mod common;
-
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use app::{Target, migrate, register, spawn_service, wait_devices_at_seq};
-use common::{QoS, TestDb, publish_many, wait_until_named};
+use crate::app::{Target, migrate, register, spawn_service, wait_devices_at_seq};
+use crate::common::{QoS, TestDb, publish_many, wait_until_named};
 use sqlx::Connection;
 
 /// Ports of the in-process rumqttd: (MQTT 3.1.1 listener, MQTT 5 listener).
@@ -217,6 +214,6 @@ async fn acks_in_order_through_two_writers_folding_and_rejections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_in_order_through_a_shared_subscription() {
     let db = TestDb::new().await;
-    let target = strict_target(&db).with("MQTT_SHARED_GROUP", &common::unique_name("g"));
+    let target = strict_target(&db).with("MQTT_SHARED_GROUP", &crate::common::unique_name("g"));
     burst_without_a_reconnect(target, &db).await;
 }

@@ -1,13 +1,10 @@
 //! Log files (`LOG_DIR`): the seed's two files, the error file holding errors only.
 
-mod app;
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use app::{ServiceProcess, Target, migrate, register};
-use common::{PrivateMariaDb, QoS, TestDb, clear_session, mqtt_publish, shared_mqtt_port};
+use crate::app::{ServiceProcess, Target, migrate, register};
+use crate::common::{PrivateMariaDb, QoS, TestDb, clear_session, mqtt_publish, shared_mqtt_port};
 
 /// The one file in `dir` whose name starts with `prefix` and a dot (the day follows), as text.
 fn rotated(dir: &Path, prefix: &str) -> String {

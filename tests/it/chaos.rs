@@ -1,6 +1,6 @@
 //! Faults under a steady stream, with a publisher-side ledger (issue 4). Each test runs its own
 //! private Mosquitto (and MariaDB where it kills it), publishes at a steady rate while the
-//! fault happens, and then proves with `ledger::check`:
+//! fault happens, and then proves with `crate::ledger::check`:
 //!
 //! * every message the broker acknowledged reached the table (a `device_history` row each);
 //! * every device ends at its last acknowledged seq, and no sample of the table ever saw a
@@ -10,17 +10,13 @@
 //! The long ones (a 2-minute database outage with memory sampling) are `#[ignore]`d and run by
 //! `scripts/fault-db-outage.sh`.
 
-mod app;
-mod common;
-mod ledger;
-
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use app::{Running, ServiceProcess, Target, migrate, register, spawn_service};
-use common::{PrivateMariaDb, PrivateMosquitto, TestDb, clear_session, wait_until_named};
-use ledger::{Ledger, LedgerPublisher, Sampler, Verdict, check, logged_counter, rss_kib};
+use crate::app::{Running, ServiceProcess, Target, migrate, register, spawn_service};
+use crate::common::{PrivateMariaDb, PrivateMosquitto, TestDb, clear_session, wait_until_named};
+use crate::ledger::{Ledger, LedgerPublisher, Sampler, Verdict, check, logged_counter, rss_kib};
 use sqlx::MySqlPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,14 +29,14 @@ async fn prepare(db: &TestDb) -> MySqlPool {
     let pool = db.pool();
     migrate(&pool).await;
     for d in 0..DEVICES {
-        register(&pool, &ledger::device(d)).await;
+        register(&pool, &crate::ledger::device(d)).await;
     }
     pool
 }
 
 fn target(db: &TestDb, mqtt_port: u16) -> Target {
     let mut t = Target::new(db, mqtt_port);
-    for (k, v) in ledger::SERVICE_VARS {
+    for (k, v) in crate::ledger::SERVICE_VARS {
         t = t.with(k, v);
     }
     t

@@ -1,11 +1,9 @@
 //! Checks that the shared test harness (tests/common) itself works.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     PrivateMariaDb, PrivateMosquitto, QoS, TestDb, TestSubscriber, clear_session, free_port,
     mqtt_publish, publish_many, shared_mqtt_port, unique_name, wait_until,
 };

@@ -1,14 +1,11 @@
 //! The compose stack, checked without a container engine: the files are parsed and held to what
 //! the service needs, and the service's health check command is run against a live service.
 
-mod app;
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use app::{Target, spawn_service};
-use common::{TestDb, shared_mqtt_port};
+use crate::app::{Target, spawn_service};
+use crate::common::{TestDb, shared_mqtt_port};
 use serde_yaml::Value;
 
 fn repo(path: &str) -> PathBuf {
@@ -282,7 +279,7 @@ async fn the_services_health_check_command_passes_against_a_ready_service() {
     let port = service.http.unwrap().port();
     let script = script.replace("/9464", &format!("/{port}"));
     // Ready once the first database check ran (every second in tests).
-    let status = common::wait_until(
+    let status = crate::common::wait_until(
         std::time::Duration::from_secs(10),
         std::time::Duration::from_millis(200),
         async || {

@@ -1,12 +1,11 @@
 //! Operations: the HTTP listener's metrics and health endpoints against a real ingest run.
 
-mod app;
-mod common;
-
 use std::time::Duration;
 
-use app::{Running, Target, http_get, metric, migrate, register, spawn_service};
-use common::{PrivateMariaDb, QoS, TestDb, publish_many, shared_mqtt_port, wait_until_named};
+use crate::app::{Running, Target, http_get, metric, migrate, register, spawn_service};
+use crate::common::{
+    PrivateMariaDb, QoS, TestDb, publish_many, shared_mqtt_port, wait_until_named,
+};
 use mqtt_ingest::rejection::Rejection;
 
 /// Scrapes `/metrics` of a running service.
@@ -206,7 +205,7 @@ async fn a_wrong_db_password_names_the_settings_once() {
     let db = TestDb::new().await;
     let target =
         Target::new(&db, shared_mqtt_port()).with("DB_PASSWORD", "surely-not-the-password");
-    let mut process = app::ServiceProcess::spawn(&target);
+    let mut process = crate::app::ServiceProcess::spawn(&target);
     process
         .wait_for_log("database refused the service", Duration::from_secs(20))
         .await;

@@ -1,0 +1,26 @@
+//! The integration tests, one binary: each module is one part of the service under test,
+//! against the real Mosquitto and MariaDB (`common`: private brokers and databases, ports,
+//! waiting; `app`: the service under test; `ledger`: the chaos tests' record of what was sent).
+
+mod app;
+mod common;
+mod ledger;
+
+mod brokers;
+mod chaos;
+mod codehubot;
+mod compose;
+mod faults;
+mod harness_selftest;
+mod hostile;
+mod ingest;
+mod keep;
+mod logs;
+mod mqtt5;
+mod ops;
+mod payload_fuzz;
+mod scale;
+mod soak;
+mod strict;
+mod systemd;
+mod tls;
