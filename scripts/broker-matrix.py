@@ -345,21 +345,23 @@ class Service:
                 self.proc.wait()
 
 
-def publish(broker, topic, payload):
+def mosquitto_pub(broker, topic):
+    """A device's publisher: MQTT 3.1.1 (what ESP32 boards speak), QoS 1."""
     cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.ports["3.1.1"]), "-q", "1",
-           "-t", topic, "-m", payload]
+           "-t", topic]
     if broker.login[0]:
         cmd += ["-u", broker.login[0], "-P", broker.login[1]]
-    return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    return cmd
+
+
+def publish(broker, topic, payload):
+    return subprocess.run(mosquitto_pub(broker, topic) + ["-m", payload], capture_output=True,
+                          timeout=30).returncode == 0
 
 
 def publish_lines(broker, topic, lines):
-    cmd = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.ports["3.1.1"]), "-q", "1",
-           "-t", topic, "-l"]
-    if broker.login[0]:
-        cmd += ["-u", broker.login[0], "-P", broker.login[1]]
-    return subprocess.run(cmd, input="\n".join(lines) + "\n", text=True, capture_output=True,
-                          timeout=120).returncode == 0
+    return subprocess.run(mosquitto_pub(broker, topic) + ["-l"], input="\n".join(lines) + "\n",
+                          text=True, capture_output=True, timeout=120).returncode == 0
 
 
 SEED = [

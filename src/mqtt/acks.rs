@@ -34,8 +34,6 @@ pub(super) struct Ledger {
     /// The number of `slots[0]`.
     front: u64,
     slots: VecDeque<Slot>,
-    /// Forgotten for want of room since the last report.
-    forgotten: u64,
     max: usize,
 }
 
@@ -49,7 +47,6 @@ impl Ledger {
             connection: 0,
             front: 0,
             slots: VecDeque::new(),
-            forgotten: 0,
             max,
         }
     }
@@ -80,7 +77,6 @@ impl Ledger {
             self.front += 1;
             forgotten += 1;
         }
-        self.forgotten += forgotten;
         (token, forgotten)
     }
 
@@ -110,11 +106,6 @@ impl Ledger {
     /// Messages received and not acknowledged yet.
     pub(super) fn unacked(&self) -> usize {
         self.slots.len()
-    }
-
-    /// How many were forgotten since the last call.
-    pub(super) fn take_forgotten(&mut self) -> u64 {
-        std::mem::take(&mut self.forgotten)
     }
 }
 
@@ -188,8 +179,6 @@ mod tests {
         assert_eq!(drain(&mut l), Vec::<u16>::new(), "2 is still being written");
         l.settle(b);
         assert_eq!(drain(&mut l), [2, 3]);
-        assert_eq!(l.take_forgotten(), 1);
-        assert_eq!(l.take_forgotten(), 0);
     }
 
     proptest! {

@@ -109,7 +109,7 @@ impl Outbox {
     pub(super) fn receive(&mut self, delivery: Delivery) -> AckToken {
         let (token, forgotten) = self.acks.receive(delivery);
         self.in_flight.set_unacked(self.acks.unacked());
-        if forgotten > 0 && forgotten == self.acks.take_forgotten() {
+        if forgotten > 0 {
             warn!(
                 kept = acks::KEPT_MAX,
                 "acknowledgements dropped: the broker sent far more than its inflight window; it redelivers those messages after the next reconnect"
@@ -156,8 +156,8 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
     };
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let mut first_connection = true;
-    // Whether the current connection got its CONNACK, and since when it is subscribed.
-    let mut connected = false;
+    // Since when the current connection is subscribed (whether it got its CONNACK is
+    // `outbox.connected`).
     let mut subscribed_at: Option<Instant> = None;
     let mut settled_open = true;
     // Which connection a message's lines belong to (counted from 1 at each CONNACK).
@@ -182,6 +182,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
         // The poll is never cancelled (rumqttc does not promise that it may be): settled
         // tokens are taken in while it waits, and the acks they release wake it up.
         let polled = {
+            let connected = outbox.connected;
             let poll = connection.poll(connected);
             tokio::pin!(poll);
             loop {
@@ -224,10 +225,12 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                     shutdown: &shutdown,
                     span: &span,
                 };
+                let was_full = outbox.in_flight.window_full();
                 handle_publish(message, &ctx, &mut outbox).await?;
-                if outbox.in_flight.window_full() {
+                if !was_full && outbox.in_flight.window_full() {
                     // Nothing more comes until some are acknowledged: writers waiting for a
-                    // batch to fill would wait for nothing.
+                    // batch to fill would wait for nothing. Once, as it fills: a writer that
+                    // starts waiting later checks the window itself.
                     jobs.wake();
                 }
             }
@@ -237,7 +240,6 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                 outbox.acks.new_connection();
                 outbox.in_flight.reset();
                 stats.connected(first_connection);
-                connected = true;
                 outbox.connected = true;
                 subscribed_at = None;
                 info!(
@@ -278,8 +280,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
             Ok(Polled::Other) => {}
             Err(e) => {
                 stats.disconnected();
-                let was_connected = std::mem::replace(&mut connected, false);
-                outbox.connected = false;
+                let was_connected = std::mem::replace(&mut outbox.connected, false);
                 if shutdown.is_cancelled() {
                     debug!(error = %e, "connection closed while shutting down");
                     return Ok(());

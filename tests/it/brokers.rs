@@ -23,6 +23,16 @@ fn connack_accepted(protocol: &str) -> &'static [u8] {
     }
 }
 
+/// The service's next connection, once its CONNECT is read.
+async fn accept_connect(listener: &TcpListener) -> TcpStream {
+    let (mut socket, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .expect("the service connects")
+        .unwrap();
+    read_connect(&mut socket).await;
+    socket
+}
+
 /// Reads what the client sends first (its CONNECT): at least the fixed header.
 async fn read_connect(socket: &mut TcpStream) {
     let mut buf = [0u8; 512];
@@ -53,12 +63,8 @@ async fn a_broker_that_drops_us_right_after_accepting_meets_a_growing_backoff() 
     let mut process = ServiceProcess::spawn(&target);
     let mut accepted = Vec::new();
     while accepted.len() < 4 {
-        let (mut socket, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-            .await
-            .expect("the service reconnects")
-            .unwrap();
+        let mut socket = accept_connect(&listener).await;
         accepted.push(Instant::now());
-        read_connect(&mut socket).await;
         socket
             .write_all(connack_accepted(&target.protocol))
             .await
@@ -97,11 +103,7 @@ async fn mqtt5_to_a_broker_without_it_names_mqtt_protocol_and_stops_at_once() {
     let mut process = ServiceProcess::spawn(&target);
 
     // aedes: CONNACK in MQTT 3.1.1's form, "unacceptable protocol version".
-    let (mut socket, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .expect("the service connects")
-        .unwrap();
-    read_connect(&mut socket).await;
+    let mut socket = accept_connect(&listener).await;
     socket.write_all(&[0x20, 0x02, 0x00, 0x01]).await.unwrap();
     drop(socket);
     process
@@ -110,11 +112,7 @@ async fn mqtt5_to_a_broker_without_it_names_mqtt_protocol_and_stops_at_once() {
 
     // amqtt: takes the CONNECT and says nothing. The service waits for its connect timeout,
     // unless it is told to stop.
-    let (mut silent, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .expect("the service reconnects")
-        .unwrap();
-    read_connect(&mut silent).await;
+    let silent = accept_connect(&listener).await;
     let asked = Instant::now();
     process.signal("TERM");
     assert_eq!(process.wait_exit(Duration::from_secs(10)).await, Some(0));
@@ -138,11 +136,7 @@ async fn no_shared_subscriptions_with_a_shared_group_stops_with_one_clear_line()
         .with("MQTT_PROTOCOL", "5")
         .with("MQTT_SHARED_GROUP", "ingest");
     let mut process = ServiceProcess::spawn(&target);
-    let (mut socket, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .expect("the service connects")
-        .unwrap();
-    read_connect(&mut socket).await;
+    let mut socket = accept_connect(&listener).await;
     // Accepted, properties: Shared Subscription Available (0x2A) = 0.
     socket
         .write_all(&[0x20, 0x05, 0x00, 0x00, 0x02, 0x2A, 0x00])
