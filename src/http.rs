@@ -133,7 +133,7 @@ fn route(method: &Method, path: &str, health: &Health) -> Answer {
     match path {
         "/metrics" => Answer {
             status: StatusCode::OK,
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            content_type: metrics::CONTENT_TYPE,
             body: metrics::render(&health.stats().snapshot(), &health.gauges()),
         },
         "/healthz" => Answer::text(StatusCode::OK, "ok\n"),

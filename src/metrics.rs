@@ -1,12 +1,19 @@
-//! The counters in the Prometheus text format (version 0.0.4), for `/metrics`.
+//! The counters for `/metrics`, encoded by `prometheus-client` in the Prometheus text format
+//! (version 0.0.4).
 //!
-//! Written by hand: a dozen families do not need a metrics registry, and the numbers come
-//! straight from the [`Stats`](crate::stats::Stats) the statistics block already reads, so the
-//! two can never disagree.
+//! The numbers are not kept twice: a [`Collector`] reads one [`Snapshot`] of the
+//! [`Stats`](crate::stats::Stats) the statistics block also reads, so the two never disagree,
+//! and the crate writes the families, their HELP/TYPE lines, label escaping and the histogram.
 
-use std::fmt::Write as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::stats::{FLUSH_BUCKETS, Snapshot};
+
+/// The `Content-Type` of what [`render`] returns.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Gauges that are not counters of the message path: measured by the service around it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,161 +30,208 @@ pub struct Gauges {
 /// Renders every metric family. Each rejection reason is listed, with zero when it never
 /// happened, so that `rate()` and alerts see a series from the start.
 pub fn render(snap: &Snapshot, gauges: &Gauges) -> String {
+    let mut registry = Registry::with_prefix("mqtt_ingest");
+    registry.register_collector(Box::new(Scrape {
+        snap: snap.clone(),
+        gauges: gauges.clone(),
+    }));
     let mut out = String::with_capacity(4096);
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-        let _ = writeln!(out, "# HELP mqtt_ingest_{name} {help}");
-        let _ = writeln!(out, "# TYPE mqtt_ingest_{name} {kind}");
-        for (suffix_and_labels, value) in samples {
-            let _ = writeln!(out, "mqtt_ingest_{name}{suffix_and_labels} {value}");
-        }
-    };
-    let one = |v: u64| vec![(String::new(), v.to_string())];
-    let flag = |b: bool| one(u64::from(b));
-
-    family(
-        "build_info",
-        "gauge",
-        "Version of the running service.",
-        &[(
-            format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
-            "1".into(),
-        )],
-    );
-    family(
-        "uptime_seconds",
-        "gauge",
-        "Seconds since the service started.",
-        &[(String::new(), format!("{:.3}", snap.uptime.as_secs_f64()))],
-    );
-    family(
-        "messages_received_total",
-        "counter",
-        "Messages taken in from the broker (each ends as written or rejected).",
-        &one(snap.received),
-    );
-    family(
-        "messages_written_total",
-        "counter",
-        "Messages whose update committed to the database.",
-        &one(snap.succeeded),
-    );
-    let rejected: Vec<_> = snap
-        .rejected
-        .iter()
-        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n.to_string()))
-        .collect();
-    family(
-        "messages_rejected_total",
-        "counter",
-        "Messages rejected, by reason; nothing is written for them.",
-        &rejected,
-    );
-    family(
-        "parts_skipped_total",
-        "counter",
-        "Invalid parts (a sensor, a location) skipped in messages that were still written.",
-        &one(snap.parts_skipped),
-    );
-    let undated: Vec<_> = snap
-        .undated
-        .iter()
-        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), n.to_string()))
-        .collect();
-    family(
-        "timestamps_undated_total",
-        "counter",
-        "Device timestamps that dated nothing (uptime counters, garbage, too far ahead), by reason; their readings kept the receive time.",
-        &undated,
-    );
-    family(
-        "batches_total",
-        "counter",
-        "Committed batches (one transaction each).",
-        &one(snap.batches),
-    );
-    family(
-        "rows_written_total",
-        "counter",
-        "device_main rows written by the committed batches.",
-        &one(snap.rows_written),
-    );
-    // Cumulative buckets, as the format wants them.
-    let mut buckets: Vec<(String, String)> = FLUSH_BUCKETS
-        .iter()
-        .zip(&snap.flush_buckets)
-        .map(|(le, n)| (format!("_bucket{{le=\"{le}\"}}"), n.to_string()))
-        .collect();
-    buckets.push(("_bucket{le=\"+Inf\"}".into(), snap.flush_count.to_string()));
-    buckets.push((
-        "_sum".into(),
-        format!("{:.6}", snap.flush_sum.as_secs_f64()),
-    ));
-    buckets.push(("_count".into(), snap.flush_count.to_string()));
-    family(
-        "flush_duration_seconds",
-        "histogram",
-        "Time to write and commit one batch (successful attempts).",
-        &buckets,
-    );
-    if let Some((depth, capacity)) = gauges.queue {
-        family(
-            "queue_depth",
-            "gauge",
-            "Validated messages waiting for the database writers.",
-            &one(depth as u64),
-        );
-        family(
-            "queue_capacity",
-            "gauge",
-            "Capacity of the writers' queues together (INGEST_QUEUE_CAPACITY).",
-            &one(capacity as u64),
-        );
-    }
-    family(
-        "mqtt_connected",
-        "gauge",
-        "1 while the connection to the broker is up.",
-        &flag(snap.connected),
-    );
-    family(
-        "mqtt_subscribed",
-        "gauge",
-        "1 while the broker has acknowledged the subscriptions on the current connection.",
-        &flag(snap.subscribed),
-    );
-    family(
-        "mqtt_reconnects_total",
-        "counter",
-        "Connections to the broker after the first.",
-        &one(snap.reconnects),
-    );
-    family(
-        "mqtt_sessions_lost_total",
-        "counter",
-        "Reconnections on which the broker no longer had the persistent session (session_present=false): what it had queued is lost.",
-        &one(snap.sessions_lost),
-    );
-    family(
-        "db_errors_total",
-        "counter",
-        "Failed database write attempts (each is retried).",
-        &one(snap.db_errors),
-    );
-    family(
-        "db_up",
-        "gauge",
-        "1 when the last periodic database check succeeded.",
-        &flag(gauges.db_up),
-    );
-    if let Some(n) = gauges.devices_online {
-        family(
-            "devices_online",
-            "gauge",
-            "Rows of device_main with is_online = 1, at the last database check.",
-            &[(String::new(), n.to_string())],
-        );
-    }
+    // Writing into a String cannot fail, and no value here is one the encoder refuses.
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        .expect("the metrics encode into a String");
     out
+}
+
+/// One scrape's numbers.
+#[derive(Debug)]
+struct Scrape {
+    snap: Snapshot,
+    gauges: Gauges,
+}
+
+/// A counter family name without `_total`: the encoder adds it.
+fn counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, _, u64>(&value, None)
+}
+
+fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: V,
+) -> Result<(), std::fmt::Error> {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+/// A counter family with one series per reason.
+fn by_reason(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    counts: &[(&'static str, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (reason, n) in counts {
+        family
+            .encode_family(&[("reason", *reason)])?
+            .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+    }
+    Ok(())
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let (s, g) = (&self.snap, &self.gauges);
+        e.encode_descriptor(
+            "build_info",
+            "Version of the running service.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?
+        .encode_gauge(&1u64)?;
+        gauge(
+            &mut e,
+            "uptime_seconds",
+            "Seconds since the service started.",
+            s.uptime.as_secs_f64(),
+        )?;
+        counter(
+            &mut e,
+            "messages_received",
+            "Messages taken in from the broker (each ends as written or rejected).",
+            s.received,
+        )?;
+        counter(
+            &mut e,
+            "messages_written",
+            "Messages whose update committed to the database.",
+            s.succeeded,
+        )?;
+        by_reason(
+            &mut e,
+            "messages_rejected",
+            "Messages rejected, by reason; nothing is written for them.",
+            &s.rejected,
+        )?;
+        counter(
+            &mut e,
+            "parts_skipped",
+            "Invalid parts (a sensor, a location) skipped in messages that were still written.",
+            s.parts_skipped,
+        )?;
+        by_reason(
+            &mut e,
+            "timestamps_undated",
+            "Device timestamps that dated nothing (uptime counters, garbage, too far ahead), by reason; their readings kept the receive time.",
+            &s.undated,
+        )?;
+        counter(
+            &mut e,
+            "batches",
+            "Committed batches (one transaction each).",
+            s.batches,
+        )?;
+        counter(
+            &mut e,
+            "rows_written",
+            "device_main rows written by the committed batches.",
+            s.rows_written,
+        )?;
+        // The snapshot's buckets are cumulative; the encoder wants each bucket's own count
+        // (it adds them up), with +Inf last.
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = FLUSH_BUCKETS
+            .iter()
+            .zip(&s.flush_buckets)
+            .map(|(le, cumulative)| {
+                let own = cumulative - below;
+                below = *cumulative;
+                (*le, own)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, s.flush_count - below));
+        e.encode_descriptor(
+            "flush_duration_seconds",
+            "Time to write and commit one batch (successful attempts).",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(
+            s.flush_sum.as_secs_f64(),
+            s.flush_count,
+            &buckets,
+            None,
+        )?;
+        if let Some((depth, capacity)) = g.queue {
+            gauge(
+                &mut e,
+                "queue_depth",
+                "Validated messages waiting for the database writers.",
+                depth,
+            )?;
+            gauge(
+                &mut e,
+                "queue_capacity",
+                "Capacity of the writers' queues together (INGEST_QUEUE_CAPACITY).",
+                capacity,
+            )?;
+        }
+        gauge(
+            &mut e,
+            "mqtt_connected",
+            "1 while the connection to the broker is up.",
+            u64::from(s.connected),
+        )?;
+        gauge(
+            &mut e,
+            "mqtt_subscribed",
+            "1 while the broker has acknowledged the subscriptions on the current connection.",
+            u64::from(s.subscribed),
+        )?;
+        counter(
+            &mut e,
+            "mqtt_reconnects",
+            "Connections to the broker after the first.",
+            s.reconnects,
+        )?;
+        counter(
+            &mut e,
+            "mqtt_sessions_lost",
+            "Reconnections on which the broker no longer had the persistent session (session_present=false): what it had queued is lost.",
+            s.sessions_lost,
+        )?;
+        counter(
+            &mut e,
+            "db_errors",
+            "Failed database write attempts (each is retried).",
+            s.db_errors,
+        )?;
+        gauge(
+            &mut e,
+            "db_up",
+            "1 when the last periodic database check succeeded.",
+            u64::from(g.db_up),
+        )?;
+        if let Some(n) = g.devices_online {
+            gauge(
+                &mut e,
+                "devices_online",
+                "Rows of device_main with is_online = 1, at the last database check.",
+                n,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -252,6 +306,57 @@ mod tests {
                 assert!(line.starts_with(&declared), "{line} outside {declared}");
             }
         }
+    }
+
+    #[test]
+    fn the_family_names_are_the_ones_dashboards_use() {
+        let text = render(
+            &Stats::default().snapshot(),
+            &Gauges {
+                queue: Some((0, 1)),
+                db_up: false,
+                devices_online: Some(0),
+            },
+        );
+        let declared: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE mqtt_ingest_"))
+            .collect();
+        assert_eq!(
+            declared,
+            [
+                "build_info gauge",
+                "uptime_seconds gauge",
+                "messages_received_total counter",
+                "messages_written_total counter",
+                "messages_rejected_total counter",
+                "parts_skipped_total counter",
+                "timestamps_undated_total counter",
+                "batches_total counter",
+                "rows_written_total counter",
+                "flush_duration_seconds histogram",
+                "queue_depth gauge",
+                "queue_capacity gauge",
+                "mqtt_connected gauge",
+                "mqtt_subscribed gauge",
+                "mqtt_reconnects_total counter",
+                "mqtt_sessions_lost_total counter",
+                "db_errors_total counter",
+                "db_up gauge",
+                "devices_online gauge",
+            ]
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "mqtt_ingest_build_info{{version=\"{}\"}}",
+                    env!("CARGO_PKG_VERSION")
+                )
+            )
+            .as_deref(),
+            Some("1")
+        );
     }
 
     #[test]
