@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mqtt_ingest::config::Settings;
+use mqtt_ingest::config::{self, DbSettings, Settings};
 use mqtt_ingest::service::Service;
 use mqtt_ingest::{mqtt, rejects, store, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -19,8 +19,8 @@ const EXIT_CONFIG: u8 = 78;
 const SETTINGS_HELP: &str = "\
 Settings come from the environment and a .env file: MQTT_BROKER, MQTT_PORT, MQTT_USERNAME,
 MQTT_PASSWORD, DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_TIMEZONE and more;
-.env.example lists them all with their defaults. The Python service's names for the broker
-(MQTT_SERVICE_BROKER, MQTT_BROKER_HOST, MQTT_SERVICE_PORT, MQTT_BROKER_PORT,
+`mqtt-ingest run --help` lists them all with their defaults. The Python service's names for the
+broker (MQTT_SERVICE_BROKER, MQTT_BROKER_HOST, MQTT_SERVICE_PORT, MQTT_BROKER_PORT,
 MQTT_SERVICE_USERNAME, MQTT_SERVICE_PASSWORD) are read too; check-config says which was used.";
 
 /// mqtt-ingest: MQTT device telemetry into MySQL/MariaDB (device_main).
@@ -102,10 +102,24 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// The command line's parser, with every setting (from the one definition in `config`) listed
+/// by `run --help` and `check-config --help`.
+fn cli_command() -> clap::Command {
+    use clap::CommandFactory;
+    let settings = mqtt_ingest::config::help_text();
+    Cli::command()
+        .mut_subcommand("run", |c| c.after_long_help(settings.clone()))
+        .mut_subcommand("check-config", |c| c.after_long_help(settings))
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     // Usage errors exit 2 with clap's message; --help and --version exit 0.
-    let (command, env_file) = match Cli::parse().resolve() {
+    let parsed = cli_command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
+        .and_then(Cli::resolve);
+    let (command, env_file) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => e.exit(),
     };
@@ -124,6 +138,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Rejects(query) = command {
+        return rejects_command(query);
+    }
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(e) => {
@@ -171,7 +188,29 @@ fn main() -> ExitCode {
     match command {
         Command::CheckConfig => runtime.block_on(check_config(settings)),
         Command::Run => runtime.block_on(run(settings)),
-        Command::Rejects(query) => runtime.block_on(print_rejects(settings, query)),
+        Command::Rejects(_) => unreachable!("handled before the settings are read"),
+    }
+}
+
+/// `rejects`: reads only the database settings (and whether rejects are kept), so a broker's
+/// TLS files need not be readable to run one query.
+fn rejects_command(query: RejectsQuery) -> ExitCode {
+    let (db, kept) = match (DbSettings::from_env(), config::rejects_enabled_from_env()) {
+        (Ok(db), Ok(kept)) => (db, kept),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(print_rejects(&db, kept, query)),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -210,8 +249,8 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 /// Prints the latest kept rejects.
-async fn print_rejects(settings: Settings, query: RejectsQuery) -> ExitCode {
-    let pool = store::pool(&settings.db);
+async fn print_rejects(db: &DbSettings, kept: bool, query: RejectsQuery) -> ExitCode {
+    let pool = store::pool(db);
     let result = rejects::latest(
         &pool,
         query.device.as_deref(),
@@ -224,7 +263,7 @@ async fn print_rejects(settings: Settings, query: RejectsQuery) -> ExitCode {
         Ok(rows) if rows.is_empty() => {
             println!(
                 "no rejected messages kept{}",
-                if settings.keep.rejects {
+                if kept {
                     ""
                 } else {
                     " (REJECTS_ENABLED is off)"
@@ -326,8 +365,22 @@ mod tests {
 
     #[test]
     fn the_definition_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
+        cli_command().debug_assert();
+        mqtt_ingest::config::command_for_checks().debug_assert();
+    }
+
+    #[test]
+    fn run_help_lists_every_setting_with_its_default() {
+        let help = cli_command()
+            .find_subcommand_mut("run")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for entry in mqtt_ingest::config::reference() {
+            assert!(help.contains(&entry.var), "run --help lacks {}", entry.var);
+        }
+        assert!(help.contains("MQTT_PORT=1883"), "{help}");
+        assert!(help.contains("HTTP_LISTEN=127.0.0.1:9464"), "{help}");
     }
 
     #[test]

@@ -123,8 +123,11 @@ impl Renames {
     }
 }
 
+/// Allowed value range per sensor name (`INGEST_SENSOR_RANGES`).
+pub type SensorRanges = HashMap<String, RangeInclusive<f64>>;
+
 /// Parses `humidity:0..100,battery:0..100` into per-sensor ranges.
-pub fn parse_sensor_ranges(spec: &str) -> Result<HashMap<String, RangeInclusive<f64>>, String> {
+pub fn parse_sensor_ranges(spec: &str) -> Result<SensorRanges, String> {
     let mut ranges = HashMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, range) = item

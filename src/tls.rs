@@ -21,7 +21,10 @@ pub fn install_crypto_provider() {
 }
 
 fn certs(path: &Path, var: &'static str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let bad = |problem: String| ConfigError { var, problem };
+    let bad = |problem: String| ConfigError {
+        var: var.into(),
+        problem,
+    };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?
         .collect::<Result<Vec<_>, _>>()
@@ -40,7 +43,7 @@ pub fn mqtt_client_config(tls: &MqttTls) -> Result<ClientConfig, ConfigError> {
         Some(path) => {
             for cert in certs(path, "MQTT_TLS_CA_FILE")? {
                 roots.add(cert).map_err(|e| ConfigError {
-                    var: "MQTT_TLS_CA_FILE",
+                    var: "MQTT_TLS_CA_FILE".into(),
                     problem: format!("{}: {e}", path.display()),
                 })?;
             }
@@ -50,7 +53,7 @@ pub fn mqtt_client_config(tls: &MqttTls) -> Result<ClientConfig, ConfigError> {
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
                 return Err(ConfigError {
-                    var: "MQTT_TLS_CA_FILE",
+                    var: "MQTT_TLS_CA_FILE".into(),
                     problem: "no system CA certificates found: set it to the broker's CA".into(),
                 });
             }
@@ -62,13 +65,13 @@ pub fn mqtt_client_config(tls: &MqttTls) -> Result<ClientConfig, ConfigError> {
         Some((cert, key)) => {
             let chain = certs(cert, "MQTT_TLS_CERT_FILE")?;
             let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ConfigError {
-                var: "MQTT_TLS_KEY_FILE",
+                var: "MQTT_TLS_KEY_FILE".into(),
                 problem: format!("{} is not a PEM private key: {e}", key.display()),
             })?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| ConfigError {
-                    var: "MQTT_TLS_CERT_FILE",
+                    var: "MQTT_TLS_CERT_FILE".into(),
                     problem: format!("cannot use it with MQTT_TLS_KEY_FILE: {e}"),
                 })?
         }

@@ -7,13 +7,17 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
-use crate::payload::{Renames, Rules, parse_sensor_ranges};
+use crate::payload::Rules;
 use crate::timestamp::TimeRules;
 use crate::topic::TopicLayout;
+
+mod definition;
+
 use crate::zone::Zone;
+use definition::DbArgs;
+pub use definition::{Definition, Entry, help_text, markdown_table, reference};
 
 /// A value that must never reach a log line: `Debug` and `Display` print `***`.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -42,7 +46,7 @@ impl fmt::Debug for Secret {
 #[error("configuration error: {var}: {problem}")]
 pub struct ConfigError {
     /// The environment variable at fault.
-    pub var: &'static str,
+    pub var: String,
     /// What is wrong with it (never its value when it is a secret).
     pub problem: String,
 }
@@ -347,7 +351,7 @@ fn resolve_aliases(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Resolv
                 None => chosen = Some(candidate),
                 Some(first) if !same(&first.1, &candidate.1) => {
                     return Err(ConfigError {
-                        var: first.0,
+                        var: first.0.into(),
                         problem: format!(
                             "{} is also set, to a different value; they name one setting: keep one",
                             candidate.0
@@ -366,112 +370,33 @@ fn resolve_aliases(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Resolv
     Ok(out)
 }
 
-/// Reads variables by name from some source: the process environment or a map in tests.
-struct Vars<'a> {
-    lookup: &'a dyn Fn(&str) -> Option<String>,
+/// A file named by `var` must exist and be readable.
+fn readable(var: &'static str, path: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    if let Some(p) = &path {
+        std::fs::File::open(p).map_err(|e| ConfigError {
+            var: var.into(),
+            problem: format!("cannot read {:?}: {e}", p.display().to_string()),
+        })?;
+    }
+    Ok(path)
 }
 
-impl Vars<'_> {
-    fn raw(&self, var: &'static str) -> Option<String> {
-        (self.lookup)(var)
-    }
-
-    fn string(&self, var: &'static str, default: &str) -> String {
-        self.raw(var)
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_else(|| default.to_owned())
-    }
-
-    fn non_empty(&self, var: &'static str, default: &str) -> Result<String, ConfigError> {
-        let v = self.string(var, default);
-        if v.is_empty() {
-            return Err(ConfigError {
-                var,
-                problem: "must not be empty".into(),
-            });
-        }
-        Ok(v)
-    }
-
-    fn secret(&self, var: &'static str) -> Secret {
-        // Passwords are taken as they are: surrounding spaces may be part of one.
-        Secret::new(self.raw(var).unwrap_or_default())
-    }
-
-    fn number<T>(&self, var: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
-    where
-        T: FromStr + PartialOrd + fmt::Display + Copy,
-    {
-        let raw = self.string(var, "");
-        if raw.is_empty() {
-            return Ok(default);
-        }
-        let bad = || ConfigError {
-            var,
-            problem: format!("must be a whole number from {min} to {max}, got {raw:?}"),
-        };
-        let v: T = raw.parse().map_err(|_| bad())?;
-        if v < min || v > max {
-            return Err(bad());
-        }
-        Ok(v)
-    }
-
-    fn secs(
-        &self,
-        var: &'static str,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<Duration, ConfigError> {
-        self.number(var, default, min, max).map(Duration::from_secs)
-    }
-
-    /// An optional path to a file that must exist and be readable.
-    fn file(&self, var: &'static str) -> Result<Option<PathBuf>, ConfigError> {
-        let raw = self.string(var, "");
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        let path = PathBuf::from(&raw);
-        std::fs::File::open(&path).map_err(|e| ConfigError {
-            var,
-            problem: format!("cannot read {raw:?}: {e}"),
-        })?;
-        Ok(Some(path))
-    }
-
-    /// A certificate and its key: both or neither.
-    fn cert_pair(
-        &self,
-        cert: &'static str,
-        key: &'static str,
-    ) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
-        match (self.file(cert)?, self.file(key)?) {
-            (Some(c), Some(k)) => Ok(Some((c, k))),
-            (None, None) => Ok(None),
-            (Some(_), None) => Err(ConfigError {
-                var: key,
-                problem: format!("must be set when {cert} is"),
-            }),
-            (None, Some(_)) => Err(ConfigError {
-                var: cert,
-                problem: format!("must be set when {key} is"),
-            }),
-        }
-    }
-
-    fn boolean(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
-        let raw = self.string(var, "");
-        match raw.to_ascii_lowercase().as_str() {
-            "" => Ok(default),
-            "1" | "true" | "yes" | "on" => Ok(true),
-            "0" | "false" | "no" | "off" => Ok(false),
-            _ => Err(ConfigError {
-                var,
-                problem: format!("must be true or false, got {raw:?}"),
-            }),
-        }
+/// A certificate and its key: both or neither.
+fn cert_pair(
+    (cert_var, cert): (&'static str, Option<PathBuf>),
+    (key_var, key): (&'static str, Option<PathBuf>),
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (readable(cert_var, cert)?, readable(key_var, key)?) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError {
+            var: key_var.into(),
+            problem: format!("must be set when {cert_var} is"),
+        }),
+        (None, Some(_)) => Err(ConfigError {
+            var: cert_var.into(),
+            problem: format!("must be set when {key_var} is"),
+        }),
     }
 }
 
@@ -489,277 +414,106 @@ impl Settings {
     /// Reads the settings through `lookup`, which returns a variable's value by name.
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let resolved = resolve_aliases(lookup)?;
-        // An error in a value set under another name names that name.
-        Self::read(lookup, &resolved).map_err(|mut e| {
-            if let Some((_, _, origin)) = resolved.iter().find(|(c, _, _)| *c == e.var)
-                && *origin != "default"
-            {
-                e.var = origin;
-            }
-            e
-        })
-    }
-
-    fn read(
-        lookup: &dyn Fn(&str) -> Option<String>,
-        resolved: &[Resolved],
-    ) -> Result<Self, ConfigError> {
-        let origins = resolved.iter().map(|(c, _, o)| (*c, *o)).collect();
         let with_aliases = |name: &str| match resolved.iter().find(|(c, _, _)| *c == name) {
             Some((_, value, _)) => value.clone(),
             None => lookup(name),
         };
-        let v = Vars {
-            lookup: &with_aliases,
-        };
-        let topics =
-            TopicLayout::new(&v.string("MQTT_TOPIC_PREFIX", "devices")).map_err(|problem| {
-                ConfigError {
-                    var: "MQTT_TOPIC_PREFIX",
-                    problem,
-                }
-            })?;
-        let client_id = v.non_empty("MQTT_CLIENT_ID", "mqtt-ingest")?;
-        if client_id.contains(['+', '#', '/']) || client_id.len() > 65_535 {
+        // An error in a value set under another name names that name.
+        parse_group(&with_aliases)
+            .and_then(|def| Self::build(def, &resolved))
+            .map_err(|e| named_as_set(e, &resolved))
+    }
+
+    fn build(def: Definition, resolved: &[Resolved]) -> Result<Self, ConfigError> {
+        let origins = resolved.iter().map(|(c, _, o)| (*c, *o)).collect();
+        let Definition {
+            mqtt: m,
+            db: d,
+            ingest: i,
+            keep: k,
+            ops: o,
+        } = def;
+        let secs = Duration::from_secs;
+        const DAY: u64 = 86_400;
+        if m.mqtt_reconnect_max_secs < m.mqtt_reconnect_min_secs {
             return Err(ConfigError {
-                var: "MQTT_CLIENT_ID",
-                problem: "must not contain '+', '#' or '/'".into(),
-            });
-        }
-        let reconnect_min = v.secs("MQTT_RECONNECT_MIN_SECS", 2, 1, 3600)?;
-        let reconnect_max = v.secs("MQTT_RECONNECT_MAX_SECS", 300, 1, 86_400)?;
-        if reconnect_max < reconnect_min {
-            return Err(ConfigError {
-                var: "MQTT_RECONNECT_MAX_SECS",
+                var: "MQTT_RECONNECT_MAX_SECS".into(),
                 problem: "must not be below MQTT_RECONNECT_MIN_SECS".into(),
             });
         }
-        let tls = if v.boolean("MQTT_TLS", false)? {
+        let tls = if m.mqtt_tls {
             Some(MqttTls {
-                ca_file: v.file("MQTT_TLS_CA_FILE")?,
-                client_cert: v.cert_pair("MQTT_TLS_CERT_FILE", "MQTT_TLS_KEY_FILE")?,
+                ca_file: readable("MQTT_TLS_CA_FILE", m.mqtt_tls_ca_file)?,
+                client_cert: cert_pair(
+                    ("MQTT_TLS_CERT_FILE", m.mqtt_tls_cert_file),
+                    ("MQTT_TLS_KEY_FILE", m.mqtt_tls_key_file),
+                )?,
             })
         } else {
             None
         };
-        let group = v.string("MQTT_SHARED_GROUP", "");
-        if group.contains(['+', '#', '/', '\0']) {
-            return Err(ConfigError {
-                var: "MQTT_SHARED_GROUP",
-                problem: "must not contain '/', '+', '#' or NUL".into(),
-            });
-        }
-        let raw_protocol = v.string("MQTT_PROTOCOL", "3.1.1");
-        let protocol = MqttProtocol::parse(&raw_protocol).ok_or_else(|| ConfigError {
-            var: "MQTT_PROTOCOL",
-            problem: format!("must be 3.1.1 (or 3, 4, 311) or 5, got {raw_protocol:?}"),
-        })?;
         let mqtt = MqttSettings {
-            broker: v.non_empty("MQTT_BROKER", "localhost")?,
-            port: v.number("MQTT_PORT", 1883, 1, 65_535)?,
-            username: v.string("MQTT_USERNAME", ""),
-            password: v.secret("MQTT_PASSWORD"),
-            client_id,
-            qos: v.number("MQTT_QOS", 1, 0, 2)?,
-            clean_session: v.boolean("MQTT_CLEAN_SESSION", false)?,
-            keepalive: v.secs("MQTT_KEEPALIVE_SECS", 30, 5, 65_535)?,
-            topics,
-            reconnect_min,
-            reconnect_max,
+            broker: m.mqtt_broker,
+            port: m.mqtt_port,
+            username: m.mqtt_username.unwrap_or_default(),
+            password: m.mqtt_password.unwrap_or_default(),
+            client_id: m.mqtt_client_id,
+            qos: m.mqtt_qos,
+            clean_session: m.mqtt_clean_session,
+            keepalive: secs(m.mqtt_keepalive_secs),
+            topics: m.mqtt_topic_prefix,
+            reconnect_min: secs(m.mqtt_reconnect_min_secs),
+            reconnect_max: secs(m.mqtt_reconnect_max_secs),
             tls,
-            shared_group: Some(group).filter(|g| !g.is_empty()),
-            protocol,
+            shared_group: m.mqtt_shared_group.filter(|g| !g.is_empty()),
+            protocol: m.mqtt_protocol,
             // MQTT 5 carries it as a 32-bit number of seconds; 4294967295 means never.
-            session_expiry: v.secs("MQTT_SESSION_EXPIRY_SECS", 86_400, 0, u64::from(u32::MAX))?,
+            session_expiry: secs(m.mqtt_session_expiry_secs),
         };
-
-        let pool_min = v.number("DB_POOL_MIN", 5, 0, 1000)?;
-        let pool_max = v.number("DB_POOL_MAX", 15, 1, 1000)?;
-        if pool_max < pool_min {
-            return Err(ConfigError {
-                var: "DB_POOL_MAX",
-                problem: format!("must not be below DB_POOL_MIN ({pool_min})"),
-            });
-        }
-        let ssl_mode = match v
-            .string("DB_SSL_MODE", "preferred")
-            .to_ascii_lowercase()
-            .as_str()
-        {
-            "disabled" => DbSslMode::Disabled,
-            "preferred" => DbSslMode::Preferred,
-            "required" => DbSslMode::Required,
-            "verify_ca" => DbSslMode::VerifyCa,
-            "verify_identity" => DbSslMode::VerifyIdentity,
-            other => {
-                return Err(ConfigError {
-                    var: "DB_SSL_MODE",
-                    problem: format!(
-                        "must be disabled, preferred, required, verify_ca or verify_identity, got {other:?}"
-                    ),
-                });
-            }
-        };
-        let ssl_ca_file = v.file("DB_SSL_CA_FILE")?;
-        if matches!(ssl_mode, DbSslMode::VerifyCa | DbSslMode::VerifyIdentity)
-            && ssl_ca_file.is_none()
-        {
-            return Err(ConfigError {
-                var: "DB_SSL_CA_FILE",
-                problem: "must be set for DB_SSL_MODE verify_ca or verify_identity".into(),
-            });
-        }
-        let zone = v
-            .string("DB_TIMEZONE", "Asia/Shanghai")
-            .parse::<Zone>()
-            .map_err(|problem| ConfigError {
-                var: "DB_TIMEZONE",
-                problem,
-            })?;
-        let db = DbSettings {
-            host: v.non_empty("DB_HOST", "localhost")?,
-            port: v.number("DB_PORT", 3306, 1, 65_535)?,
-            name: v.non_empty("DB_NAME", "aiot_admin")?,
-            user: v.non_empty("DB_USER", "root")?,
-            password: v.secret("DB_PASSWORD"),
-            pool_min,
-            pool_max,
-            recycle: v.secs("DB_POOL_RECYCLE_SECS", 3600, 10, 31_536_000)?,
-            connect_timeout: v.secs("DB_CONNECT_TIMEOUT_SECS", 10, 1, 3600)?,
-            auto_migrate: v.boolean("DB_AUTO_MIGRATE", true)?,
-            retry_max: v.secs("DB_RETRY_MAX_SECS", 30, 1, 3600)?,
-            ssl_mode,
-            ssl_ca_file,
-            ssl_client_cert: v.cert_pair("DB_SSL_CERT_FILE", "DB_SSL_KEY_FILE")?,
-            zone: zone.clone(),
-        };
-
-        let sensor_ranges =
-            parse_sensor_ranges(&v.string("INGEST_SENSOR_RANGES", "")).map_err(|problem| {
-                ConfigError {
-                    var: "INGEST_SENSOR_RANGES",
-                    problem,
-                }
-            })?;
+        let db = db_settings(d)?;
         let ingest = IngestSettings {
-            queue_capacity: v.number("INGEST_QUEUE_CAPACITY", 12_288, 1, 1_000_000)?,
-            writers: v.number("INGEST_WRITERS", 2, 1, 64)?,
-            batch_max_messages: v.number("INGEST_BATCH_MAX_MESSAGES", 500, 1, 10_000)?,
-            batch_max_wait: Duration::from_millis(v.number(
-                "INGEST_BATCH_MAX_WAIT_MS",
-                10,
-                0,
-                60_000,
-            )?),
-            register_unknown_devices: v.boolean("INGEST_REGISTER_UNKNOWN_DEVICES", false)?,
+            queue_capacity: i.ingest_queue_capacity,
+            writers: i.ingest_writers,
+            batch_max_messages: i.ingest_batch_max_messages,
+            batch_max_wait: Duration::from_millis(i.ingest_batch_max_wait_ms),
+            register_unknown_devices: i.ingest_register_unknown_devices,
             rules: Rules {
-                // MQTT's own limit on a packet is 256 MiB.
-                max_payload_bytes: v.number("MQTT_MAX_PAYLOAD_BYTES", 262_144, 1, 268_435_455)?,
-                sensor_ranges,
+                max_payload_bytes: m.mqtt_max_payload_bytes,
+                sensor_ranges: i.ingest_sensor_ranges.unwrap_or_default(),
                 time: TimeRules {
-                    zone,
-                    max_clock_skew: v.secs("INGEST_MAX_CLOCK_SKEW_SECS", 300, 0, 31_536_000)?,
+                    zone: db.zone.clone(),
+                    max_clock_skew: secs(i.ingest_max_clock_skew_secs),
                 },
-                renames: Renames::parse(&v.string("SENSOR_RENAMES", Renames::CODEHUBOT)).map_err(
-                    |problem| ConfigError {
-                        var: "SENSOR_RENAMES",
-                        problem,
-                    },
-                )?,
+                renames: i.sensor_renames,
             },
-            shutdown_timeout: v.secs("SHUTDOWN_TIMEOUT_SECS", 30, 1, 3600)?,
+            shutdown_timeout: secs(i.shutdown_timeout_secs),
         };
-
-        let format = match v.string("LOG_FORMAT", "auto").to_ascii_lowercase().as_str() {
-            "auto" => LogFormat::Auto,
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            "journald" => LogFormat::Journald,
-            other => {
-                return Err(ConfigError {
-                    var: "LOG_FORMAT",
-                    problem: format!("must be auto, text, json or journald, got {other:?}"),
-                });
-            }
-        };
-        let level = v.non_empty("LOG_LEVEL", "info")?;
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
-            return Err(ConfigError {
-                var: "LOG_LEVEL",
-                problem: format!("is not a level or filter ({e})"),
-            });
-        }
         let log = LogSettings {
-            level,
-            format,
-            stats_interval: v.secs("STATS_INTERVAL_SECS", 300, 0, 86_400)?,
-            warn_interval: v.secs("LOG_WARN_INTERVAL_SECS", 60, 0, 86_400)?,
-            dir: Some(v.string("LOG_DIR", ""))
-                .filter(|d| !d.is_empty())
-                .map(Into::into),
-            keep_days: v.number("LOG_KEEP_DAYS", 7, 1, 3650)?,
-            style: match v
-                .string("LOG_STYLE", "default")
-                .to_ascii_lowercase()
-                .as_str()
-            {
-                "default" => LogStyle::Default,
-                "codehubot" => LogStyle::Codehubot,
-                other => {
-                    return Err(ConfigError {
-                        var: "LOG_STYLE",
-                        problem: format!("must be default or codehubot, got {other:?}"),
-                    });
-                }
-            },
-        };
-        const DAY: u64 = 86_400;
-        let days = |var, default| -> Result<Duration, ConfigError> {
-            v.number(var, default, 0, 36_500)
-                .map(|d: u64| Duration::from_secs(d * DAY))
+            level: o.log_level,
+            format: o.log_format,
+            stats_interval: secs(o.stats_interval_secs),
+            warn_interval: secs(o.log_warn_interval_secs),
+            dir: o.log_dir.filter(|d| !d.as_os_str().is_empty()),
+            keep_days: o.log_keep_days,
+            style: o.log_style,
         };
         let presence = PresenceSettings {
-            timeout: v.secs("PRESENCE_TIMEOUT_SECS", 90, 0, 31_536_000)?,
-            sweep_interval: v.secs("PRESENCE_SWEEP_SECS", 15, 1, 3600)?,
+            timeout: secs(k.presence_timeout_secs),
+            sweep_interval: secs(k.presence_sweep_secs),
         };
-        let table = v.string("DEVICE_SENSORS_TABLE", "device_sensors");
-        if table.len() > 64
-            || !table
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$'))
-        {
-            return Err(ConfigError {
-                var: "DEVICE_SENSORS_TABLE",
-                problem: format!(
-                    "must be a table name of up to 64 of [A-Za-z0-9_$], or empty for off, got {table:?}"
-                ),
-            });
-        }
-        let device_sensors_table = Some(table).filter(|t| !t.is_empty());
         let keep = KeepSettings {
-            history: v.boolean("HISTORY_ENABLED", false)?,
-            history_retention: days("HISTORY_RETENTION_DAYS", 30)?,
-            rejects: v.boolean("REJECTS_ENABLED", false)?,
-            rejects_max_payload: v.number("REJECTS_MAX_PAYLOAD_BYTES", 1024, 0, 65_535)?,
-            rejects_keep: v.number("REJECTS_KEEP", 10_000, 1, 100_000_000)?,
-            rejects_retention: days("REJECTS_RETENTION_DAYS", 7)?,
-            maintenance_interval: v.secs("MAINTENANCE_INTERVAL_SECS", 60, 1, 86_400)?,
-            device_sensors_table,
-        };
-        let listen = v.string("HTTP_LISTEN", "127.0.0.1:9464");
-        let http_listen = if listen.is_empty() {
-            None
-        } else {
-            Some(listen.parse().map_err(|_| ConfigError {
-                var: "HTTP_LISTEN",
-                problem: format!(
-                    "must be an IP address and port such as 127.0.0.1:9464, or empty for off, got {listen:?}"
-                ),
-            })?)
+            history: k.history_enabled,
+            history_retention: secs(k.history_retention_days * DAY),
+            rejects: k.rejects_enabled,
+            rejects_max_payload: k.rejects_max_payload_bytes,
+            rejects_keep: k.rejects_keep,
+            rejects_retention: secs(k.rejects_retention_days * DAY),
+            maintenance_interval: secs(k.maintenance_interval_secs),
+            device_sensors_table: i.device_sensors_table.0,
         };
         let ops = OpsSettings {
-            http_listen,
-            db_check_interval: v.secs("HEALTH_DB_CHECK_SECS", 5, 1, 3600)?,
+            http_listen: o.http_listen.0,
+            db_check_interval: secs(o.health_db_check_secs),
         };
         Ok(Settings {
             mqtt,
@@ -774,9 +528,91 @@ impl Settings {
     }
 }
 
+impl DbSettings {
+    /// Reads only the database settings (for `rejects`, which runs one query): the others
+    /// are neither needed nor checked.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|name| std::env::var(name).ok())
+    }
+
+    /// As [`DbSettings::from_env`], through `lookup`.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        db_settings(parse_group(lookup)?)
+    }
+}
+
+/// Whether rejected messages are kept (`REJECTS_ENABLED`), read with its group alone.
+pub fn rejects_enabled_from_env() -> Result<bool, ConfigError> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    parse_group::<definition::KeepArgs>(&lookup).map(|k| k.rejects_enabled)
+}
+
+/// The settings' parser, for clap's own consistency check in tests.
+pub fn command_for_checks() -> clap::Command {
+    definition::command::<Definition>()
+}
+
+/// Parses one group of the definition, the error naming the variable.
+fn parse_group<A: clap::Args + clap::FromArgMatches>(
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<A, ConfigError> {
+    definition::parse(lookup).map_err(|(var, problem)| ConfigError { var, problem })
+}
+
+/// An error about a setting given under another name names that name.
+fn named_as_set(mut e: ConfigError, resolved: &[Resolved]) -> ConfigError {
+    if let Some((_, _, origin)) = resolved.iter().find(|(c, _, _)| *c == e.var.as_str())
+        && *origin != "default"
+    {
+        e.var = (*origin).to_owned();
+    }
+    e
+}
+
+fn db_settings(d: DbArgs) -> Result<DbSettings, ConfigError> {
+    if d.db_pool_max < d.db_pool_min {
+        return Err(ConfigError {
+            var: "DB_POOL_MAX".into(),
+            problem: format!("must not be below DB_POOL_MIN ({})", d.db_pool_min),
+        });
+    }
+    let ssl_ca_file = readable("DB_SSL_CA_FILE", d.db_ssl_ca_file)?;
+    if matches!(
+        d.db_ssl_mode,
+        DbSslMode::VerifyCa | DbSslMode::VerifyIdentity
+    ) && ssl_ca_file.is_none()
+    {
+        return Err(ConfigError {
+            var: "DB_SSL_CA_FILE".into(),
+            problem: "must be set for DB_SSL_MODE verify_ca or verify_identity".into(),
+        });
+    }
+    Ok(DbSettings {
+        host: d.db_host,
+        port: d.db_port,
+        name: d.db_name,
+        user: d.db_user,
+        password: d.db_password.unwrap_or_default(),
+        pool_min: d.db_pool_min,
+        pool_max: d.db_pool_max,
+        recycle: Duration::from_secs(d.db_pool_recycle_secs),
+        connect_timeout: Duration::from_secs(d.db_connect_timeout_secs),
+        auto_migrate: d.db_auto_migrate,
+        retry_max: Duration::from_secs(d.db_retry_max_secs),
+        ssl_mode: d.db_ssl_mode,
+        ssl_ca_file,
+        ssl_client_cert: cert_pair(
+            ("DB_SSL_CERT_FILE", d.db_ssl_cert_file),
+            ("DB_SSL_KEY_FILE", d.db_ssl_key_file),
+        )?,
+        zone: d.db_timezone,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::payload::Renames;
 
     fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let map = pairs
@@ -862,6 +698,44 @@ mod tests {
         }
         let e = settings(&[("DB_POOL_MIN", "20"), ("DB_POOL_MAX", "10")]).unwrap_err();
         assert_eq!(e.var, "DB_POOL_MAX");
+    }
+
+    #[test]
+    fn an_empty_number_or_switch_is_the_default() {
+        let s = settings(&[
+            ("MQTT_PORT", ""),
+            ("MQTT_TLS", " "),
+            ("DB_POOL_MAX", ""),
+            ("LOG_DIR", ""),
+            ("MQTT_SHARED_GROUP", ""),
+        ])
+        .unwrap();
+        assert_eq!(s.mqtt.port, 1883);
+        assert_eq!(s.mqtt.tls, None);
+        assert_eq!(s.db.pool_max, 15);
+        assert_eq!(s.log.dir, None);
+        assert_eq!(s.mqtt.shared_group, None);
+        // Passwords are taken as they are.
+        let s = settings(&[("DB_PASSWORD", " pw ")]).unwrap();
+        assert_eq!(s.db.password.expose(), " pw ");
+    }
+
+    #[test]
+    fn the_database_group_is_read_alone() {
+        let map: HashMap<String, String> = [("DB_NAME", "x"), ("MQTT_PORT", "not a port")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let db = DbSettings::from_lookup(&|n| map.get(n).cloned()).unwrap();
+        assert_eq!(db.name, "x");
+        assert_eq!(Settings::from_map(&map).unwrap_err().var, "MQTT_PORT");
+        let map: HashMap<String, String> = [("DB_PORT".to_owned(), "x".to_owned())].into();
+        assert_eq!(
+            DbSettings::from_lookup(&|n| map.get(n).cloned())
+                .unwrap_err()
+                .to_string(),
+            "configuration error: DB_PORT: must be a whole number from 1 to 65535, got \"x\""
+        );
     }
 
     #[test]
