@@ -217,7 +217,8 @@ fn rejects_command(query: RejectsQuery) -> ExitCode {
 async fn run(settings: Settings) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match Service::new(settings).run_until_stopped(shutdown).await {
+    let service = Service::build(settings).await;
+    match async { service?.run_until_stopped(shutdown).await }.await {
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS

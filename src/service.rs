@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
@@ -24,26 +25,43 @@ use crate::work::{InFlight, settled_channel};
 use crate::writer::{Batching, Queue, Router, WriterParts, run_writer};
 use crate::{history, presence, rejects};
 
-/// The service, before it runs. [`Service::stats`] gives the live counters (tests and the
-/// statistics block read them).
+/// The service, built and not yet running: its counters and health exist and its HTTP
+/// listener is bound (so [`Service::http_address`] is known before it runs).
+/// [`Service::run_until_stopped`] then runs it.
 pub struct Service {
     settings: Settings,
     stats: Arc<Stats>,
     health: Arc<Health>,
+    http: Option<tokio::net::TcpListener>,
 }
 
 impl Service {
-    /// A service for `settings`.
-    pub fn new(settings: Settings) -> Self {
+    /// Builds the service for `settings`; fails only when the HTTP listener cannot bind.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let stats = Arc::new(Stats::with_style(
             settings.log.warn_interval,
             settings.log.style,
         ));
-        Self {
+        let http = match settings.ops.http_listen {
+            Some(addr) => Some(
+                http::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on HTTP_LISTEN={addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
             settings,
             health: Arc::new(Health::new(stats.clone())),
             stats,
-        }
+            http,
+        })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when `HTTP_LISTEN` is set (tests
+    /// ask for port 0 and need to know which one they got).
+    pub fn http_address(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Readiness, the database check and the queues (what `/readyz` and `/metrics` show).
@@ -58,23 +76,15 @@ impl Service {
 
     /// Runs until `shutdown` fires, then stops taking messages, commits and acknowledges what
     /// was taken, disconnects and returns. Fails only when the shutdown deadline passes, a
-    /// migration fails or the HTTP listener cannot bind; a database or broker that is down is
-    /// waited for.
+    /// migration fails or the broker lacks what the settings need; a database or broker that
+    /// is down is waited for. Dropping the future stops every task it started (a dropped
+    /// service must not leave an event loop holding its client id).
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.run_reporting_address(shutdown, |_| {}).await
-    }
-
-    /// [`Service::run_until_stopped`], calling `bound` with the HTTP listener's address once it
-    /// listens (tests ask for port 0 and need to know which one they got).
-    pub async fn run_reporting_address(
-        self,
-        shutdown: CancellationToken,
-        bound: impl FnOnce(std::net::SocketAddr),
-    ) -> anyhow::Result<()> {
         let Service {
             settings,
             stats,
             health,
+            http,
         } = self;
         let db = &settings.db;
         info!(
@@ -85,92 +95,132 @@ impl Service {
             "starting mqtt-ingest {}",
             env!("CARGO_PKG_VERSION")
         );
-        // Tasks that end with the service: aborted on every way out, also when this future is
-        // dropped (a dropped service must not leave an event loop holding its client id).
-        let mut background = Background(Vec::new());
-        if let Some(addr) = settings.ops.http_listen {
-            let listener = http::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on HTTP_LISTEN={addr}"))?;
-            if let Ok(local) = listener.local_addr() {
-                bound(local);
-            }
-            background.push(tokio::spawn(http::serve(
-                listener,
-                health.clone(),
-                shutdown.clone(),
-            )));
+        // Tasks that run beside the pipeline and end with it (aborted when the set is dropped).
+        let mut background = JoinSet::new();
+        if let Some(listener) = http {
+            background.spawn(http::serve(listener, health.clone(), shutdown.clone()));
         }
         let pool = store::pool(db);
-        background.push(tokio::spawn(health.clone().check_database_every(
+        background.spawn(health.clone().check_database_every(
             pool.clone(),
             settings.ops.db_check_interval,
             shutdown.clone(),
-        )));
+        ));
         if !prepare_database(&pool, db.auto_migrate, &shutdown).await? {
             return Ok(()); // stopped before the database was ever reachable
         }
         let store_options = store_options(&pool, &settings).await?;
+        spawn_maintenance(&mut background, &settings, &pool, &shutdown);
+        let pipeline =
+            Pipeline::start(&settings, &pool, store_options, &stats, &health, &shutdown)?;
+        background.spawn(log_stats_every(
+            settings.log.stats_interval,
+            stats.clone(),
+            db.zone.clone(),
+        ));
+        // The database is prepared; READY=1 follows the subscriptions' acknowledgement.
+        background.spawn(systemd::notify_ready_then_feed_watchdog(
+            health.clone(),
+            settings.mqtt.keepalive,
+            settings.ops.db_check_interval,
+            shutdown.clone(),
+        ));
 
+        let result = pipeline
+            .run_until_stopped(settings.ingest.shutdown_timeout, &health)
+            .await;
+        drop(background);
+        info!("final statistics\n{}", render_stats(&stats, &db.zone));
+        pool.close().await;
+        result
+    }
+}
+
+/// The offline sweep and the retention of history and rejects, as the settings ask.
+fn spawn_maintenance(
+    tasks: &mut JoinSet<()>,
+    settings: &Settings,
+    pool: &sqlx::MySqlPool,
+    shutdown: &CancellationToken,
+) {
+    let (keep, zone) = (&settings.keep, &settings.db.zone);
+    if !settings.presence.timeout.is_zero() {
+        tasks.spawn(presence::run_sweeper(
+            pool.clone(),
+            settings.presence.timeout,
+            settings.presence.sweep_interval,
+            zone.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if keep.history && !keep.history_retention.is_zero() {
+        tasks.spawn(history::run_retention(
+            pool.clone(),
+            keep.history_retention,
+            keep.maintenance_interval,
+            zone.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if keep.rejects {
+        tasks.spawn(rejects::run_retention(
+            pool.clone(),
+            keep.rejects_keep,
+            keep.rejects_retention,
+            keep.maintenance_interval,
+            zone.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// The message path, running: the event loop, the writers behind their queues, and the
+/// reject writer. Each task is aborted if this is dropped.
+struct Pipeline {
+    event_loop: AbortOnDropHandle<Result<(), mqtt::Fatal>>,
+    writers: JoinSet<()>,
+    reject_writer: Option<AbortOnDropHandle<()>>,
+    rejects_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The caller's shutdown, or the event loop's own stop when the broker lacks what the
+    /// settings need: the writers and the event loop stop on it.
+    stop: CancellationToken,
+}
+
+impl Pipeline {
+    fn start(
+        settings: &Settings,
+        pool: &sqlx::MySqlPool,
+        store_options: StoreOptions,
+        stats: &Arc<Stats>,
+        health: &Health,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
         let link = mqtt::client(&settings.mqtt)?;
-        let keep = &settings.keep;
+        let (keep, ingest) = (&settings.keep, &settings.ingest);
         let (rejects, reject_writer) = if keep.rejects {
             let (sink, rx) = rejects::channel(keep.rejects_max_payload);
-            (
-                Some(sink),
-                Some(tokio::spawn(rejects::run_writer(pool.clone(), rx))),
-            )
+            let task = AbortOnDropHandle::new(tokio::spawn(rejects::run_writer(pool.clone(), rx)));
+            (Some(sink), Some(task))
         } else {
             (None, None)
         };
         let rejects_dropped = rejects.as_ref().map(RejectSink::dropped_counter);
-        if !settings.presence.timeout.is_zero() {
-            background.push(tokio::spawn(presence::run_sweeper(
-                pool.clone(),
-                settings.presence.timeout,
-                settings.presence.sweep_interval,
-                db.zone.clone(),
-                shutdown.clone(),
-            )));
-        }
-        if keep.history && !keep.history_retention.is_zero() {
-            background.push(tokio::spawn(history::run_retention(
-                pool.clone(),
-                keep.history_retention,
-                keep.maintenance_interval,
-                db.zone.clone(),
-                shutdown.clone(),
-            )));
-        }
-        if keep.rejects {
-            background.push(tokio::spawn(rejects::run_retention(
-                pool.clone(),
-                keep.rejects_keep,
-                keep.rejects_retention,
-                keep.maintenance_interval,
-                db.zone.clone(),
-                shutdown.clone(),
-            )));
-        }
-        let ingest = &settings.ingest;
         let per_writer = (ingest.queue_capacity / ingest.writers).max(1);
         let batching = Batching {
             max_messages: ingest.batch_max_messages,
             max_wait: ingest.batch_max_wait,
-            retry_max: db.retry_max,
+            retry_max: settings.db.retry_max,
         };
-        // The writers and the event loop stop on this one: the caller's shutdown, or the event
-        // loop's own stop when the broker lacks what the settings need.
         let stop = shutdown.child_token();
         let (settled, settled_rx) = settled_channel();
         let in_flight = InFlight::new();
         let mut queues = Vec::with_capacity(ingest.writers);
-        let mut writers = Vec::with_capacity(ingest.writers);
+        let mut writers = JoinSet::new();
         for _ in 0..ingest.writers {
             // Every reading of a folded message would be missing from the history table.
             let queue = Arc::new(Queue::new(per_writer, !keep.history));
             queues.push(queue.clone());
-            writers.push(tokio::spawn(run_writer(WriterParts {
+            writers.spawn(run_writer(WriterParts {
                 store: Store::new(pool.clone(), store_options.clone()),
                 queue,
                 settled: settled.clone(),
@@ -179,52 +229,49 @@ impl Service {
                 stats: stats.clone(),
                 batching,
                 shutdown: stop.clone(),
-            })));
+            }));
         }
         // The way back closes when the last writer ends: the event loop then disconnects.
         drop(settled);
         let router = Router::new(queues);
         health.set_queues(router.depth_probe());
-        let mut event_loop = tokio::spawn(mqtt::run_event_loop(mqtt::EventLoopParts {
-            settings: settings.mqtt.clone(),
-            rules: settings.ingest.rules.clone(),
-            link,
-            jobs: router,
-            settled: settled_rx,
-            in_flight,
-            rejects,
-            stats: stats.clone(),
-            shutdown: stop.clone(),
-        }));
-        let ticker = tokio::spawn(log_stats_every(
-            settings.log.stats_interval,
-            stats.clone(),
-            db.zone.clone(),
-        ));
-        for task in writers
-            .iter()
-            .chain([&ticker])
-            .chain(reject_writer.as_ref())
-        {
-            background.0.push(task.abort_handle());
-        }
-        background.0.push(event_loop.abort_handle());
-        // The database is prepared; READY=1 follows the subscriptions' acknowledgement.
-        background.push(tokio::spawn(systemd::notify_ready_then_feed_watchdog(
-            health.clone(),
-            settings.mqtt.keepalive,
-            settings.ops.db_check_interval,
-            shutdown.clone(),
-        )));
+        let event_loop =
+            AbortOnDropHandle::new(tokio::spawn(mqtt::run_event_loop(mqtt::EventLoopParts {
+                settings: settings.mqtt.clone(),
+                rules: settings.ingest.rules.clone(),
+                link,
+                jobs: router,
+                settled: settled_rx,
+                in_flight,
+                rejects,
+                stats: stats.clone(),
+                shutdown: stop.clone(),
+            })));
+        Ok(Self {
+            event_loop,
+            writers,
+            reject_writer,
+            rejects_dropped,
+            stop,
+        })
+    }
 
+    /// Runs until the stop, then drains: the writers commit what they hold, the event loop
+    /// sends the last acks and disconnects, the reject writer writes what it was sent, all
+    /// within `shutdown_timeout`.
+    async fn run_until_stopped(
+        mut self,
+        shutdown_timeout: Duration,
+        health: &Health,
+    ) -> anyhow::Result<()> {
         // Ends early only when the event loop stops the service (or, racing the shutdown, has
         // already finished it).
         let mut loop_ended = None;
         tokio::select! {
-            _ = stop.cancelled() => {}
-            ended = &mut event_loop => {
+            _ = self.stop.cancelled() => {}
+            ended = &mut self.event_loop => {
                 let result = match ended {
-                    Ok(Ok(())) if stop.is_cancelled() => Ok(()),
+                    Ok(Ok(())) if self.stop.is_cancelled() => Ok(()),
                     Ok(Ok(())) => Err(anyhow::anyhow!("the MQTT event loop ended")),
                     Ok(Err(e)) => Err(anyhow::Error::from(e)),
                     Err(e) => Err(anyhow::anyhow!("the MQTT event loop failed: {e}")),
@@ -233,28 +280,29 @@ impl Service {
                     error!("{e}; stopping");
                 }
                 loop_ended = Some(result);
-                stop.cancel();
+                self.stop.cancel();
             }
         }
         health.set_stopping();
         systemd::notify_stopping();
         info!(
-            deadline_secs = settings.ingest.shutdown_timeout.as_secs(),
+            deadline_secs = shutdown_timeout.as_secs(),
             "stop requested: no new messages; committing and acknowledging what was taken"
         );
-        let deadline = tokio::time::Instant::now() + settings.ingest.shutdown_timeout;
-        let mut writers_done = Ok(());
-        for writer in writers {
-            let done = wait(writer, deadline, "a writer (database unreachable?)").await;
-            writers_done = writers_done.and(done);
-        }
+        let deadline = tokio::time::Instant::now() + shutdown_timeout;
+        let writers_done = wait_all(
+            &mut self.writers,
+            deadline,
+            "a writer (database unreachable?)",
+        )
+        .await;
         // The event loop sends the last acks, then disconnects, once the writers have ended.
         let loop_done = match loop_ended {
             Some(result) => result,
             // At least a moment of its own, even when a writer used up the deadline: the acks
             // of what was committed and the DISCONNECT still go out.
             None => wait(
-                event_loop,
+                self.event_loop,
                 deadline.max(tokio::time::Instant::now() + Duration::from_secs(2)),
                 "the MQTT event loop",
             )
@@ -263,19 +311,16 @@ impl Service {
         };
         // Its senders went with the writers and the event loop: it ends once it has written.
         let mut rejects_done = Ok(());
-        if let Some(task) = reject_writer {
+        if let Some(task) = self.reject_writer {
             rejects_done = wait(task, deadline, "the reject writer").await;
         }
-        if let Some(n) = rejects_dropped
+        if let Some(n) = self
+            .rejects_dropped
             .map(|d| d.load(std::sync::atomic::Ordering::Relaxed))
             .filter(|n| *n > 0)
         {
             warn!(records = n, "rejects not kept: the reject queue was full");
         }
-        drop(background);
-        ticker.abort();
-        info!("final statistics\n{}", render_stats(&stats, &db.zone));
-        pool.close().await;
         writers_done.and(loop_done).and(rejects_done)
     }
 }
@@ -415,43 +460,45 @@ fn is_migration_error(e: &anyhow::Error) -> bool {
     }
 }
 
+/// Waits for one task until `deadline`; past it the task is aborted (dropped) and the error
+/// says what was waited for.
 async fn wait<T>(
-    task: JoinHandle<T>,
+    task: AbortOnDropHandle<T>,
     deadline: tokio::time::Instant,
     what: &str,
 ) -> anyhow::Result<T> {
-    let abort = task.abort_handle();
     match tokio::time::timeout_at(deadline, task).await {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(anyhow::anyhow!("{what} failed: {e}")),
-        Err(_) => {
-            abort.abort();
-            warn!(
-                "shutdown deadline passed while waiting for {what}; unacknowledged messages will be redelivered by the broker"
-            );
-            Err(anyhow::anyhow!(
-                "shutdown deadline passed while waiting for {what}"
-            ))
+        Err(_) => Err(deadline_passed(what)),
+    }
+}
+
+/// Waits for every task of `tasks` until `deadline`; past it the rest are aborted.
+async fn wait_all(
+    tasks: &mut JoinSet<()>,
+    deadline: tokio::time::Instant,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut result = Ok(());
+    loop {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(None) => return result,
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => result = Err(anyhow::anyhow!("{what} failed: {e}")),
+            Err(_) => {
+                tasks.abort_all();
+                return Err(deadline_passed(what));
+            }
         }
     }
 }
 
-/// Tasks that must not outlive the service: aborted when dropped.
-struct Background(Vec<tokio::task::AbortHandle>);
-
-impl Background {
-    fn push(&mut self, task: JoinHandle<()>) {
-        // Detached: only the abort handle is kept.
-        self.0.push(task.abort_handle());
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
+fn deadline_passed(what: &str) -> anyhow::Error {
+    warn!(
+        "shutdown deadline passed while waiting for {what}; unacknowledged messages will be redelivered by the broker"
+    );
+    anyhow::anyhow!("shutdown deadline passed while waiting for {what}")
 }
 
 /// The statistics block in the configured words (`LOG_STYLE`).

@@ -550,11 +550,13 @@ async fn the_python_services_env_names_reach_the_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registering_unknown_devices_is_refused_where_rows_cannot_be_made() {
     let (_db, target) = setup(Schema::Current).await;
-    let service = mqtt_ingest::service::Service::new(
+    let service = mqtt_ingest::service::Service::build(
         target
             .with("INGEST_REGISTER_UNKNOWN_DEVICES", "true")
             .settings(),
-    );
+    )
+    .await
+    .unwrap();
     let result = tokio::time::timeout(
         Duration::from_secs(30),
         service.run_until_stopped(tokio_util::sync::CancellationToken::new()),

@@ -135,7 +135,7 @@ async fn mqtt_over_tls_with_a_client_certificate() {
     let no_cert = Target::new(&db, tls_port)
         .with("MQTT_TLS", "true")
         .with("MQTT_TLS_CA_FILE", &pki.s("ca.pem"));
-    let svc = Service::new(no_cert.settings());
+    let svc = Service::build(no_cert.settings()).await.unwrap();
     let stats = svc.stats();
     let stop = CancellationToken::new();
     let task = tokio::spawn(svc.run_until_stopped(stop.clone()));

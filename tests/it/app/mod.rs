@@ -150,17 +150,14 @@ pub struct Running {
 
 /// Starts the service and waits until it is subscribed.
 pub async fn spawn_service(target: &Target) -> Running {
-    let service = Service::new(target.settings());
+    let service = Service::build(target.settings())
+        .await
+        .expect("the service builds");
     let stats = service.stats();
     let health = service.health();
+    let http = service.http_address();
     let shutdown = CancellationToken::new();
-    let http = Arc::new(Mutex::new(None));
-    let bound = http.clone();
-    let task = tokio::spawn(
-        service.run_reporting_address(shutdown.clone(), move |addr| {
-            *bound.lock().unwrap() = Some(addr);
-        }),
-    );
+    let task = tokio::spawn(service.run_until_stopped(shutdown.clone()));
     let s = stats.clone();
     wait_until_named(
         "the service to subscribe",
@@ -170,8 +167,6 @@ pub async fn spawn_service(target: &Target) -> Running {
     )
     .await
     .expect("service subscribed");
-    // The listener binds before the service subscribes.
-    let http = *http.lock().unwrap();
     Running {
         stats,
         health,
