@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
 use crate::rejection::Rejection;
-use crate::sql::{delete_in_batches, exact_chunks, fit_chars, placeholders};
+use crate::sql::{StoreError, delete_in_batches, exact_chunks, fit_chars, placeholders};
 use crate::zone::Zone;
 
 /// Longest topic kept (the column is `VARCHAR(255)`).
@@ -123,20 +124,24 @@ pub fn channel(max_payload: usize) -> (RejectSink, mpsc::Receiver<RejectRecord>)
 }
 
 /// Writes queued records in multi-row inserts until every sink is dropped and the queue is
-/// empty. A failed insert is retried a few times, then given up (with a warning).
+/// empty. A failed insert is retried (the writers' policy, at most [`ATTEMPTS`] tries: kept
+/// rejects are diagnostics, and must not hold up the service's stop), then given up with a
+/// warning.
 pub async fn run_writer(pool: MySqlPool, mut rx: mpsc::Receiver<RejectRecord>) {
     let mut batch = Vec::with_capacity(256);
     while rx.recv_many(&mut batch, 256).await > 0 {
-        let mut attempt = 0;
-        loop {
-            match insert(&pool, &batch).await {
-                Ok(()) => break,
-                Err(e) if attempt < 3 => {
-                    attempt += 1;
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
+        for attempt in 1.. {
+            let Err(e) = insert(&pool, &batch).await else {
+                break;
+            };
+            let e = StoreError::from(e);
+            match e.retry_after(&mut backoff) {
+                Some(delay) if attempt < ATTEMPTS => {
                     debug!(error = %e, attempt, "keeping rejects failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                    tokio::time::sleep(delay).await;
                 }
-                Err(e) => {
+                _ => {
                     warn!(error = %e, records = batch.len(), "could not keep rejected messages");
                     break;
                 }
@@ -145,6 +150,9 @@ pub async fn run_writer(pool: MySqlPool, mut rx: mpsc::Receiver<RejectRecord>) {
         batch.clear();
     }
 }
+
+/// Tries to keep one batch of rejects.
+const ATTEMPTS: u32 = 4;
 
 async fn insert(pool: &MySqlPool, records: &[RejectRecord]) -> Result<(), sqlx::Error> {
     // Not padded: a repeated record would be a duplicate row here.

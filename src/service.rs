@@ -18,6 +18,7 @@ use crate::http;
 use crate::mqtt;
 use crate::rejects::RejectSink;
 use crate::sensors::{self, Discovery};
+use crate::sql::unavailable_retry;
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreOptions};
 use crate::systemd;
@@ -426,10 +427,7 @@ async fn prepare_database(
             Err(e) => {
                 let cause = e.downcast_ref::<sqlx::Error>();
                 let refused = cause.is_some_and(store::is_refusal);
-                if refused {
-                    backoff.give_up_quickly();
-                }
-                let delay = backoff.next_delay();
+                let delay = unavailable_retry(cause, &mut backoff);
                 let hint = cause.and_then(store::settings_hint).unwrap_or("");
                 // The error once: sqlx's text already holds the server's message, which its
                 // source repeats.

@@ -1,8 +1,10 @@
 //! What every table's code shares, so that none of them imports another (`store` and `history`
-//! used to import each other): the classes of a database error and the writers' retry delay,
+//! used to import each other): the classes of a database error and the one retry policy they decide,
 //! the statement shapes and placeholders, cutting text to a column, and deleting in batches.
 
 use std::time::Duration;
+
+use crate::backoff::{Backoff, with_jitter};
 
 use sqlx::mysql::MySqlDatabaseError;
 use sqlx::{MySql, MySqlPool};
@@ -21,6 +23,38 @@ pub enum StoreError {
     /// Anything else: connection lost, server gone, table missing. Retried with backoff.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+}
+
+/// The first wait of a database retry; it doubles up to the task's maximum
+/// (`DB_RETRY_MAX_SECS` for the writers).
+pub const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// The pause after a transaction conflict: the other transaction has usually committed by then.
+const CONFLICT_PAUSE: Duration = Duration::from_millis(20);
+
+impl StoreError {
+    /// The retry policy of every database task (the writers, the start-up check, kept
+    /// rejects), decided by the error's class: how long to wait before the next attempt, or
+    /// `None` when another attempt cannot help (the data itself was refused). A conflict is
+    /// retried after a short pause that does not grow; an unavailable database after the
+    /// backoff's next wait — at once its longest when the server refused the service's
+    /// credentials or database, which waiting will not cure soon.
+    pub fn retry_after(&self, backoff: &mut Backoff) -> Option<Duration> {
+        match self {
+            StoreError::Refused(_) => None,
+            StoreError::Conflict(_) => Some(with_jitter(CONFLICT_PAUSE)),
+            StoreError::Unavailable(e) => Some(unavailable_retry(Some(e), backoff)),
+        }
+    }
+}
+
+/// [`StoreError::retry_after`] for a database that could not be reached or used (`error`, when
+/// the failure was a database error at all: a migration's may not be).
+pub fn unavailable_retry(error: Option<&sqlx::Error>, backoff: &mut Backoff) -> Duration {
+    if error.is_some_and(is_refusal) {
+        backoff.give_up_quickly();
+    }
+    backoff.next_delay()
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -171,8 +205,30 @@ where
     }
 }
 
-/// How long the writer waits before retrying after `attempt` failures (capped, with jitter).
-pub fn retry_delay(attempt: u32, max: Duration) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16));
-    crate::backoff::with_jitter(base.min(max))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_retry_policy_by_class() {
+        let max = Duration::from_secs(30);
+        let mut backoff = Backoff::new(RETRY_FIRST, max);
+        let unavailable = StoreError::Unavailable(sqlx::Error::PoolTimedOut);
+        let waits: Vec<Duration> = (0..12)
+            .map(|_| unavailable.retry_after(&mut backoff).unwrap())
+            .collect();
+        assert!(waits[0] <= RETRY_FIRST && waits[0] >= RETRY_FIRST.mul_f64(0.8));
+        assert!(waits[3] >= Duration::from_millis(640), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= max) && waits[11] >= max.mul_f64(0.8));
+        // A conflict waits a moment and does not push the backoff on.
+        let mut backoff = Backoff::new(RETRY_FIRST, max);
+        let conflict = StoreError::Conflict(sqlx::Error::PoolTimedOut);
+        for _ in 0..5 {
+            assert!(conflict.retry_after(&mut backoff).unwrap() <= CONFLICT_PAUSE);
+        }
+        assert!(unavailable.retry_after(&mut backoff).unwrap() <= RETRY_FIRST);
+        // Refused data is never retried.
+        let refused = StoreError::Refused(sqlx::Error::PoolTimedOut);
+        assert_eq!(refused.retry_after(&mut backoff), None);
+    }
 }

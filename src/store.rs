@@ -19,7 +19,7 @@ use crate::zone::Zone;
 
 pub use crate::sql::{
     SHAPES, StoreError, delete_in_batches, error_number, exact_chunks, fit_chars, is_refusal,
-    placeholders, retry_delay, settings_hint, shaped_chunks,
+    placeholders, settings_hint, shaped_chunks,
 };
 
 /// The migrations in `migrations/`, compiled in.
@@ -679,13 +679,5 @@ mod tests {
             assert!(chunks.iter().all(|c| SHAPES.contains(&c.len())), "{n}");
             assert_eq!(chunks.concat(), items, "{n}");
         }
-    }
-
-    #[test]
-    fn retry_delay_grows_and_is_capped() {
-        let max = Duration::from_secs(30);
-        assert!(retry_delay(0, max) <= Duration::from_millis(100));
-        assert!(retry_delay(3, max) >= Duration::from_millis(320));
-        assert!(retry_delay(40, max) <= max);
     }
 }

@@ -22,11 +22,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+use crate::backoff::Backoff;
 use crate::merge::absorb;
 use crate::rejection::Rejection;
 use crate::rejects::RejectSink;
+use crate::sql::RETRY_FIRST;
 use crate::stats::Stats;
-use crate::store::{Applied, Store, StoreError, retry_delay};
+use crate::store::{Applied, Store, StoreError};
 use crate::work::{AckToken, InFlight, Job, Settled};
 
 /// Hands each update to a writer chosen by its device, so that one device's messages stay in
@@ -477,7 +479,7 @@ impl Outcomes<'_> {
 /// Writes one batch, retrying until it commits; isolates updates the database refuses.
 async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_max: Duration) {
     let stats = out.stats;
-    let mut attempt = 0u32;
+    let mut backoff = Backoff::new(RETRY_FIRST, retry_max);
     loop {
         let updates: Vec<_> = batch.iter().map(|h| &h.job.update).collect();
         let started = Instant::now();
@@ -503,23 +505,21 @@ async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_
                 }
                 return;
             }
-            Err(StoreError::Conflict(e)) => {
-                // Another writer held the locks; the database rolled this batch back. Nothing
-                // is wrong with the database: try again after a moment.
+            Err(e) => {
                 stats.db_error();
-                debug!(error = %e, messages = batch.len(), "transaction conflict; retrying the batch");
-                tokio::time::sleep(crate::backoff::with_jitter(Duration::from_millis(20))).await;
-            }
-            Err(StoreError::Unavailable(e)) => {
-                stats.db_error();
-                let delay = retry_delay(attempt, retry_max);
-                attempt = attempt.saturating_add(1);
-                error!(
-                    error = %e,
-                    messages = batch.len(),
-                    retry_in_secs = delay.as_secs_f32(),
-                    "database write failed; the messages wait, unacknowledged"
-                );
+                let delay = e.retry_after(&mut backoff).unwrap_or(retry_max);
+                if let StoreError::Conflict(e) = &e {
+                    // Another writer held the locks; the database rolled this batch back.
+                    // Nothing is wrong with the database: try again after a moment.
+                    debug!(error = %e, messages = batch.len(), "transaction conflict; retrying the batch");
+                } else {
+                    error!(
+                        error = %e,
+                        messages = batch.len(),
+                        retry_in_secs = delay.as_secs_f32(),
+                        "database write failed; the messages wait, unacknowledged"
+                    );
+                }
                 tokio::time::sleep(delay).await;
             }
         }
