@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
-use sqlx::{MySqlPool, Row};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
 use crate::rejection::Rejection;
-use crate::sql::{StoreError, delete_in_batches, exact_chunks, fit_chars, placeholders};
+use crate::sql::{StoreError, delete_in_batches, exact_chunks, fit_chars};
 use crate::zone::Zone;
 
 /// Longest topic kept (the column is `VARCHAR(255)`).
@@ -157,23 +157,22 @@ const ATTEMPTS: u32 = 4;
 async fn insert(pool: &MySqlPool, records: &[RejectRecord]) -> Result<(), sqlx::Error> {
     // Not padded: a repeated record would be a duplicate row here.
     for chunk in exact_chunks(records) {
-        let sql = format!(
+        let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO ingest_rejects \
-               (received_at, topic, device_uuid, reason, detail, payload, payload_bytes) VALUES {}",
-            placeholders(chunk.len(), "(?, ?, ?, ?, ?, ?, ?)", ", ")
+               (received_at, topic, device_uuid, reason, detail, payload, payload_bytes) ",
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for r in chunk {
-            q = q
-                .bind(r.received_at)
-                .bind(&r.topic)
-                .bind(r.device.as_deref())
-                .bind(r.reason)
-                .bind(&r.detail)
-                .bind(&r.payload)
-                .bind(r.payload_bytes as u64);
-        }
-        q.execute(pool).await?;
+        // Every value here is the service's own (the receive time, text, sizes): none can fail
+        // to encode, which QueryBuilder would answer with a panic.
+        q.push_values(chunk, |mut row, r| {
+            row.push_bind(r.received_at)
+                .push_bind(&r.topic)
+                .push_bind(r.device.as_deref())
+                .push_bind(r.reason)
+                .push_bind(&r.detail)
+                .push_bind(&r.payload)
+                .push_bind(r.payload_bytes as u64);
+        });
+        q.build().execute(pool).await?;
     }
     Ok(())
 }

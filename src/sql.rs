@@ -166,6 +166,12 @@ pub fn exact_chunks<T>(items: &[T]) -> Vec<&[T]> {
 }
 
 /// `rows` copies of `per_row` joined by `separator`: the placeholders of a multi-row statement.
+///
+/// For the statements that bind what devices sent (reading times, readings: `device_main`'s
+/// write, `device_sensors`, `device_history`). The others use `sqlx::QueryBuilder`, whose
+/// `push_bind` panics when a value cannot be encoded (a date MySQL cannot hold), where
+/// `sqlx::query(…).bind(…)` returns that as the statement's error — the writer then isolates
+/// the message instead of the service crashing on input.
 pub fn placeholders(rows: usize, per_row: &str, separator: &str) -> String {
     vec![per_row; rows].join(separator)
 }

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode};
-use sqlx::{Executor, MySql, Row, Transaction};
+use sqlx::{Executor, MySql, QueryBuilder, Row, Transaction};
 
 use crate::config::{DbSettings, DbSslMode};
 use crate::history::{self, HistoryRow};
@@ -500,17 +500,12 @@ async fn register(
 ) -> Result<(), StoreError> {
     let mut existing: HashSet<String> = HashSet::new();
     for chunk in shaped_chunks(devices) {
-        let sql = format!(
-            "SELECT uuid FROM device_main WHERE uuid IN ({})",
-            placeholders(chunk.len(), "?", ", ")
-        );
-        let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
-        for d in &chunk {
-            q = q.bind(*d);
-        }
+        let mut q = QueryBuilder::<MySql>::new("SELECT uuid FROM device_main WHERE uuid IN ");
+        push_list(&mut q, &chunk);
         // The column's collation usually ignores case: so does the comparison here.
         existing.extend(
-            q.fetch_all(&mut **tx)
+            q.build_query_scalar::<String>()
+                .fetch_all(&mut **tx)
                 .await?
                 .into_iter()
                 .map(|u| u.to_ascii_lowercase()),
@@ -529,18 +524,24 @@ async fn register(
         // Not INSERT IGNORE: that would turn a missing value into an empty one and make a
         // half-filled row. A duplicate (another instance registered the device meanwhile) is
         // left as it is.
-        let sql = format!(
-            "INSERT INTO device_main (device_id, uuid, name) VALUES {} \
-             ON DUPLICATE KEY UPDATE uuid = uuid",
-            placeholders(chunk.len(), "(?, ?, ?)", ", ")
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for d in chunk {
-            q = q.bind(*d).bind(*d).bind(*d);
-        }
-        q.execute(&mut **tx).await?;
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO device_main (device_id, uuid, name) ");
+        q.push_values(chunk, |mut row, d| {
+            row.push_bind(*d).push_bind(*d).push_bind(*d);
+        });
+        q.push(" ON DUPLICATE KEY UPDATE uuid = uuid");
+        q.build().execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// `(?, ?, …)` bound to `devices`, for an `IN`.
+fn push_list(q: &mut QueryBuilder<MySql>, devices: &[&str]) {
+    q.push("(");
+    let mut list = q.separated(", ");
+    for d in devices {
+        list.push_bind(*d);
+    }
+    list.push_unseparated(")");
 }
 
 /// Reads and locks the rows of `devices` (those that exist).
@@ -554,18 +555,15 @@ async fn lock_rows(
     for chunk in shaped_chunks(devices) {
         // MariaDB keeps JSON as LONGTEXT: read it as text. The casts make the column types
         // whatever the backend chose (INT or BIGINT id, TINYINT or BOOLEAN flag).
-        let sql = format!(
+        let mut q = QueryBuilder::<MySql>::new(
             "SELECT CAST(id AS UNSIGNED) AS id, uuid, device_id, name, \
                     CAST(last_report_data AS CHAR) AS data, last_seen, last_heartbeat, \
                     CAST(is_online AS SIGNED) AS is_online, device_status \
-             FROM device_main WHERE uuid IN ({}) FOR UPDATE",
-            placeholders(chunk.len(), "?", ", ")
+             FROM device_main WHERE uuid IN ",
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for d in &chunk {
-            q = q.bind(*d);
-        }
-        for row in q.fetch_all(&mut **tx).await? {
+        push_list(&mut q, &chunk);
+        q.push(" FOR UPDATE");
+        for row in q.build().fetch_all(&mut **tx).await? {
             let id: u64 = row.try_get("id")?;
             if !ids.insert(id) {
                 continue;
@@ -669,6 +667,13 @@ mod tests {
             seen.dedup();
             assert_eq!(seen, items, "{n}");
         }
+    }
+
+    #[test]
+    fn an_in_list_has_one_placeholder_per_device() {
+        let mut q = QueryBuilder::<MySql>::new("SELECT 1 WHERE u IN ");
+        push_list(&mut q, &["a", "b", "c"]);
+        assert_eq!(q.sql().as_str(), "SELECT 1 WHERE u IN (?, ?, ?)");
     }
 
     #[test]
