@@ -1,8 +1,6 @@
 //! Running the service under test: in-process (`spawn_service`) or as the real binary
 //! (`ServiceProcess`, for signals and `kill -9`), plus reading `device_main` rows back.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -12,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::NaiveDateTime;
 use mqtt_ingest::config::Settings;
-use mqtt_ingest::health::Health;
 use mqtt_ingest::service::Service;
 use mqtt_ingest::stats::Stats;
 use serde_json::Value;
@@ -140,7 +137,6 @@ pub fn test_protocol() -> String {
 /// The service running inside the test process.
 pub struct Running {
     pub stats: Arc<Stats>,
-    pub health: Arc<Health>,
     /// Where the HTTP listener listens, when the target turned it on.
     pub http: Option<SocketAddr>,
     shutdown: CancellationToken,
@@ -154,7 +150,6 @@ pub async fn spawn_service(target: &Target) -> Running {
         .await
         .expect("the service builds");
     let stats = service.stats();
-    let health = service.health();
     let http = service.http_address();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(service.run_until_stopped(shutdown.clone()));
@@ -169,7 +164,6 @@ pub async fn spawn_service(target: &Target) -> Running {
     .expect("service subscribed");
     Running {
         stats,
-        health,
         http,
         shutdown,
         task,

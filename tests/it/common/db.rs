@@ -100,10 +100,6 @@ impl TestDb {
         }
     }
 
-    pub async fn try_on(host: &str, port: u16) -> anyhow::Result<Self> {
-        Self::try_with(host, port, "root", "").await
-    }
-
     /// With explicit credentials (the user needs CREATE and DROP rights).
     pub async fn try_with(
         host: &str,

@@ -110,17 +110,8 @@ impl PrivateMariaDb {
         ""
     }
 
-    /// The private dir (`data/`, socket, pid file, logs).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     pub fn socket_path(&self) -> PathBuf {
         self.dir.path().join("mariadbd.sock")
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -130,11 +121,6 @@ impl PrivateMariaDb {
     /// Options to connect as root over TCP (no database selected).
     pub fn connect_options(&self) -> MySqlConnectOptions {
         connect_options(self.host(), self.port, self.user(), self.password(), None)
-    }
-
-    /// `mysql://root@127.0.0.1:<port>` (no database).
-    pub fn url(&self) -> String {
-        format!("mysql://root@127.0.0.1:{}", self.port)
     }
 
     /// A new small pool (max 5) connected as root, no database selected.

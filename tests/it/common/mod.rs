@@ -20,8 +20,6 @@
 //!   `/dev/shm` when writable, else the system temp dir);
 //! * `MI_TEST_KEEP_TMP=1`: do not delete those temp dirs (for debugging).
 
-#![allow(dead_code)]
-
 mod db;
 mod mariadb;
 mod mosquitto;

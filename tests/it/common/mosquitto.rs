@@ -73,10 +73,6 @@ impl PrivateMosquitto {
         }
     }
 
-    pub fn host(&self) -> &'static str {
-        "127.0.0.1"
-    }
-
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -84,10 +80,6 @@ impl PrivateMosquitto {
     /// The private dir (config, `mosquitto.db`, logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -177,8 +177,6 @@ pub struct ReceivedMessage {
     pub topic: String,
     pub payload: Vec<u8>,
     pub qos: QoS,
-    pub retain: bool,
-    pub dup: bool,
 }
 
 impl ReceivedMessage {
@@ -300,10 +298,6 @@ impl TestSubscriber {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn client_id(&self) -> &str {
-        &self.client_id
-    }
-
     /// The session-present flag of the latest CONNACK.
     pub fn session_present(&self) -> bool {
         self.lock().session_present
@@ -311,11 +305,6 @@ impl TestSubscriber {
 
     pub fn is_connected(&self) -> bool {
         self.lock().connected
-    }
-
-    /// The underlying client, e.g. to subscribe to more topics.
-    pub fn client(&self) -> &AsyncClient {
-        &self.client
     }
 
     /// The next delivered message, waiting up to `timeout`.
@@ -344,11 +333,6 @@ impl TestSubscriber {
             out.push(message);
         }
         Ok(out)
-    }
-
-    /// A message that has already arrived, if any.
-    pub fn try_recv(&mut self) -> Option<ReceivedMessage> {
-        self.messages.try_recv().ok()
     }
 
     /// Sends DISCONNECT (a persistent session is kept by the broker) and stops.
@@ -400,8 +384,6 @@ async fn drive(
                     topic: p.topic,
                     payload: p.payload.to_vec(),
                     qos: p.qos,
-                    retain: p.retain,
-                    dup: p.dup,
                 });
             }
             // Written out: done. `connected` stays true to tell a clean end.

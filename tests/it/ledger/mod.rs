@@ -11,8 +11,6 @@
 //! acknowledged reading is in `device_history` (the service runs with `HISTORY_ENABLED=true`)
 //! and the final state is the last acknowledged one.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
