@@ -27,20 +27,16 @@ mod mqtt;
 mod procs;
 mod wait;
 
-// Not every test file uses every item.
-#[allow(unused_imports)]
 pub use self::{
     db::TestDb,
     mariadb::PrivateMariaDb,
     mosquitto::PrivateMosquitto,
     mqtt::{
-        MQTT_HOST, ReceivedMessage, TestSubscriber, clear_session, mqtt_publish, publish_many,
-        shared_mqtt_port,
+        MQTT_HOST, TestSubscriber, clear_session, mqtt_publish, publish_many, shared_mqtt_port,
     },
     procs::free_port,
-    wait::{PollOutcome, wait_until, wait_until_named},
+    wait::{wait_until, wait_until_named},
 };
-#[allow(unused_imports)]
 pub use rumqttc::QoS;
 
 use std::sync::atomic::{AtomicU32, Ordering};
