@@ -26,6 +26,6 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-cargo build --release --bin mqtt-ingest --bin mqtt-ingest-bench
+cargo build --release --workspace --bins
 
 exec target/release/mqtt-ingest-bench "$@"

@@ -41,8 +41,8 @@ cargo clippy --version >/dev/null 2>&1 || add_component clippy clippy
 echo "test: cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-echo "test: cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+echo "test: cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
 
 # Every test module (of the one integration binary, tests/it) that runs the service's ingest
 # path runs once more under MQTT 5.

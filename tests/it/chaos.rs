@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use crate::app::{Running, ServiceProcess, Target, migrate, register, spawn_service};
 use crate::common::{PrivateMariaDb, PrivateMosquitto, TestDb, clear_session, wait_until_named};
-use crate::ledger::{Ledger, LedgerPublisher, Sampler, Verdict, check, logged_counter, rss_kib};
+use crate::common::{last_logged_counter, rss_kib};
+use crate::ledger::{Ledger, LedgerPublisher, Sampler, Verdict, check};
 use sqlx::MySqlPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -178,9 +179,9 @@ async fn service_sigkill_under_load_redeliveries_are_absorbed() {
         .await;
     let log = process.log();
     let (total, succeeded, failed) = (
-        logged_counter(&log, "total:").unwrap(),
-        logged_counter(&log, "succeeded:").unwrap(),
-        logged_counter(&log, "failed:").unwrap(),
+        last_logged_counter(&log, "total").unwrap(),
+        last_logged_counter(&log, "succeeded").unwrap(),
+        last_logged_counter(&log, "failed").unwrap(),
     );
     eprintln!("[service] last process: total {total}, succeeded {succeeded}, failed {failed}");
     assert_eq!(total, succeeded + failed);
@@ -448,9 +449,9 @@ async fn sigterm_under_load_drains_commits_acks_and_exits_in_time() {
         .await;
     let log = process.log();
     let (total, succeeded, failed) = (
-        logged_counter(&log, "total:").unwrap(),
-        logged_counter(&log, "succeeded:").unwrap(),
-        logged_counter(&log, "failed:").unwrap(),
+        last_logged_counter(&log, "total").unwrap(),
+        last_logged_counter(&log, "succeeded").unwrap(),
+        last_logged_counter(&log, "failed").unwrap(),
     );
     eprintln!("[sigterm] final statistics: total {total}, succeeded {succeeded}, failed {failed}");
     assert_eq!(
@@ -547,9 +548,9 @@ async fn database_down_two_minutes_no_loss_and_bounded_memory() {
         .await;
     let log = process.log();
     let (total, succeeded, failed) = (
-        logged_counter(&log, "total:").unwrap(),
-        logged_counter(&log, "succeeded:").unwrap(),
-        logged_counter(&log, "failed:").unwrap(),
+        last_logged_counter(&log, "total").unwrap(),
+        last_logged_counter(&log, "succeeded").unwrap(),
+        last_logged_counter(&log, "failed").unwrap(),
     );
     eprintln!("[outage] final statistics: total {total}, succeeded {succeeded}, failed {failed}");
     assert_eq!(total, succeeded + failed);

@@ -3,7 +3,7 @@
 //! waiting; `app`: the service under test; `ledger`: the chaos tests' record of what was sent).
 
 mod app;
-mod common;
+use mqtt_ingest_testkit as common;
 mod ledger;
 
 mod brokers;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::app::{ServiceProcess, Target, migrate};
 use crate::common::{PrivateMariaDb, PrivateMosquitto, TestDb, clear_session};
-use crate::ledger::{LedgerPublisher, logged_counter, rss_kib, stored_seqs};
+use crate::common::{last_logged_counter, rss_kib};
+use crate::ledger::{LedgerPublisher, stored_seqs};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -57,7 +58,7 @@ async fn soak() {
     let mut samples: Vec<(f64, u64, u64)> = Vec::new(); // (seconds, taken in, RSS KiB)
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let taken = logged_counter(&process.log(), "total:").unwrap_or(0);
+        let taken = last_logged_counter(&process.log(), "total").unwrap_or(0);
         let rss = rss_kib(pid).expect("the service is running");
         samples.push((started.elapsed().as_secs_f64(), taken, rss));
         eprintln!(
@@ -85,9 +86,9 @@ async fn soak() {
         .await;
     let log = process.log();
     let (total, succeeded, failed) = (
-        logged_counter(&log, "total:").unwrap(),
-        logged_counter(&log, "succeeded:").unwrap(),
-        logged_counter(&log, "failed:").unwrap(),
+        last_logged_counter(&log, "total").unwrap(),
+        last_logged_counter(&log, "succeeded").unwrap(),
+        last_logged_counter(&log, "failed").unwrap(),
     );
 
     let warm: Vec<u64> = samples

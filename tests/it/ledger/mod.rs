@@ -379,21 +379,3 @@ pub async fn check(pool: &MySqlPool, ledger: &Ledger, timeout: Duration) -> Verd
         history_rows: rows.len(),
     }
 }
-
-/// `VmRSS` of a process in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// A counter from the last statistics block the real binary logged (`total:`, `succeeded:`,
-/// `failed:`).
-pub fn logged_counter(log: &str, name: &str) -> Option<u64> {
-    log.lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().parse().ok()))
-        .flatten()
-}

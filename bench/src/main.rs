@@ -7,14 +7,13 @@
 mod args;
 mod broker;
 mod db;
-mod procs;
 mod progress;
 mod publisher;
 mod report;
 mod scenarios;
 mod service;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
@@ -51,12 +50,9 @@ fn main() -> ExitCode {
 
 /// What a run leaves behind and `teardown` removes.
 struct Env {
-    dir: PathBuf,
     broker: Option<Broker>,
     broker_version: String,
     db_name: String,
-    /// CREATE DATABASE may have run (a half-made database is dropped quietly).
-    db_attempted: bool,
     db: Option<BenchDb>,
 }
 
@@ -70,12 +66,11 @@ async fn setup(opts: &Options, env: &mut Env) -> anyhow::Result<()> {
     if needs_service {
         service::check_binary(&opts.service_bin)?;
     }
-    std::fs::create_dir_all(&env.dir).context("creating the temp dir")?;
     eprintln!(
         "[bench] starting a private Mosquitto (max_inflight_messages {})",
         opts.broker_inflight
     );
-    let broker = Broker::start(&opts.mosquitto, &env.dir, opts.broker_inflight).await?;
+    let broker = Broker::start(&opts.mosquitto, opts.broker_inflight).await?;
     eprintln!(
         "[bench]   mosquitto {} listening on 127.0.0.1:{}",
         broker.version, broker.port
@@ -88,31 +83,25 @@ async fn setup(opts: &Options, env: &mut Env) -> anyhow::Result<()> {
     }
     env.broker_version = broker.version.clone();
     env.broker = Some(broker);
+    let db = BenchDb::create(&opts.db).await?;
     eprintln!(
-        "[bench] creating database {} on {}:{}",
-        env.db_name, opts.db.host, opts.db.port
+        "[bench] created database {} on {}:{}",
+        db.name, opts.db.host, opts.db.port
     );
-    env.db_attempted = true;
-    env.db = Some(BenchDb::create(&opts.db, &env.db_name).await?);
+    env.db_name.clone_from(&db.name);
+    env.db = Some(db);
     Ok(())
 }
 
-async fn teardown(opts: &Options, env: &mut Env) {
+async fn teardown(env: &mut Env) {
     if let Some(mut broker) = env.broker.take() {
         broker.stop().await;
     }
-    match env.db.take() {
-        Some(db) => match db.drop_database().await {
-            Ok(()) => eprintln!("[bench] dropped database {}", env.db_name),
-            Err(e) => eprintln!("[bench] could not drop database {}: {e:#}", env.db_name),
-        },
-        // Creation failed or was interrupted, perhaps half-way: drop it if it exists.
-        None if env.db_attempted => {
-            let _ = db::drop_database(&opts.db, &env.db_name).await;
-        }
-        None => {}
+    if let Some(db) = env.db.take() {
+        let name = db.name.clone();
+        db.drop_database().await;
+        eprintln!("[bench] dropped database {name}");
     }
-    let _ = std::fs::remove_dir_all(&env.dir);
 }
 
 async fn shutdown_signal() -> &'static str {
@@ -130,13 +119,12 @@ async fn shutdown_signal() -> &'static str {
 }
 
 async fn bench(opts: Options) -> ExitCode {
-    let tag = procs::tag();
+    // Client ids and topic prefixes of this run.
+    let tag = mqtt_ingest_testkit::unique_name("b");
     let mut env = Env {
-        dir: std::env::temp_dir().join(format!("mqtt-ingest-bench-{tag}")),
         broker: None,
         broker_version: String::new(),
-        db_attempted: false,
-        db_name: format!("bench_{tag}"),
+        db_name: String::new(),
         db: None,
     };
     let results: Mutex<Vec<Vec<Row>>> = Mutex::new(Vec::new());
@@ -152,7 +140,7 @@ async fn bench(opts: Options) -> ExitCode {
     };
     progress.idle();
     ticker.abort();
-    teardown(&opts, &mut env).await;
+    teardown(&mut env).await;
 
     let runs = results.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut ok = outcome.is_ok();

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::args::{DbTarget, Options};
-use crate::procs;
+use mqtt_ingest_testkit::stats_counter as counter;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -52,15 +52,6 @@ pub struct Stopped {
     pub counters: Counters,
     pub peak_rss_kib: u64,
     pub tail: String,
-}
-
-fn counter(line: &str, name: &str) -> Option<u64> {
-    line.strip_prefix("  ")?
-        .strip_prefix(name)?
-        .strip_prefix(':')?
-        .trim()
-        .parse()
-        .ok()
 }
 
 impl Service {
@@ -193,7 +184,7 @@ impl Service {
 
     /// Reads the peak RSS so far (VmHWM) and returns the highest seen, in KiB.
     pub fn sample_rss(&mut self) -> u64 {
-        if let Some(kib) = procs::peak_rss_kib(self.pid) {
+        if let Some(kib) = mqtt_ingest_testkit::peak_rss_kib(self.pid) {
             self.peak_rss_kib = self.peak_rss_kib.max(kib);
         }
         self.peak_rss_kib
@@ -202,7 +193,7 @@ impl Service {
     /// SIGTERM, wait for the exit (sampling the RSS meanwhile), read the final statistics.
     pub async fn stop(mut self) -> anyhow::Result<Stopped> {
         self.sample_rss();
-        procs::sigterm(self.pid)?;
+        mqtt_ingest_testkit::sigterm(self.pid)?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         let status = loop {
             if let Some(status) = self.child.try_wait()? {
@@ -243,18 +234,4 @@ pub fn check_binary(path: &Path) -> anyhow::Result<()> {
         bail!("{} is not a file", path.display());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::counter;
-
-    #[test]
-    fn reads_the_statistics_lines() {
-        assert_eq!(counter("  total:         1040", "total"), Some(1040));
-        assert_eq!(counter("  succeeded:     7", "succeeded"), Some(7));
-        assert_eq!(counter("  failed:        0", "failed"), Some(0));
-        assert_eq!(counter("  failed by:     x=1", "failed"), None);
-        assert_eq!(counter("INFO total: 3", "total"), None);
-    }
 }

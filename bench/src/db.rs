@@ -1,12 +1,13 @@
-//! The throw-away database `bench_<random>`: creation through the service's own migrations,
-//! device rows, the progress queries, the single-connection upsert limit, and the drop.
+//! The throw-away database `bench_<unique>` (the test kit's): the service's own migrations,
+//! device rows, the progress queries, the single-connection upsert limit.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chrono::{SecondsFormat, Utc};
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
+use mqtt_ingest_testkit::TestDb;
+use sqlx::mysql::MySqlPool;
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 
 use crate::args::DbTarget;
@@ -36,62 +37,41 @@ const DEVICE_SEQ: &str = concat!("SELECT ", seq_expr!(), " FROM device_main WHER
 /// Every device's uuid and stored seq.
 const SEQS: &str = concat!("SELECT uuid, ", seq_expr!(), " FROM device_main");
 
-fn options(t: &DbTarget) -> MySqlConnectOptions {
-    let o = MySqlConnectOptions::new()
-        .host(&t.host)
-        .port(t.port)
-        .username(&t.user)
-        .charset("utf8mb4")
-        .timezone(Some("+00:00".to_owned()));
-    // An empty password must be sent as none at all: the scramble of "" is refused.
-    if t.password.is_empty() {
-        o
-    } else {
-        o.password(&t.password)
-    }
-}
-
+/// The benchmark's database: the test kit's throw-away database (dropped when this is
+/// dropped), with the service's tables.
 pub struct BenchDb {
     pub name: String,
     pub pool: MySqlPool,
-    target: DbTarget,
+    db: TestDb,
 }
 
 impl BenchDb {
-    /// Creates the database and runs the service's migrations in it.
-    pub async fn create(target: &DbTarget, name: &str) -> anyhow::Result<BenchDb> {
-        let mut admin = MySqlConnection::connect_with(&options(target))
-            .await
-            .with_context(|| format!("connecting to MariaDB at {}:{}", target.host, target.port))?;
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE DATABASE `{name}` CHARACTER SET utf8mb4"
-        )))
-        .execute(&mut admin)
+    /// Creates `bench_<unique>` and runs the service's migrations in it.
+    pub async fn create(target: &DbTarget) -> anyhow::Result<BenchDb> {
+        let db = TestDb::try_named(
+            "bench",
+            &target.host,
+            target.port,
+            &target.user,
+            &target.password,
+        )
         .await
-        .with_context(|| format!("CREATE DATABASE {name}"))?;
-        let _ = admin.close().await;
-        let made = async {
-            let db = BenchDb {
-                name: name.to_owned(),
-                pool: MySqlPoolOptions::new()
-                    .max_connections(2)
-                    .connect_with(options(target).database(name))
-                    .await?,
-                target: target.clone(),
-            };
-            mqtt_ingest::store::MIGRATOR
-                .run(&db.pool)
-                .await
-                .context("running the service's migrations")?;
-            anyhow::Ok(db)
-        };
-        match made.await {
-            Ok(db) => Ok(db),
-            Err(e) => {
-                let _ = drop_database(target, name).await;
-                Err(e)
-            }
-        }
+        .with_context(|| {
+            format!(
+                "creating a database on MariaDB at {}:{}",
+                target.host, target.port
+            )
+        })?;
+        let pool = db.pool();
+        mqtt_ingest::store::MIGRATOR
+            .run(&pool)
+            .await
+            .context("running the service's migrations")?;
+        Ok(BenchDb {
+            name: db.name.clone(),
+            pool,
+            db,
+        })
     }
 
     /// Empties `device_main` and registers devices 0..n as the backend would:
@@ -164,8 +144,7 @@ impl BenchDb {
         batch: usize,
         progress: &Progress,
     ) -> anyhow::Result<(u64, Duration)> {
-        let mut conn =
-            MySqlConnection::connect_with(&options(&self.target).database(&self.name)).await?;
+        let mut conn = self.db.connect().await?;
         let mut sql = String::from(
             "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online) VALUES ",
         );
@@ -210,20 +189,10 @@ impl BenchDb {
     }
 
     /// Closes the pool and drops the database.
-    pub async fn drop_database(self) -> anyhow::Result<()> {
+    pub async fn drop_database(self) {
         self.pool.close().await;
-        drop_database(&self.target, &self.name).await
+        drop(self.db);
     }
-}
-
-pub async fn drop_database(target: &DbTarget, name: &str) -> anyhow::Result<()> {
-    let mut admin = MySqlConnection::connect_with(&options(target)).await?;
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{name}`")))
-        .execute(&mut admin)
-        .await
-        .with_context(|| format!("DROP DATABASE {name}"))?;
-    let _ = admin.close().await;
-    Ok(())
 }
 
 /// `last_report_data` as the service stores it for the benchmark's full-format message

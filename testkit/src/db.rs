@@ -107,7 +107,18 @@ impl TestDb {
         user: &str,
         password: &str,
     ) -> anyhow::Result<Self> {
-        let name = unique_name("mi");
+        Self::try_named("mi", host, port, user, password).await
+    }
+
+    /// [`TestDb::try_with`], the database's name starting with `prefix` (`bench_…`).
+    pub async fn try_named(
+        prefix: &str,
+        host: &str,
+        port: u16,
+        user: &str,
+        password: &str,
+    ) -> anyhow::Result<Self> {
+        let name = unique_name(prefix);
         let admin = connect_options(host, port, user, password, None);
         let create = async {
             let mut conn = connect_once(&admin).await?;

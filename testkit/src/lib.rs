@@ -1,4 +1,4 @@
-//! Shared support code for the integration tests (the `it` binary's modules).
+//! What the integration tests (`tests/it`) and the benchmark (`bench/`) share.
 //!
 //! Everything here is built for tests that run concurrently (several nextest
 //! processes at once): names, ports, databases and temp dirs are unique per
@@ -30,11 +30,11 @@ mod wait;
 pub use self::{
     db::TestDb,
     mariadb::PrivateMariaDb,
-    mosquitto::PrivateMosquitto,
+    mosquitto::{MosquittoConfig, PrivateMosquitto},
     mqtt::{
         MQTT_HOST, TestSubscriber, clear_session, mqtt_publish, publish_many, shared_mqtt_port,
     },
-    procs::free_port,
+    procs::{cpu_seconds, free_port, is_root, peak_rss_kib, rss_kib, sigterm},
     wait::{wait_until, wait_until_named},
 };
 pub use rumqttc::QoS;
@@ -78,6 +78,22 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// A counter of the service's statistics block from one of its lines (`  total: 5` for
+/// `name` = `total`).
+pub fn stats_counter(line: &str, name: &str) -> Option<u64> {
+    line.trim_start()
+        .strip_prefix(name)?
+        .strip_prefix(':')?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `name`'s counter in the last statistics block of a log.
+pub fn last_logged_counter(log: &str, name: &str) -> Option<u64> {
+    log.lines().rev().find_map(|l| stats_counter(l, name))
+}
+
 fn base36_digit(d: u32) -> char {
     char::from_digit(d, 36).expect("digit below 36")
 }
@@ -92,4 +108,31 @@ fn base36(mut v: u32) -> String {
         v /= 36;
     }
     digits.iter().rev().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_statistics_lines() {
+        assert_eq!(stats_counter("  total:         1040", "total"), Some(1040));
+        assert_eq!(stats_counter("  succeeded:     7", "succeeded"), Some(7));
+        assert_eq!(stats_counter("  failed:        0", "failed"), Some(0));
+        assert_eq!(stats_counter("  failed by:     x=1", "failed"), None);
+        assert_eq!(stats_counter("INFO total: 3", "total"), None);
+        let log = "  total: 1\n  failed: 0\nlater\n  total: 5\n";
+        assert_eq!(last_logged_counter(log, "total"), Some(5));
+    }
+
+    #[test]
+    fn unique_names_are_short_and_plain() {
+        let (a, b) = (unique_name("Mi-x"), unique_name("mi-x"));
+        assert_ne!(a, b);
+        assert!(a.starts_with("mi_x_") && a.len() <= 23, "{a}");
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        );
+    }
 }

@@ -24,8 +24,39 @@ pub struct PrivateMosquitto {
     dir: TempDir,
     port: u16,
     proc: Option<Proc>,
+    config: MosquittoConfig,
+}
+
+/// How a private broker is set up. The default is the tests' broker.
+#[derive(Debug, Clone)]
+pub struct MosquittoConfig {
+    /// The program; `None`: `$MOSQUITTO_BIN`, else `/usr/sbin/mosquitto`.
+    pub program: Option<PathBuf>,
+    /// Keep sessions and queued messages across a stop (autosaved every second), for tests
+    /// that restart the broker. The benchmark's broker is never restarted.
+    pub persistence: bool,
+    /// `max_inflight_messages`: unacknowledged QoS 1/2 messages in flight to each client.
+    pub max_inflight: u32,
+    /// `max_queued_messages`: most messages queued for one client; 0 for no limit.
+    pub max_queued: u32,
+    /// Log connections, subscriptions and notices with timestamps (tests read them); only
+    /// errors and warnings otherwise (the benchmark counts the broker's own work).
+    pub verbose_log: bool,
     /// Lines appended to the generated config (another listener, TLS files, …).
-    extra_config: String,
+    pub extra: String,
+}
+
+impl Default for MosquittoConfig {
+    fn default() -> Self {
+        Self {
+            program: None,
+            persistence: true,
+            max_inflight: 1000,
+            max_queued: 100_000,
+            verbose_log: true,
+            extra: String::new(),
+        }
+    }
 }
 
 impl PrivateMosquitto {
@@ -52,12 +83,21 @@ impl PrivateMosquitto {
     }
 
     pub async fn try_start_with_config(extra: &str) -> anyhow::Result<Self> {
+        Self::try_start_with(MosquittoConfig {
+            extra: extra.to_owned(),
+            ..MosquittoConfig::default()
+        })
+        .await
+    }
+
+    /// A broker set up as `config` says.
+    pub async fn try_start_with(config: MosquittoConfig) -> anyhow::Result<Self> {
         let dir = procs::make_tmpdir("mosquitto")?;
         let mut broker = PrivateMosquitto {
             dir,
             port: 0,
             proc: None,
-            extra_config: extra.to_owned(),
+            config,
         };
         // A port that looked free may be grabbed by someone else before the
         // broker binds it: then try another one.
@@ -75,6 +115,19 @@ impl PrivateMosquitto {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// The program this broker runs.
+    pub fn program(&self) -> PathBuf {
+        self.config
+            .program
+            .clone()
+            .unwrap_or_else(|| procs::program("MOSQUITTO_BIN", "/usr/sbin/mosquitto"))
     }
 
     /// The private dir (config, `mosquitto.db`, logs).
@@ -168,28 +221,40 @@ impl PrivateMosquitto {
         if procs::is_root() {
             conf.push_str("user root\n");
         }
+        let c = &self.config;
         let _ = write!(
             conf,
             "listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
-             persistence true\n\
-             persistence_location {dir}/\n\
-             autosave_interval 1\n\
-             max_inflight_messages 1000\n\
-             max_queued_messages 100000\n\
+             max_inflight_messages {inflight}\n\
+             max_queued_messages {queued}\n\
              log_dest file {dir}/mosquitto.log\n\
              log_type error\n\
-             log_type warning\n\
-             log_type notice\n\
-             log_type information\n\
-             log_type subscribe\n\
-             log_type unsubscribe\n\
-             connection_messages true\n\
-             log_timestamp true\n\
-             log_timestamp_format %Y-%m-%dT%H:%M:%S\n",
+             log_type warning\n",
             port = self.port,
+            inflight = c.max_inflight,
+            queued = c.max_queued,
         );
-        conf.push_str(&self.extra_config);
+        if c.persistence {
+            let _ = write!(
+                conf,
+                "persistence true\npersistence_location {dir}/\nautosave_interval 1\n"
+            );
+        } else {
+            conf.push_str("persistence false\n");
+        }
+        if c.verbose_log {
+            conf.push_str(
+                "log_type notice\n\
+                 log_type information\n\
+                 log_type subscribe\n\
+                 log_type unsubscribe\n\
+                 connection_messages true\n\
+                 log_timestamp true\n\
+                 log_timestamp_format %Y-%m-%dT%H:%M:%S\n",
+            );
+        }
+        conf.push_str(&c.extra);
         conf.push('\n');
         std::fs::write(self.config_path(), conf)
             .with_context(|| format!("writing {}", self.config_path().display()))
@@ -198,7 +263,7 @@ impl PrivateMosquitto {
     /// Spawns the broker on `self.port` and waits until it accepts TCP.
     async fn launch(&mut self, deadline: Instant) -> Result<(), LaunchError> {
         self.write_config().map_err(LaunchError::fatal)?;
-        let program = procs::program("MOSQUITTO_BIN", "/usr/sbin/mosquitto");
+        let program = self.program();
         let config = self.config_path();
         let mut proc = Proc::spawn(
             "mosquitto",

@@ -10,7 +10,6 @@ use anyhow::{Context as _, bail};
 use crate::args::{Options, Scenario, Size};
 use crate::broker::{Broker, Sub};
 use crate::db::BenchDb;
-use crate::procs;
 use crate::progress::Progress;
 use crate::publisher;
 use crate::report::Row;
@@ -216,7 +215,7 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
             bail!("the drain did not finish within {:?}", ctx.opts.timeout);
         }
     };
-    let cpu = procs::cpu_seconds(svc.pid());
+    let cpu = mqtt_ingest_testkit::cpu_seconds(svc.pid());
     ctx.progress
         .phase(format!("{name}: stopping the service"), 0);
     let stopped = svc.stop().await?;
