@@ -1,20 +1,13 @@
-//! Command line of the benchmark, parsed by hand (no argument-parsing crate).
+//! Command line of the benchmark (clap derive).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use clap::Parser;
 
-pub const USAGE: &str = "\
-mqtt-ingest-bench: throughput and latency benchmark of mqtt-ingest (issue 3)
-
-Runs only on this machine (127.0.0.1). Starts its own Mosquitto on a free loopback port,
-creates a throw-away database bench_<random> (dropped at the end, also on Ctrl-C), drives the
-real service binary as a child process and compares it with the broker's and the database's
-own limits measured in the same run.
-
-Usage: mqtt-ingest-bench [OPTIONS]
-
+/// How the benchmark measures: the end of `--help`.
+const HOW_IT_MEASURES: &str = "\
 Scenarios (--scenario, comma-separated; default all), run in this order:
   db-limit     multi-row upserts of the large drain's rows over ONE connection (rows/s)
   broker-100   the drain-100 backlog drained by mosquitto_sub (the broker's own limit)
@@ -24,41 +17,6 @@ Scenarios (--scenario, comma-separated; default all), run in this order:
   history-10k  the same with HISTORY_ENABLED=true (every reading also appended to history)
   live         5,000 msg/s for 30 s over 100 devices; publish-to-commit latency
   aliases: all, drain (both drains), broker (both broker limits), db (= db-limit)
-
-Sizes:
-  --scale F               multiply the default sizes (drain-100 messages per device, drain-10k
-                          devices, live seconds; the db-limit rows follow drain-10k) [1.0]
-  --small DEVICESxMSGS    drain-100 / broker-100 size                        [100x500]
-  --large DEVICESxMSGS    drain-10k / broker-10k size                        [10000x10]
-  --live-rate N           live publish rate, messages/s                     [5000]
-  --live-secs N           live publish duration, seconds                    [30]
-  --live-devices N        live device count                                 [100]
-  --payload SHAPE         seed (the seed's two formats, alternating) or firmware (CodeHubot's
-                          ESP32: simple format, device_id/sensor strings, uptime timestamp) [seed]
-  --db-rows N             rows upserted by db-limit             [drain-10k messages]
-  --db-batch N            rows per upsert statement                         [250]
-
-Service:
-  --service-bin PATH      the service binary              [target/release/mqtt-ingest]
-  --service-env K=V       extra setting for the service (INGEST_*, DB_POOL_*, LOG_LEVEL);
-                          repeatable
-
-Environment of the benchmark:
-  --db-host HOST          MariaDB/MySQL host: 127.0.0.1 or localhost only  [127.0.0.1]
-  --db-port N             [3306]
-  --db-user NAME          needs CREATE/DROP DATABASE                        [root]
-  --db-password PW        empty: log in without a password                  [empty]
-  --broker-inflight N     max_inflight_messages of the benchmark broker      [20000]
-  --publishers N          parallel publisher connections for backlogs        [1]
-  --mosquitto PATH        [/usr/sbin/mosquitto]
-  --mosquitto-sub PATH    [/usr/bin/mosquitto_sub]
-
-Run control and output:
-  --runs K                repeat the whole set K times and print medians     [1]
-  --timeout-secs N        limit for each drain and each backlog publish      [300]
-  --poll-ms N             database poll interval while a drain runs          [20]
-  --json PATH             results file          [target/bench/results-<unix time>.json]
-  -h, --help              print this help
 
 How it measures:
   drains      the service is started once to create its persistent session and stopped; the
@@ -72,16 +30,131 @@ How it measures:
   live        latency = the first poll (every 5 ms) that shows a device at seq >= s, minus
               the time message s was handed to the publisher; lost = never seen 10 s after
               the last publish.
-  broker      Mosquitto persistence is off (the benchmark broker is never restarted) and its
-              queues are unlimited (max_queued_messages 0, max_queued_bytes 0). The default
-              window is config/mosquitto-sample.conf's 20000. Mosquitto before 2.0.13 (Debian
-              12 ships 2.0.11) does not hold the window after the first one: each PUBACK
-              releases a whole new window, so there it does not bound the drains.
+  broker      the test kit's private Mosquitto with persistence off (it is never restarted)
+              and unlimited queues (max_queued_messages 0). The default window is
+              config/mosquitto-sample.conf's 20000. Mosquitto before 2.0.13 (Debian 12 ships
+              2.0.11) does not hold the window after the first one: each PUBACK releases a
+              whole new window, so there it does not bound the drains.
   sessions    every persistent session the benchmark made is removed after each scenario
               (a clean-session connect with the same client id).
 
 Exit status: 0 when every scenario ran without error and lost nothing, 1 otherwise,
 2 for a bad command line.";
+
+/// mqtt-ingest-bench: throughput and latency benchmark of mqtt-ingest.
+///
+/// Runs only on this machine (127.0.0.1). Starts its own Mosquitto on a free loopback port,
+/// creates a throw-away database bench_<unique> (dropped at the end, also on Ctrl-C), drives
+/// the real service binary as a child process and compares it with the broker's and the
+/// database's own limits measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "mqtt-ingest-bench", after_long_help = HOW_IT_MEASURES)]
+struct Cli {
+    /// Scenarios to run, comma-separated (see the list below)
+    #[arg(long, visible_alias = "scenarios", default_value = "all", value_parser = parse_scenarios, help_heading = "Scenarios")]
+    scenario: Vec<Scenarios>,
+
+    /// Multiply the default sizes (drain-100 messages per device, drain-10k devices, live
+    /// seconds; the db-limit rows follow drain-10k)
+    #[arg(long, default_value_t = 1.0, value_parser = positive, help_heading = "Sizes")]
+    scale: f64,
+    /// drain-100 / broker-100 size [default: 100x500]
+    #[arg(long, value_name = "DEVICESxMSGS", value_parser = parse_size, help_heading = "Sizes")]
+    small: Option<Size>,
+    /// drain-10k / broker-10k size [default: 10000x10]
+    #[arg(long, value_name = "DEVICESxMSGS", value_parser = parse_size, help_heading = "Sizes")]
+    large: Option<Size>,
+    /// Live publish rate, messages/s
+    #[arg(long, default_value_t = 5000, value_parser = at_least_one, help_heading = "Sizes")]
+    live_rate: u64,
+    /// Live publish duration, seconds [default: 30]
+    #[arg(long, value_parser = at_least_one, help_heading = "Sizes")]
+    live_secs: Option<u64>,
+    /// Live device count
+    #[arg(long, default_value_t = 100, value_parser = at_least_one, help_heading = "Sizes")]
+    live_devices: u64,
+    /// seed (the seed's two formats, alternating) or firmware (CodeHubot's ESP32: simple
+    /// format, device_id/sensor strings, uptime timestamp)
+    #[arg(long = "payload", value_name = "SHAPE", default_value = "seed", value_parser = shape, help_heading = "Sizes")]
+    shape: crate::publisher::Shape,
+    /// Rows upserted by db-limit [default: drain-10k's messages]
+    #[arg(long, value_parser = at_least_one, help_heading = "Sizes")]
+    db_rows: Option<u64>,
+    /// Rows per upsert statement (6 placeholders each; a statement takes at most 65,535)
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..=10_000), help_heading = "Sizes")]
+    db_batch: u64,
+
+    /// The service binary
+    #[arg(
+        long,
+        default_value = "target/release/mqtt-ingest",
+        help_heading = "Service"
+    )]
+    service_bin: PathBuf,
+    /// Extra setting for the service (INGEST_*, DB_POOL_*, REJECTS_*, LOG_LEVEL); repeatable
+    #[arg(long, value_name = "K=V", value_parser = service_env, help_heading = "Service")]
+    service_env: Vec<(String, String)>,
+
+    /// MariaDB/MySQL host: 127.0.0.1 or localhost only
+    #[arg(long, default_value = "127.0.0.1", value_parser = check_local, help_heading = "Environment of the benchmark")]
+    db_host: String,
+    #[arg(
+        long,
+        default_value_t = 3306,
+        help_heading = "Environment of the benchmark"
+    )]
+    db_port: u16,
+    /// Needs CREATE/DROP DATABASE
+    #[arg(
+        long,
+        default_value = "root",
+        help_heading = "Environment of the benchmark"
+    )]
+    db_user: String,
+    /// Empty: log in without a password
+    #[arg(
+        long,
+        default_value = "",
+        hide_default_value = true,
+        help_heading = "Environment of the benchmark"
+    )]
+    db_password: String,
+    /// max_inflight_messages of the benchmark broker
+    #[arg(
+        long,
+        default_value_t = 20_000,
+        help_heading = "Environment of the benchmark"
+    )]
+    broker_inflight: u32,
+    /// Parallel publisher connections for backlogs
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Environment of the benchmark")]
+    publishers: u64,
+    #[arg(
+        long,
+        default_value = "/usr/sbin/mosquitto",
+        help_heading = "Environment of the benchmark"
+    )]
+    mosquitto: PathBuf,
+    #[arg(
+        long,
+        default_value = "/usr/bin/mosquitto_sub",
+        help_heading = "Environment of the benchmark"
+    )]
+    mosquitto_sub: PathBuf,
+
+    /// Repeat the whole set K times and print medians
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Run control and output")]
+    runs: u64,
+    /// Limit for each drain and each backlog publish
+    #[arg(long, default_value_t = 300, value_parser = at_least_one, help_heading = "Run control and output")]
+    timeout_secs: u64,
+    /// Database poll interval while a drain runs
+    #[arg(long, default_value_t = 20, value_parser = at_least_one, help_heading = "Run control and output")]
+    poll_ms: u64,
+    /// Results file [default: target/bench/results-<unix time>.json]
+    #[arg(long, value_name = "PATH", help_heading = "Run control and output")]
+    json: Option<PathBuf>,
+}
 
 /// A benchmark scenario, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -185,28 +258,55 @@ const OWN_VARS: [&str; 11] = [
     "STATS_INTERVAL_SECS",
 ];
 
-fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> anyhow::Result<T> {
-    v.trim()
-        .parse::<T>()
-        .ok()
-        .with_context(|| format!("{flag}: not a valid number: {v:?}"))
-}
-
-fn parse_size(flag: &str, v: &str) -> anyhow::Result<Size> {
+fn parse_size(v: &str) -> anyhow::Result<Size> {
     let (d, m) = v
         .split_once(['x', 'X'])
-        .with_context(|| format!("{flag}: expected DEVICESxMESSAGES, got {v:?}"))?;
+        .with_context(|| format!("expected DEVICESxMESSAGES, got {v:?}"))?;
     let size = Size {
-        devices: parse_num(flag, d)?,
-        per_device: parse_num(flag, m)?,
+        devices: d.trim().parse().context("devices")?,
+        per_device: m.trim().parse().context("messages per device")?,
     };
     if size.devices == 0 || size.per_device == 0 {
-        bail!("{flag}: sizes must be at least 1, got {v:?}");
+        bail!("sizes must be at least 1, got {v:?}");
     }
     Ok(size)
 }
 
-fn parse_scenarios(v: &str) -> anyhow::Result<Vec<Scenario>> {
+fn at_least_one(v: &str) -> anyhow::Result<u64> {
+    match v.trim().parse()? {
+        0 => bail!("must be at least 1"),
+        n => Ok(n),
+    }
+}
+
+fn positive(v: &str) -> anyhow::Result<f64> {
+    let x: f64 = v.trim().parse()?;
+    if !(x > 0.0 && x.is_finite()) {
+        bail!("must be a positive number");
+    }
+    Ok(x)
+}
+
+fn shape(v: &str) -> anyhow::Result<crate::publisher::Shape> {
+    match v {
+        "seed" => Ok(crate::publisher::Shape::Seed),
+        "firmware" => Ok(crate::publisher::Shape::Firmware),
+        other => bail!("seed or firmware, got {other:?}"),
+    }
+}
+
+fn check_local(host: &str) -> anyhow::Result<String> {
+    match host {
+        "127.0.0.1" | "localhost" => Ok("127.0.0.1".to_owned()),
+        other => bail!("the benchmark runs only against 127.0.0.1, got {other:?}"),
+    }
+}
+
+/// The scenarios one `--scenario` names.
+#[derive(Clone, Debug)]
+struct Scenarios(Vec<Scenario>);
+
+fn parse_scenarios(v: &str) -> anyhow::Result<Scenarios> {
     let mut out = Vec::new();
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let add: &[Scenario] = match part {
@@ -225,42 +325,31 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Vec<Scenario>> {
             "history-10k" => &[Scenario::Drain10kHistory],
             "live" => &[Scenario::Live],
             other => bail!(
-                "--scenario: unknown scenario {other:?} (db-limit, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, all, drain, broker, db)"
+                "unknown scenario {other:?} (db-limit, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, all, drain, broker, db)"
             ),
         };
         out.extend_from_slice(add);
     }
     if out.is_empty() {
-        bail!("--scenario: no scenario given");
+        bail!("no scenario given");
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
-}
-
-fn check_local(host: &str) -> anyhow::Result<String> {
-    match host {
-        "127.0.0.1" | "localhost" => Ok("127.0.0.1".to_owned()),
-        other => bail!("--db-host: the benchmark runs only against 127.0.0.1, got {other:?}"),
-    }
+    Ok(Scenarios(out))
 }
 
 fn service_env(v: &str) -> anyhow::Result<(String, String)> {
     let (k, val) = v
         .split_once('=')
-        .with_context(|| format!("--service-env: expected KEY=VALUE, got {v:?}"))?;
+        .with_context(|| format!("expected KEY=VALUE, got {v:?}"))?;
     let k = k.trim();
     if OWN_VARS.contains(&k) {
-        bail!("--service-env: {k} is set by the benchmark itself");
+        bail!("{k} is set by the benchmark itself");
     }
     let allowed = k.starts_with("INGEST_")
         || k.starts_with("DB_POOL_")
         || k.starts_with("REJECTS_")
         || k == "LOG_LEVEL";
     if !allowed {
-        bail!(
-            "--service-env: only INGEST_*, DB_POOL_*, REJECTS_* and LOG_LEVEL may be passed, got {k}"
-        );
+        bail!("only INGEST_*, DB_POOL_*, REJECTS_* and LOG_LEVEL may be passed, got {k}");
     }
     Ok((k.to_owned(), val.to_owned()))
 }
@@ -269,138 +358,115 @@ fn scaled(base: u64, scale: f64, min: u64) -> u64 {
     ((base as f64 * scale).round() as u64).max(min)
 }
 
-/// Parses the command line; `Ok(None)` means help was printed.
-pub fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Options>> {
-    let mut scenarios = Scenario::ALL.to_vec();
-    let mut runs = 1usize;
-    let mut scale = 1.0f64;
-    let mut small: Option<Size> = None;
-    let mut large: Option<Size> = None;
-    let mut live_rate: Option<u64> = None;
-    let mut live_secs: Option<u64> = None;
-    let mut live_devices: Option<u64> = None;
-    let mut db_rows: Option<u64> = None;
-    let mut db_batch = 250usize;
-    let mut db = DbTarget {
-        host: "127.0.0.1".to_owned(),
-        port: 3306,
-        user: "root".to_owned(),
-        password: String::new(),
-    };
-    let mut service_bin = PathBuf::from("target/release/mqtt-ingest");
-    let mut shape = crate::publisher::Shape::Seed;
-    let mut extra_env = Vec::new();
-    let mut broker_inflight = 20_000u32;
-    let mut publishers = 1usize;
-    let mut mosquitto = PathBuf::from("/usr/sbin/mosquitto");
-    let mut mosquitto_sub = PathBuf::from("/usr/bin/mosquitto_sub");
-    let mut timeout_secs = 300u64;
-    let mut poll_ms = 20u64;
-    let mut json: Option<PathBuf> = None;
+/// Parses the command line (`--help` and errors exit here, as clap does).
+pub fn parse() -> Options {
+    Options::from(Cli::parse())
+}
 
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        // Accept both "--flag value" and "--flag=value".
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
+impl From<Cli> for Options {
+    fn from(c: Cli) -> Self {
+        // One value per occurrence, each a list: flattened, in run order, once each.
+        let mut scenarios: Vec<Scenario> = c.scenario.into_iter().flat_map(|s| s.0).collect();
+        scenarios.sort();
+        scenarios.dedup();
+        let small = c.small.unwrap_or(Size {
+            devices: 100,
+            per_device: scaled(500, c.scale, 2),
+        });
+        let large = c.large.unwrap_or(Size {
+            devices: scaled(10_000, c.scale, 1),
+            per_device: 10,
+        });
+        let live = LiveSpec {
+            devices: c.live_devices,
+            rate: c.live_rate,
+            secs: c.live_secs.unwrap_or_else(|| scaled(30, c.scale, 1)),
         };
-        if flag == "-h" || flag == "--help" {
-            println!("{USAGE}");
-            return Ok(None);
-        }
-        let mut value = || -> anyhow::Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it.next().with_context(|| format!("{flag} needs a value")),
-            }
-        };
-        match flag.as_str() {
-            "--scenario" | "--scenarios" => scenarios = parse_scenarios(&value()?)?,
-            "--runs" => runs = parse_num(&flag, &value()?)?,
-            "--scale" => scale = parse_num(&flag, &value()?)?,
-            "--small" => small = Some(parse_size(&flag, &value()?)?),
-            "--large" => large = Some(parse_size(&flag, &value()?)?),
-            "--live-rate" => live_rate = Some(parse_num(&flag, &value()?)?),
-            "--live-secs" => live_secs = Some(parse_num(&flag, &value()?)?),
-            "--live-devices" => live_devices = Some(parse_num(&flag, &value()?)?),
-            "--payload" => {
-                shape = match value()?.as_str() {
-                    "seed" => crate::publisher::Shape::Seed,
-                    "firmware" => crate::publisher::Shape::Firmware,
-                    other => bail!("--payload: seed or firmware, got {other:?}"),
-                }
-            }
-            "--db-rows" => db_rows = Some(parse_num(&flag, &value()?)?),
-            "--db-batch" => db_batch = parse_num(&flag, &value()?)?,
-            "--db-host" => db.host = check_local(&value()?)?,
-            "--db-port" => db.port = parse_num(&flag, &value()?)?,
-            "--db-user" => db.user = value()?,
-            "--db-password" => db.password = value()?,
-            "--service-bin" => service_bin = PathBuf::from(value()?),
-            "--service-env" => extra_env.push(service_env(&value()?)?),
-            "--broker-inflight" => broker_inflight = parse_num(&flag, &value()?)?,
-            "--publishers" => publishers = parse_num(&flag, &value()?)?,
-            "--mosquitto" => mosquitto = PathBuf::from(value()?),
-            "--mosquitto-sub" => mosquitto_sub = PathBuf::from(value()?),
-            "--timeout-secs" => timeout_secs = parse_num(&flag, &value()?)?,
-            "--poll-ms" => poll_ms = parse_num(&flag, &value()?)?,
-            "--json" => json = Some(PathBuf::from(value()?)),
-            other => bail!("unknown argument {other:?} (see --help)"),
+        let json = c.json.unwrap_or_else(|| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            PathBuf::from(format!("target/bench/results-{now}.json"))
+        });
+        Options {
+            shape: c.shape,
+            scenarios,
+            runs: c.runs as usize,
+            small,
+            large,
+            live,
+            db_rows: c.db_rows.unwrap_or_else(|| large.messages()),
+            db_batch: c.db_batch as usize,
+            db: DbTarget {
+                host: c.db_host,
+                port: c.db_port,
+                user: c.db_user,
+                password: c.db_password,
+            },
+            service_bin: c.service_bin,
+            service_env: c.service_env,
+            broker_inflight: c.broker_inflight,
+            publishers: c.publishers as usize,
+            mosquitto: c.mosquitto,
+            mosquitto_sub: c.mosquitto_sub,
+            timeout: Duration::from_secs(c.timeout_secs),
+            poll: Duration::from_millis(c.poll_ms),
+            json,
         }
     }
+}
 
-    if !(scale > 0.0 && scale.is_finite()) {
-        bail!("--scale: must be a positive number");
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mqtt-ingest-bench").chain(args.iter().copied()))
+            .map(Options::from)
     }
-    if runs == 0 || publishers == 0 || db_batch == 0 || timeout_secs == 0 || poll_ms == 0 {
-        bail!("--runs, --publishers, --db-batch, --timeout-secs and --poll-ms must be at least 1");
+
+    #[test]
+    fn the_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
-    // 6 placeholders per row; one statement takes at most 65,535.
-    if db_batch > 10_000 {
-        bail!("--db-batch: at most 10000 rows per statement");
+
+    #[test]
+    fn defaults_scenarios_and_refusals() {
+        let o = parse(&[]).unwrap();
+        assert_eq!(o.scenarios, Scenario::ALL);
+        assert_eq!((o.small.devices, o.small.per_device), (100, 500));
+        assert_eq!((o.large.devices, o.large.per_device), (10_000, 10));
+        assert_eq!((o.live.rate, o.live.secs, o.runs), (5000, 30, 1));
+        assert_eq!(o.db_rows, 100_000);
+        let o = parse(&["--scenario=live,drain", "--scenarios", "db", "--scale=0.1"]).unwrap();
+        assert_eq!(
+            o.scenarios,
+            [
+                Scenario::DbLimit,
+                Scenario::Drain100,
+                Scenario::Drain10k,
+                Scenario::Drain10kHistory,
+                Scenario::Live
+            ]
+        );
+        assert_eq!((o.large.devices, o.live.secs), (1000, 3));
+        let o = parse(&["--service-env", "REJECTS_ENABLED=true", "--small=3x4"]).unwrap();
+        assert_eq!(o.service_env, [("REJECTS_ENABLED".into(), "true".into())]);
+        assert_eq!((o.small.devices, o.small.per_device), (3, 4));
+        for bad in [
+            &["--scenario", "nope"][..],
+            &["--service-env", "DB_NAME=x"],
+            &["--service-env", "MQTT_QOS=0"],
+            &["--db-host", "10.0.0.1"],
+            &["--runs", "0"],
+            &["--scale", "-1"],
+            &["--small", "0x5"],
+            &["--db-batch", "10001"],
+            &["--payload", "xml"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
-    let small = small.unwrap_or(Size {
-        devices: 100,
-        per_device: scaled(500, scale, 2),
-    });
-    let large = large.unwrap_or(Size {
-        devices: scaled(10_000, scale, 1),
-        per_device: 10,
-    });
-    let live = LiveSpec {
-        devices: live_devices.unwrap_or(100),
-        rate: live_rate.unwrap_or(5000),
-        secs: live_secs.unwrap_or_else(|| scaled(30, scale, 1)),
-    };
-    if live.devices == 0 || live.rate == 0 || live.secs == 0 {
-        bail!("--live-rate, --live-secs and --live-devices must be at least 1");
-    }
-    let json = json.unwrap_or_else(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        PathBuf::from(format!("target/bench/results-{now}.json"))
-    });
-    Ok(Some(Options {
-        shape,
-        scenarios,
-        runs,
-        small,
-        large,
-        live,
-        db_rows: db_rows.unwrap_or_else(|| large.messages()),
-        db_batch,
-        db,
-        service_bin,
-        service_env: extra_env,
-        broker_inflight,
-        publishers,
-        mosquitto,
-        mosquitto_sub,
-        timeout: Duration::from_secs(timeout_secs),
-        poll: Duration::from_millis(poll_ms),
-        json,
-    }))
 }

@@ -27,14 +27,8 @@ use progress::Progress;
 use report::Row;
 
 fn main() -> ExitCode {
-    let opts = match args::parse(std::env::args().skip(1)) {
-        Ok(Some(opts)) => opts,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("mqtt-ingest-bench: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
+    // A bad command line exits 2 with clap's message; --help exits 0.
+    let opts = args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

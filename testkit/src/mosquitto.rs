@@ -183,6 +183,11 @@ impl PrivateMosquitto {
         }
     }
 
+    /// The whole broker log so far (to wait for a line in it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// The last lines of the broker log and of its stdout/stderr.
     pub fn log_tail(&self) -> String {
         let mut out = String::new();

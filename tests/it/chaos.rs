@@ -123,6 +123,7 @@ async fn mariadb_sigkill_mid_stream_loses_nothing() {
     )
     .await
     .unwrap();
+    // The fault's length (12 s down), not a wait for an event.
     tokio::time::sleep(Duration::from_secs(12).saturating_sub(down.elapsed())).await;
     let s = service.stats.snapshot();
     assert!(s.connected && s.subscribed, "the MQTT side stays up: {s:?}");
@@ -201,6 +202,7 @@ async fn broker_restart_with_persistence_loses_nothing() {
     let publisher = LedgerPublisher::start(broker.port(), &t.prefix, DEVICES, RATE);
     publisher.wait_acked(400, Duration::from_secs(30)).await;
     broker.stop().await;
+    // Down for 2 s while the devices keep publishing: the fault's length.
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.restart().await;
     wait_resubscribed(&service, 1).await;
@@ -232,6 +234,7 @@ async fn broker_sigkill_loss_is_measured_and_the_service_resumes() {
     publisher.wait_acked(400, Duration::from_secs(30)).await;
     let kill1 = publisher.acked();
     broker.kill().await;
+    // Down for 2 s while the devices keep publishing: the fault's length.
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.restart().await;
     wait_resubscribed(&service, 1).await;
@@ -244,6 +247,7 @@ async fn broker_sigkill_loss_is_measured_and_the_service_resumes() {
         .await;
     let kill2 = publisher.acked();
     broker.kill().await;
+    // Down for 2 s while the devices keep publishing: the fault's length.
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.restart().await;
     let service = spawn_service(&t).await;
@@ -507,6 +511,7 @@ async fn database_down_two_minutes_no_loss_and_bounded_memory() {
     let started = Instant::now();
     let mut samples: Vec<(u64, u64)> = Vec::new();
     while started.elapsed() < Duration::from_secs(outage) {
+        // One RSS sample a second for the outage's length.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss = rss_kib(pid).expect("the service is still running");
         samples.push((started.elapsed().as_secs(), rss));

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
-use crate::app::{Target, migrate, register, spawn_service, wait_devices_at_seq};
+use crate::app::{Target, migrate, register, spawn_service, wait_devices_at_seq, wait_for_device};
 use crate::common::{QoS, TestDb, publish_many, shared_mqtt_port, unique_name, wait_until_named};
 
 const DEVICES: usize = 40;
+/// Devices that only send the heartbeat that marks the end of a round.
+const MARKERS: usize = 6;
 
 fn messages(target: &Target, seqs: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -36,6 +38,9 @@ async fn two_instances_share_the_load_and_one_carries_on_when_the_other_dies() {
     for d in 0..DEVICES {
         register(&pool, &format!("dev{d}")).await;
     }
+    for m in 0..MARKERS {
+        register(&pool, &format!("mark{m}")).await;
+    }
     let group = unique_name("g");
     let a = Target::new(&db, shared_mqtt_port()).with("MQTT_SHARED_GROUP", &group);
     // Same prefix and group, its own client id (and so its own session).
@@ -59,10 +64,38 @@ async fn two_instances_share_the_load_and_one_carries_on_when_the_other_dies() {
     )
     .await
     .unwrap();
-    // Settled: a duplicate delivery would show up as more than N.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Markers, one heartbeat per marker device, published after the round: the broker hands
+    // each member its messages in order, so once every marker is written, anything it sent
+    // twice (or to both members) has been written too and shows up as more than N.
+    let markers: Vec<(String, Vec<u8>)> = (0..MARKERS)
+        .map(|m| {
+            let topic = a.topic(&format!("mark{m}"), "heartbeat");
+            (topic, br#"{"uptime": 1}"#.to_vec())
+        })
+        .collect();
+    publish_many(a.mqtt_port, markers, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    for m in 0..MARKERS {
+        wait_for_device(&pool, &format!("mark{m}"), "the marker", |r| {
+            r.last_heartbeat.is_some()
+        })
+        .await;
+    }
+    wait_until_named(
+        "the markers to be counted",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || sa.snapshot().succeeded + sb.snapshot().succeeded >= n + MARKERS as u64,
+    )
+    .await
+    .unwrap();
     let (wa, wb) = (sa.snapshot().succeeded, sb.snapshot().succeeded);
-    assert_eq!(wa + wb, n, "each message written once: {wa} + {wb}");
+    assert_eq!(
+        wa + wb,
+        n + MARKERS as u64,
+        "each message written once: {wa} + {wb}"
+    );
     assert!(wa > 0 && wb > 0, "both took a share: {wa} and {wb}");
     // Messages came under their own topics, not `$share/...` (that would be bad_topic).
     assert_eq!(sa.snapshot().failed + sb.snapshot().failed, 0);

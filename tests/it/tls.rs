@@ -139,7 +139,21 @@ async fn mqtt_over_tls_with_a_client_certificate() {
     let stats = svc.stats();
     let stop = CancellationToken::new();
     let task = tokio::spawn(svc.run_until_stopped(stop.clone()));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The broker's log says when it turned the service away; twice: it tried again.
+    wait_until_named(
+        "the broker to refuse the certificate-less service twice",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        async || {
+            broker
+                .log()
+                .matches("peer did not return a certificate")
+                .count()
+                >= 2
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         !stats.is_subscribed(),
         "a TLS broker that requires a certificate let the service in without one"
