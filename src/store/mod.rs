@@ -1,4 +1,5 @@
-//! The database side: the pool, migrations, and the SQL that applies validated updates.
+//! The database side: the SQL that applies validated updates (the pool and migrations are in
+//! `pool.rs`, what is learnt about the tables at start-up in `schema.rs`).
 //!
 //! A batch reads each of its devices' rows once under a row lock, merges every update into them
 //! in Rust ([`crate::merge`]: sensors by name, `status` by key, order-safe), and writes each row
@@ -7,23 +8,25 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode};
-use sqlx::{Executor, MySql, QueryBuilder, Row, Transaction};
+use sqlx::mysql::MySqlPool;
+use sqlx::{MySql, QueryBuilder, Row, Transaction};
 
-use crate::config::{DbSettings, DbSslMode};
 use crate::history::{self, HistoryRow};
 use crate::merge::DeviceState;
 use crate::model::Update;
 use crate::sensors::{self, SensorTable};
 use crate::zone::Zone;
 
+mod pool;
+mod schema;
+
+pub use pool::{MIGRATOR, connect_options, migrate, ping, pool};
+pub use schema::{REGISTER_COLUMNS, WriteMode, column_chars, required_columns, write_mode};
+
 pub use crate::sql::{
     SHAPES, StoreError, delete_in_batches, error_number, exact_chunks, fit_chars, is_refusal,
     placeholders, settings_hint, shaped_chunks,
 };
-
-/// The migrations in `migrations/`, compiled in.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What happened to one update inside a committed transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,75 +51,6 @@ pub struct BatchOutcome {
 /// (MariaDB 4025, MySQL 3819) or a trigger (1442) refuses it.
 fn refuses_upserts(e: &sqlx::Error) -> bool {
     matches!(error_number(e), Some(1142 | 1364 | 1442 | 3819 | 4025))
-}
-
-/// Connection options for the settings. The session's `time_zone` is left to [`pool`], which
-/// sets it on each new connection (sqlx would fix one offset for the life of the options).
-pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
-    let mut options = MySqlConnectOptions::new()
-        .host(&db.host)
-        .port(db.port)
-        .username(&db.user)
-        .database(&db.name)
-        .charset("utf8mb4")
-        .timezone(None)
-        .ssl_mode(match db.ssl_mode {
-            DbSslMode::Disabled => MySqlSslMode::Disabled,
-            DbSslMode::Preferred => MySqlSslMode::Preferred,
-            DbSslMode::Required => MySqlSslMode::Required,
-            DbSslMode::VerifyCa => MySqlSslMode::VerifyCa,
-            DbSslMode::VerifyIdentity => MySqlSslMode::VerifyIdentity,
-        });
-    if let Some(ca) = &db.ssl_ca_file {
-        options = options.ssl_ca(ca);
-    }
-    if let Some((cert, key)) = &db.ssl_client_cert {
-        options = options.ssl_client_cert(cert).ssl_client_key(key);
-    }
-    // An empty password must be sent as no password: sqlx would otherwise send the scramble
-    // of "", which a server account without a password refuses.
-    if db.password.expose().is_empty() {
-        options
-    } else {
-        options.password(db.password.expose())
-    }
-}
-
-/// A pool like the seed's: `pool_min` kept, up to `pool_max`, recycled, pinged before use.
-/// It connects lazily, so the service starts while the database is down.
-///
-/// Each session's `time_zone` is the database zone's offset (`DB_TIMEZONE`), so that `NOW()`
-/// and `ON UPDATE CURRENT_TIMESTAMP` columns agree with what the service writes. For a zone
-/// with daylight saving, a connection keeps the offset in force when it connected, until it is
-/// recycled (`DB_POOL_RECYCLE_SECS`).
-pub fn pool(db: &DbSettings) -> MySqlPool {
-    let zone = db.zone.clone();
-    MySqlPoolOptions::new()
-        .min_connections(db.pool_min)
-        .max_connections(db.pool_max)
-        .max_lifetime(db.recycle)
-        .acquire_timeout(db.connect_timeout)
-        .test_before_acquire(true)
-        .after_connect(move |conn, _| {
-            // The offset is digits and a sign, from `Zone`: safe to put in the text.
-            let offset = zone.session_offset();
-            Box::pin(async move {
-                conn.execute(sqlx::AssertSqlSafe(format!("SET time_zone = '{offset}'")))
-                    .await
-                    .map(|_| ())
-            })
-        })
-        .connect_lazy_with(connect_options(db))
-}
-
-/// Runs the migrations (idempotent: `device_main` is created only where it is absent).
-pub async fn migrate(pool: &MySqlPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
-}
-
-/// Checks that the database answers.
-pub async fn ping(pool: &MySqlPool) -> Result<(), sqlx::Error> {
-    pool.execute("SELECT 1").await.map(|_| ())
 }
 
 /// Writes updates through a pool.
@@ -148,134 +82,6 @@ pub struct StoreOptions {
     /// `INGEST_MAX_CLOCK_SKEW_SECS`: stored times further ahead than this are not trusted
     /// to order newer data (see [`DeviceState::with_clock_skew`]).
     pub max_clock_skew: Duration,
-}
-
-/// How merged rows are written back. Either way each row was read and locked first in the same
-/// transaction, so both only ever change rows that exist.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum WriteMode {
-    /// `INSERT … ON DUPLICATE KEY UPDATE` keyed by the primary key `id`: for an existing (locked)
-    /// row it can only update, and MariaDB takes many rows this way at about twice the rate of
-    /// the join below. Used only where the insert half can never get in the way: see
-    /// [`write_mode`].
-    Upsert,
-    /// `UPDATE … JOIN` a derived table of the new values: works on any table.
-    #[default]
-    JoinUpdate,
-}
-
-impl std::fmt::Display for WriteMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WriteMode::Upsert => "insert-on-duplicate-key by id",
-            WriteMode::JoinUpdate => "update-join by id",
-        })
-    }
-}
-
-/// Columns the service writes or fills in itself; any other column that must have a value
-/// (NOT NULL, no default, not generated, not auto-increment) would make the insert half of an
-/// upsert fail.
-const OWN_COLUMNS: &str = "'id', 'device_id', 'uuid', 'name', 'is_online', 'last_seen', \
-                           'last_heartbeat', 'device_status', 'last_report_data'";
-
-/// Picks how to write rows to this database's `device_main`: [`WriteMode::Upsert`] when its
-/// primary key is exactly `id`, no other column needs a value, no trigger fires on INSERT (a
-/// BEFORE INSERT trigger runs even when the statement ends up updating) and no CHECK
-/// constraint other than MariaDB's JSON check on `last_report_data` could refuse the row;
-/// otherwise [`WriteMode::JoinUpdate`]. Returns the mode and, for the join, why.
-pub async fn write_mode(pool: &MySqlPool) -> Result<(WriteMode, Option<String>), sqlx::Error> {
-    let primary: Vec<String> = sqlx::query_scalar(
-        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.KEY_COLUMN_USAGE \
-         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
-           AND CONSTRAINT_NAME = 'PRIMARY'",
-    )
-    .fetch_all(pool)
-    .await?;
-    if primary != ["id"] {
-        return Ok((
-            WriteMode::JoinUpdate,
-            Some(format!(
-                "the primary key is ({}), not (id)",
-                primary.join(", ")
-            )),
-        ));
-    }
-    let required = required_columns(pool, OWN_COLUMNS).await?;
-    if !required.is_empty() {
-        return Ok((
-            WriteMode::JoinUpdate,
-            Some(format!(
-                "column(s) {} need a value on insert",
-                required.join(", ")
-            )),
-        ));
-    }
-    let triggers: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM information_schema.TRIGGERS \
-         WHERE EVENT_OBJECT_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = 'device_main' \
-           AND EVENT_MANIPULATION = 'INSERT'",
-    )
-    .fetch_one(pool)
-    .await?;
-    if triggers > 0 {
-        return Ok((
-            WriteMode::JoinUpdate,
-            Some("the table has an INSERT trigger".into()),
-        ));
-    }
-    let checks: Vec<String> = sqlx::query_scalar(
-        "SELECT CAST(CONSTRAINT_NAME AS CHAR) FROM information_schema.TABLE_CONSTRAINTS \
-         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
-           AND CONSTRAINT_TYPE = 'CHECK' AND CONSTRAINT_NAME <> 'last_report_data'",
-    )
-    .fetch_all(pool)
-    .await?;
-    if !checks.is_empty() {
-        return Ok((
-            WriteMode::JoinUpdate,
-            Some(format!("CHECK constraint(s) {}", checks.join(", "))),
-        ));
-    }
-    Ok((WriteMode::Upsert, None))
-}
-
-/// The columns a registering INSERT gives values for (how the backend registers a device).
-pub const REGISTER_COLUMNS: &str = "'device_id', 'uuid', 'name'";
-
-/// Columns of `device_main` that an INSERT giving only `supplied` (a quoted, comma-separated
-/// list) would lack a value for: NOT NULL, no default, not generated, not auto-increment
-/// (CodeHubot's `device_secret`).
-pub async fn required_columns(
-    pool: &MySqlPool,
-    supplied: &str,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS \
-         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'device_main' \
-           AND IS_NULLABLE = 'NO' AND COLUMN_DEFAULT IS NULL \
-           AND EXTRA NOT LIKE '%auto_increment%' AND COALESCE(GENERATION_EXPRESSION, '') = '' \
-           AND COLUMN_NAME NOT IN ({supplied})"
-    )))
-    .fetch_all(pool)
-    .await
-}
-
-/// The length in characters of a text column of the connected database, if it has one.
-pub async fn column_chars(
-    pool: &MySqlPool,
-    table: &str,
-    column: &str,
-) -> Result<Option<usize>, sqlx::Error> {
-    let length: Option<Option<i64>> = sqlx::query_scalar(
-        "SELECT CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) FROM information_schema.COLUMNS \
-         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
-    )
-    .bind(table)
-    .bind(column)
-    .fetch_optional(pool)
-    .await?;
-    Ok(length.flatten().and_then(|l| usize::try_from(l).ok()))
 }
 
 /// A device row read under lock: its primary key, the columns an upsert must repeat, and its
