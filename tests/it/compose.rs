@@ -335,3 +335,45 @@ fn the_example_file_holds_the_defaults() {
         );
     }
 }
+
+/// The README's table of the settings that matter gives the definition's defaults.
+#[test]
+fn the_readme_gives_the_defaults() {
+    let defaults: std::collections::BTreeMap<String, String> = mqtt_ingest::config::reference()
+        .into_iter()
+        .map(|e| (e.var, e.default.unwrap_or_default()))
+        .collect();
+    let readme = read("README.md");
+    let section = readme
+        .split("## The settings that matter")
+        .nth(1)
+        .expect("the README's settings section");
+    let mut checked = 0;
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let names: Vec<&str> = cells[0]
+            .trim_start_matches("| ")
+            .split(", ")
+            .map(|n| n.trim_matches('`'))
+            .collect();
+        let given: Vec<&str> = cells[1].split(", ").collect();
+        for (i, name) in names.iter().enumerate() {
+            let shown = given.get(i).or(given.last()).unwrap();
+            let shown = if *shown == "empty" {
+                ""
+            } else {
+                shown.trim_matches('`')
+            };
+            assert_eq!(
+                defaults.get(*name).map(String::as_str),
+                Some(shown),
+                "README's default of {name}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 8,
+        "only {checked} settings found in the README's table"
+    );
+}
