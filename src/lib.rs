@@ -19,6 +19,7 @@
 pub mod backoff;
 pub mod config;
 pub mod health;
+pub mod heartbeat;
 pub mod history;
 pub mod http;
 pub mod merge;

@@ -502,7 +502,7 @@ fn deadline_passed(what: &str) -> anyhow::Error {
 /// The statistics block in the configured words (`LOG_STYLE`).
 fn render_stats(stats: &Stats, zone: &crate::zone::Zone) -> String {
     let snap = stats.snapshot();
-    if stats.codehubot_wording() {
+    if stats.warnings().codehubot_wording() {
         snap.render_codehubot(zone)
     } else {
         snap.render()

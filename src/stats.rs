@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Local, Utc};
 
 use crate::config::LogStyle;
+use crate::heartbeat::LoopBeat;
 use crate::rejection::Rejection;
 use crate::timestamp::Undatable;
-use crate::warn_limit::WarnLimiter;
+use crate::warn_limit::Warnings;
 use crate::zone::Zone;
 
 /// Upper bounds (seconds) of the flush-latency histogram's buckets: from a fast local commit
@@ -38,19 +39,13 @@ pub struct Stats {
     last_message_ms: AtomicI64,
     connected: AtomicBool,
     subscribed: AtomicBool,
-    warnings: WarnLimiter,
+    warnings: Warnings,
     /// Flushes per latency bucket (not cumulative; the last slot is "above every bound").
     flush_buckets: [AtomicU64; FLUSH_BUCKETS.len() + 1],
     flush_micros: AtomicU64,
-    /// Milliseconds after `started` of the event loop's last sign of life, or [`WAITING`] while
-    /// it waits on purpose (backoff, a full queue).
-    loop_beat_ms: AtomicU64,
-    /// Which words the lines operators grep for use.
-    style: LogStyle,
+    /// The event loop's sign of life, for the watchdog.
+    loop_beat: LoopBeat,
 }
-
-/// `loop_beat_ms` while the event loop waits on purpose.
-const WAITING: u64 = u64::MAX;
 
 impl Default for Stats {
     fn default() -> Self {
@@ -78,31 +73,29 @@ impl Stats {
             last_message_ms: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
-            warnings: WarnLimiter::new(warn_interval),
+            warnings: Warnings::new(warn_interval, LogStyle::Default),
             flush_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             flush_micros: AtomicU64::new(0),
-            loop_beat_ms: AtomicU64::new(0),
-            style: LogStyle::Default,
+            loop_beat: LoopBeat::default(),
         }
     }
 
     /// The same, with the log lines operators grep for in `style`'s words.
     pub fn with_style(warn_interval: Duration, style: LogStyle) -> Self {
         Self {
-            style,
+            warnings: Warnings::new(warn_interval, style),
             ..Self::new(warn_interval)
         }
     }
 
-    /// Whether log lines also use the Python service's words (`LOG_STYLE=codehubot`).
-    pub fn codehubot_wording(&self) -> bool {
-        self.style == LogStyle::Codehubot
+    /// How repeated warnings are logged (how often, in whose words).
+    pub fn warnings(&self) -> &Warnings {
+        &self.warnings
     }
 
-    /// Whether a warning about `key` (a device) for `reason` should be logged now; `Some(n)`
-    /// says how many like it were left out since the last one logged.
-    pub fn should_warn(&self, key: &str, reason: &'static str) -> Option<u64> {
-        self.warnings.check(key, reason)
+    /// The event loop's sign of life.
+    pub fn loop_beat(&self) -> &LoopBeat {
+        &self.loop_beat
     }
 }
 
@@ -182,29 +175,6 @@ impl Stats {
         self.flush_buckets[i].fetch_add(1, Relaxed);
         self.flush_micros
             .fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Relaxed);
-    }
-
-    /// The event loop made progress (a poll returned).
-    pub fn event_loop_beat(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(WAITING - 1);
-        self.loop_beat_ms.store(ms, Relaxed);
-    }
-
-    /// The event loop is about to wait on purpose: a reconnect backoff, or the writers' full
-    /// queue (backpressure). Silence during such a wait is not a hang.
-    pub fn event_loop_waiting(&self) {
-        self.loop_beat_ms.store(WAITING, Relaxed);
-    }
-
-    /// How long the event loop has been silent; zero while it waits on purpose.
-    pub fn event_loop_silence(&self) -> Duration {
-        match self.loop_beat_ms.load(Relaxed) {
-            WAITING => Duration::ZERO,
-            ms => self
-                .started
-                .elapsed()
-                .saturating_sub(Duration::from_millis(ms)),
-        }
     }
 
     /// A message was rejected.
@@ -410,7 +380,7 @@ mod tests {
     #[test]
     fn renders_the_python_services_block() {
         let s = Stats::with_style(Duration::from_secs(60), LogStyle::Codehubot);
-        assert!(s.codehubot_wording());
+        assert!(s.warnings().codehubot_wording());
         for _ in 0..4 {
             s.received();
         }
@@ -471,17 +441,6 @@ mod tests {
         let text = snap.render();
         assert!(text.contains("success rate:  -") && text.contains("last message:  -"));
         assert!(text.contains("DISCONNECTED"));
-    }
-
-    #[test]
-    fn event_loop_silence_is_zero_while_it_waits_on_purpose() {
-        let s = Stats::default();
-        s.event_loop_beat();
-        assert!(s.event_loop_silence() < Duration::from_secs(1));
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(s.event_loop_silence() >= Duration::from_millis(30));
-        s.event_loop_waiting();
-        assert_eq!(s.event_loop_silence(), Duration::ZERO);
     }
 
     #[test]

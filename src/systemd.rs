@@ -83,7 +83,7 @@ pub async fn notify_ready_then_feed_watchdog(
             _ = shutdown.cancelled() => return,
         }
         let verdict = watchdog_verdict(
-            health.stats().event_loop_silence(),
+            health.stats().loop_beat().silence(),
             health.db_check_age(),
             patience,
         );

@@ -6,6 +6,37 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::config::LogStyle;
+
+/// How the service's repeated warnings are logged: how often ([`WarnLimiter`]) and in whose
+/// words (`LOG_STYLE`). The event loop and the writers reach it through their statistics.
+#[derive(Debug)]
+pub struct Warnings {
+    limiter: WarnLimiter,
+    style: LogStyle,
+}
+
+impl Warnings {
+    /// One warning per device and reason per `interval`, in `style`'s words.
+    pub fn new(interval: Duration, style: LogStyle) -> Self {
+        Self {
+            limiter: WarnLimiter::new(interval),
+            style,
+        }
+    }
+
+    /// Whether log lines also use the Python service's words (`LOG_STYLE=codehubot`).
+    pub fn codehubot_wording(&self) -> bool {
+        self.style == LogStyle::Codehubot
+    }
+
+    /// Whether a warning about `key` (a device) for `reason` should be logged now; `Some(n)`
+    /// says how many like it were left out since the last one logged.
+    pub fn should_warn(&self, key: &str, reason: &'static str) -> Option<u64> {
+        self.limiter.check(key, reason)
+    }
+}
+
 /// Most (device, reason) pairs remembered; past it, old ones are forgotten (a flood of ever new
 /// device ids must not grow memory).
 const MAX_KEYS: usize = 10_000;

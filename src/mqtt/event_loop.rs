@@ -213,7 +213,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
             return Ok(());
         };
         // Every poll result, pings included, is a sign of life for the systemd watchdog.
-        stats.event_loop_beat();
+        stats.loop_beat().beat();
         match polled {
             Ok(Polled::Publish(message)) => {
                 let ctx = Intake {
@@ -309,12 +309,12 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                         "MQTT connection failed; retrying"
                     );
                 }
-                stats.event_loop_waiting();
+                stats.loop_beat().waiting();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Ok(()),
                 }
-                stats.event_loop_beat();
+                stats.loop_beat().beat();
             }
         }
         // Acks that did not fit in the client's channel go out as it empties.

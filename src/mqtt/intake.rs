@@ -82,11 +82,13 @@ pub(super) async fn handle_publish(
             // id: its warnings share one key.
             let device = settings.topics.parse(&topic).ok().map(|(d, _)| d);
             let device_key = device.as_ref().map_or("", |d| d.as_str());
-            if let Some(left_out) = stats.should_warn(device_key, rejection.reason()) {
+            if let Some(left_out) = stats.warnings().should_warn(device_key, rejection.reason()) {
                 let _entered = span.enter();
                 match &rejection {
                     // The Python service's words, which its README has operators grep for.
-                    crate::rejection::Rejection::NotJson(e) if stats.codehubot_wording() => {
+                    crate::rejection::Rejection::NotJson(e)
+                        if stats.warnings().codehubot_wording() =>
+                    {
                         let head: String = String::from_utf8_lossy(&payload)
                             .chars()
                             .take(100)
@@ -129,7 +131,7 @@ pub(super) async fn handle_publish(
             if !accepted.skipped.is_empty() {
                 stats.parts_skipped(accepted.skipped.len() as u64);
                 let device_key = accepted.update.device.as_str();
-                if let Some(left_out) = stats.should_warn(device_key, "parts_skipped") {
+                if let Some(left_out) = stats.warnings().should_warn(device_key, "parts_skipped") {
                     let _entered = span.enter();
                     let parts: Vec<String> = accepted
                         .skipped
@@ -142,7 +144,7 @@ pub(super) async fn handle_publish(
                         similar_left_out = left_out,
                         "skipped part of a message"
                     );
-                    if stats.codehubot_wording() {
+                    if stats.warnings().codehubot_wording() {
                         for name in accepted.skipped.iter().filter_map(|s| s.bad_name.as_ref()) {
                             warn!(device = %accepted.update.device, "⚠️ 传感器名称格式不正确，跳过: {name}");
                         }
@@ -160,9 +162,9 @@ pub(super) async fn handle_publish(
             // and count it before this line would run, and `received` must never trail
             // `succeeded + failed`.
             stats.received();
-            stats.event_loop_waiting();
+            stats.loop_beat().waiting();
             let sent = jobs.send(job).await;
-            stats.event_loop_beat();
+            stats.loop_beat().beat();
             if sent.is_err() {
                 // Unacknowledged (and so is every later message of this connection): the
                 // broker keeps it for the next start.
@@ -187,7 +189,7 @@ fn report_undated(accepted: &payload::Accepted, stats: &Stats, span: &tracing::S
         stats.undated(u.reason);
     }
     if let Some(first) = accepted.undated.first()
-        && let Some(left_out) = stats.should_warn("", "timestamp_undated")
+        && let Some(left_out) = stats.warnings().should_warn("", "timestamp_undated")
     {
         let _entered = span.enter();
         warn!(

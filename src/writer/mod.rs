@@ -148,6 +148,7 @@ impl Outcomes<'_> {
         let job = &held.job;
         if let Some(left_out) = self
             .stats
+            .warnings()
             .should_warn(job.update.device.as_str(), rejection.reason())
         {
             let hint = match rejection {
@@ -164,7 +165,7 @@ impl Outcomes<'_> {
                 similar_left_out = left_out,
                 "message rejected{hint}"
             );
-            if rejection == Rejection::UnknownDevice && self.stats.codehubot_wording() {
+            if rejection == Rejection::UnknownDevice && self.stats.warnings().codehubot_wording() {
                 // The Python service's words, which its README has operators grep for.
                 warn!(device = %job.update.device, "⚠️ 设备不存在: {}", job.update.device);
             }
