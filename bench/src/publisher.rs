@@ -15,40 +15,7 @@ const INFLIGHT: u16 = 10_000;
 /// Publishes queued between the feeding task and the event loop.
 const REQUEST_CAPACITY: usize = 10_000;
 
-pub fn topic(prefix: &str, device: u64) -> String {
-    format!("{prefix}/dev{device}/data")
-}
-
-/// What the published messages look like (`--payload`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Shape {
-    /// The seed's two formats, alternating.
-    Seed,
-    /// CodeHubot's ESP32 firmware: the simple format with `device_id` and `sensor` strings and
-    /// a `timestamp` in seconds since boot (which dates nothing).
-    Firmware,
-}
-
-/// Message `seq` of a device. Seed shape: even the full format, odd the simple format. Every
-/// message carries the per-device sequence number as sensor `seq`.
-pub fn payload(seq: u64, shape: Shape) -> String {
-    if shape == Shape::Firmware {
-        return format!(
-            "{{\"device_id\":\"AIOT-ESP32-6E0067F6\",\"sensor\":\"DHT11\",\"seq\":{seq},\
-             \"temperature\":24.3,\"humidity\":55.0,\"timestamp\":{}}}",
-            seq * 10
-        );
-    }
-    if seq.is_multiple_of(2) {
-        format!(
-            "{{\"sensors\":[{{\"sensor_name\":\"seq\",\"value\":{seq}}},\
-             {{\"sensor_name\":\"temperature\",\"value\":21.5,\"unit\":\"°C\"}}],\
-             \"status\":{{\"rssi\":-50}}}}"
-        )
-    } else {
-        format!("{{\"seq\":{seq},\"humidity\":60}}")
-    }
-}
+pub use mqtt_ingest_testkit::generators::{Shape, data_topic as topic, payload};
 
 fn connect(port: u16, client_id: &str) -> (AsyncClient, EventLoop) {
     let mut o = MqttOptions::new(client_id, "127.0.0.1", port);

@@ -21,6 +21,8 @@
 //! * `MI_TEST_KEEP_TMP=1`: do not delete those temp dirs (for debugging).
 
 mod db;
+pub mod generators;
+pub mod ledger;
 mod mariadb;
 mod mosquitto;
 mod mqtt;

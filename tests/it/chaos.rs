@@ -30,7 +30,7 @@ async fn prepare(db: &TestDb) -> MySqlPool {
     let pool = db.pool();
     migrate(&pool).await;
     for d in 0..DEVICES {
-        register(&pool, &crate::ledger::device(d)).await;
+        register(&pool, &crate::common::generators::device(d)).await;
     }
     pool
 }

@@ -4,7 +4,7 @@
 
 mod app;
 use mqtt_ingest_testkit as common;
-mod ledger;
+use mqtt_ingest_testkit::ledger;
 
 mod brokers;
 mod chaos;

@@ -39,7 +39,7 @@ async fn soak() {
         let sql = format!("INSERT INTO device_main (device_id, uuid, name) VALUES {values}");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for d in chunk {
-            let u = crate::ledger::device(*d);
+            let u = crate::common::generators::device(*d);
             q = q.bind(format!("id-{u}")).bind(u.clone()).bind(u);
         }
         q.execute(&pool).await.unwrap();
@@ -134,10 +134,10 @@ async fn soak() {
     let stored = stored_seqs(&pool).await.unwrap();
     for (d, seq) in ledger.last() {
         assert_eq!(
-            stored.get(&crate::ledger::device(d)),
+            stored.get(&crate::common::generators::device(d)),
             Some(&seq),
             "{}",
-            crate::ledger::device(d)
+            crate::common::generators::device(d)
         );
     }
     assert!(

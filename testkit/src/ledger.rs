@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use sqlx::{MySqlPool, Row as _};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{MQTT_HOST, unique_name, wait_until_named};
+use crate::generators::{dated_payload as payload, device};
+use crate::{MQTT_HOST, unique_name, wait_until_named};
 
 /// Settings every ledger test gives the service: history on (the proof of every reading) and
 /// kept forever (the readings are dated 2026-01-01 on).
@@ -31,22 +31,6 @@ pub const SERVICE_VARS: &[(&str, &str)] = &[
     ("HISTORY_RETENTION_DAYS", "0"),
     ("PRESENCE_TIMEOUT_SECS", "0"),
 ];
-
-pub fn device(i: usize) -> String {
-    format!("dev{i}")
-}
-
-fn base() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
-}
-
-pub fn payload(seq: u64) -> String {
-    let t = base() + chrono::Duration::seconds(seq as i64);
-    format!(
-        r#"{{"seq": {seq}, "timestamp": "{}"}}"#,
-        t.format("%Y-%m-%dT%H:%M:%SZ")
-    )
-}
 
 #[derive(Default)]
 pub struct Counts {
