@@ -267,12 +267,15 @@ async fn rejects_are_kept_bounded_and_printed_by_the_command() {
     assert_eq!(stranger.1.as_deref(), Some("stranger"));
     assert_eq!(stranger.2, br#"{"t": 1}"#);
 
-    // The command shows the latest for one device.
+    // The command shows the latest for one device. It reads only the database settings: a
+    // broker setting that would stop the service (an unreadable CA file) does not stop it.
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"));
     cmd.args(["rejects", "--device", "stranger", "--env-file", "/dev/null"]);
     for (k, v) in target.vars() {
         cmd.env(k, v);
     }
+    cmd.env("MQTT_TLS", "true")
+        .env("MQTT_TLS_CA_FILE", "/no/such/ca.pem");
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
