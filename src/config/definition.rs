@@ -538,7 +538,10 @@ pub fn markdown_table() -> String {
 /// The reference as plain text, for `--help`.
 pub fn help_text() -> String {
     let mut out = String::from(
-        "Settings (from the environment or .env; an empty value means the default):\n",
+        "Settings, from the environment or .env. An empty value means the default for a number,\n\
+         a switch or a setting without a default; HTTP_LISTEN=, DEVICE_SENSORS_TABLE= and\n\
+         SENSOR_RENAMES= turn those off, MQTT_PROTOCOL= is 3.1.1, and for the other names an\n\
+         empty value is refused.\n",
     );
     let mut heading = String::new();
     for e in reference() {

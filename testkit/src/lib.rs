@@ -83,17 +83,23 @@ pub fn unique_name(prefix: &str) -> String {
 /// A counter of the service's statistics block from one of its lines (`  total: 5` for
 /// `name` = `total`).
 pub fn stats_counter(line: &str, name: &str) -> Option<u64> {
-    line.trim_start()
-        .strip_prefix(name)?
-        .strip_prefix(':')?
+    stats_field(line, name)?.trim().parse().ok()
+}
+
+/// The text after `name:` on a line of the statistics block.
+fn stats_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.trim_start().strip_prefix(name)?.strip_prefix(':')
+}
+
+/// `name`'s counter on the last line of a log that gives it; `None` when that line's value is
+/// not a number (a block cut off mid-write is not read from an earlier one).
+pub fn last_logged_counter(log: &str, name: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .find_map(|l| stats_field(l, name))?
         .trim()
         .parse()
         .ok()
-}
-
-/// `name`'s counter in the last statistics block of a log.
-pub fn last_logged_counter(log: &str, name: &str) -> Option<u64> {
-    log.lines().rev().find_map(|l| stats_counter(l, name))
 }
 
 fn base36_digit(d: u32) -> char {
@@ -125,6 +131,11 @@ mod tests {
         assert_eq!(stats_counter("INFO total: 3", "total"), None);
         let log = "  total: 1\n  failed: 0\nlater\n  total: 5\n";
         assert_eq!(last_logged_counter(log, "total"), Some(5));
+        assert_eq!(
+            last_logged_counter("  total: 5\n  total: 6", "total"),
+            Some(6)
+        );
+        assert_eq!(last_logged_counter("  total: 5\n  total: ", "total"), None);
     }
 
     #[test]

@@ -386,10 +386,15 @@ async fn passwords_never_reach_logs_errors_or_check_config() {
         .await
         .expect("the refusal is logged");
     crate::common::sigterm(pid).unwrap();
-    while let Ok(Some(line)) = lines.next_line().await {
-        text.push_str(&line);
-        text.push('\n');
-    }
+    let rest = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            text.push_str(&line);
+            text.push('\n');
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), rest)
+        .await
+        .expect("the service ends within 20 s of SIGTERM");
     let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .unwrap()

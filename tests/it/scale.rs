@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use crate::app::{Target, migrate, register, spawn_service, wait_devices_at_seq, wait_for_device};
+use crate::app::{Target, migrate, register, spawn_service, wait_devices_at_seq};
 use crate::common::{QoS, TestDb, publish_many, shared_mqtt_port, unique_name, wait_until_named};
 
 const DEVICES: usize = 40;
-/// Devices that only send the heartbeat that marks the end of a round.
+/// Unknown devices whose rejected messages mark the end of a round.
 const MARKERS: usize = 6;
 
 fn messages(target: &Target, seqs: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
@@ -38,9 +38,6 @@ async fn two_instances_share_the_load_and_one_carries_on_when_the_other_dies() {
     for d in 0..DEVICES {
         register(&pool, &format!("dev{d}")).await;
     }
-    for m in 0..MARKERS {
-        register(&pool, &format!("mark{m}")).await;
-    }
     let group = unique_name("g");
     let a = Target::new(&db, shared_mqtt_port()).with("MQTT_SHARED_GROUP", &group);
     // Same prefix and group, its own client id (and so its own session).
@@ -64,41 +61,58 @@ async fn two_instances_share_the_load_and_one_carries_on_when_the_other_dies() {
     )
     .await
     .unwrap();
-    // Markers, one heartbeat per marker device, published after the round: the broker hands
-    // each member its messages in order, so once every marker is written, anything it sent
-    // twice (or to both members) has been written too and shows up as more than N.
+    // Markers: a message to each of a few unknown devices, published after the round, which
+    // each member rejects. A member takes in its messages in the order the broker sends them,
+    // so once each member has rejected at least one marker and all are rejected, everything
+    // the broker sent before them has been counted as received: anything sent twice (or to
+    // both members) shows up as more than N + markers.
     let markers: Vec<(String, Vec<u8>)> = (0..MARKERS)
         .map(|m| {
-            let topic = a.topic(&format!("mark{m}"), "heartbeat");
-            (topic, br#"{"uptime": 1}"#.to_vec())
+            (
+                a.topic(&format!("mark{m}"), "data"),
+                br#"{"m": 1}"#.to_vec(),
+            )
         })
         .collect();
     publish_many(a.mqtt_port, markers, QoS::AtLeastOnce)
         .await
         .unwrap();
-    for m in 0..MARKERS {
-        wait_for_device(&pool, &format!("mark{m}"), "the marker", |r| {
-            r.last_heartbeat.is_some()
-        })
-        .await;
-    }
     wait_until_named(
-        "the markers to be counted",
+        "each member to reject markers, and all of them to be rejected",
         Duration::from_secs(10),
         Duration::from_millis(20),
-        async || sa.snapshot().succeeded + sb.snapshot().succeeded >= n + MARKERS as u64,
+        async || {
+            let (fa, fb) = (sa.snapshot().failed, sb.snapshot().failed);
+            fa >= 1 && fb >= 1 && fa + fb >= MARKERS as u64
+        },
     )
     .await
     .unwrap();
-    let (wa, wb) = (sa.snapshot().succeeded, sb.snapshot().succeeded);
+    let (ra, rb) = (sa.snapshot().received, sb.snapshot().received);
     assert_eq!(
-        wa + wb,
+        ra + rb,
         n + MARKERS as u64,
-        "each message written once: {wa} + {wb}"
+        "each message received once: {ra} + {rb}"
     );
+    let (wa, wb) = (sa.snapshot().succeeded, sb.snapshot().succeeded);
+    assert_eq!(wa + wb, n, "each message written once: {wa} + {wb}");
     assert!(wa > 0 && wb > 0, "both took a share: {wa} and {wb}");
-    // Messages came under their own topics, not `$share/...` (that would be bad_topic).
-    assert_eq!(sa.snapshot().failed + sb.snapshot().failed, 0);
+    // Messages came under their own topics, not `$share/...` (that would be bad_topic): the
+    // markers are the only rejections.
+    let (ja, jb) = (sa.snapshot(), sb.snapshot());
+    for (reason, n) in ja
+        .rejected
+        .iter()
+        .zip(&jb.rejected)
+        .map(|(a, b)| (a.0, a.1 + b.1))
+    {
+        let want = if reason == "unknown_device" {
+            MARKERS as u64
+        } else {
+            0
+        };
+        assert_eq!(n, want, "{reason}");
+    }
 
     // The second dies without a word while messages flow.
     let publisher = {
