@@ -49,48 +49,28 @@ struct Scrape {
     gauges: Gauges,
 }
 
-/// A counter family name without `_total`: the encoder adds it.
-fn counter(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    value: u64,
-) -> Result<(), std::fmt::Error> {
-    encoder
-        .encode_descriptor(name, help, None, MetricType::Counter)?
-        .encode_counter::<NoLabelSet, _, u64>(&value, None)
-}
-
-fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    value: V,
-) -> Result<(), std::fmt::Error> {
-    encoder
-        .encode_descriptor(name, help, None, MetricType::Gauge)?
-        .encode_gauge(&value)
-}
-
-/// A counter family with one series per reason.
-fn by_reason(
-    encoder: &mut DescriptorEncoder<'_>,
-    name: &str,
-    help: &str,
-    counts: &[(&'static str, u64)],
-) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (reason, n) in counts {
-        family
-            .encode_family(&[("reason", *reason)])?
-            .encode_counter::<NoLabelSet, _, u64>(n, None)?;
-    }
-    Ok(())
+/// One family's samples.
+enum Value<'a> {
+    /// A counter (the encoder adds `_total` to the name).
+    Counter(u64),
+    /// A counter with one series per reason.
+    ByReason(&'a [(&'static str, u64)]),
+    /// A gauge.
+    Gauge(i64),
+    /// A gauge in seconds.
+    Seconds(f64),
+    /// Left out: not known yet (before the writers exist, before the first database check).
+    Unknown,
 }
 
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use Value::{ByReason, Counter, Gauge, Seconds, Unknown};
         let (s, g) = (&self.snap, &self.gauges);
+        let flag = |b: bool| Gauge(i64::from(b));
+        let known = |v: Option<i64>| v.map_or(Unknown, Gauge);
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let queue = |f: fn((usize, usize)) -> usize| known(g.queue.map(|q| count(f(q))));
         e.encode_descriptor(
             "build_info",
             "Version of the running service.",
@@ -99,54 +79,126 @@ impl Collector for Scrape {
         )?
         .encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?
         .encode_gauge(&1u64)?;
-        gauge(
-            &mut e,
-            "uptime_seconds",
-            "Seconds since the service started.",
-            s.uptime.as_secs_f64(),
-        )?;
-        counter(
-            &mut e,
-            "messages_received",
-            "Messages taken in from the broker (each ends as written or rejected).",
-            s.received,
-        )?;
-        counter(
-            &mut e,
-            "messages_written",
-            "Messages whose update committed to the database.",
-            s.succeeded,
-        )?;
-        by_reason(
-            &mut e,
-            "messages_rejected",
-            "Messages rejected, by reason; nothing is written for them.",
-            &s.rejected,
-        )?;
-        counter(
-            &mut e,
-            "parts_skipped",
-            "Invalid parts (a sensor, a location) skipped in messages that were still written.",
-            s.parts_skipped,
-        )?;
-        by_reason(
-            &mut e,
-            "timestamps_undated",
-            "Device timestamps that dated nothing (uptime counters, garbage, too far ahead), by reason; their readings kept the receive time.",
-            &s.undated,
-        )?;
-        counter(
-            &mut e,
-            "batches",
-            "Committed batches (one transaction each).",
-            s.batches,
-        )?;
-        counter(
-            &mut e,
-            "rows_written",
-            "device_main rows written by the committed batches.",
-            s.rows_written,
-        )?;
+        // In the order they are shown; the flush histogram goes after rows_written.
+        let families: [(&str, &str, Value<'_>); 17] = [
+            (
+                "uptime_seconds",
+                "Seconds since the service started.",
+                Seconds(s.uptime.as_secs_f64()),
+            ),
+            (
+                "messages_received",
+                "Messages taken in from the broker (each ends as written or rejected).",
+                Counter(s.received),
+            ),
+            (
+                "messages_written",
+                "Messages whose update committed to the database.",
+                Counter(s.succeeded),
+            ),
+            (
+                "messages_rejected",
+                "Messages rejected, by reason; nothing is written for them.",
+                ByReason(&s.rejected),
+            ),
+            (
+                "parts_skipped",
+                "Invalid parts (a sensor, a location) skipped in messages that were still written.",
+                Counter(s.parts_skipped),
+            ),
+            (
+                "timestamps_undated",
+                "Device timestamps that dated nothing (uptime counters, garbage, too far ahead), by reason; their readings kept the receive time.",
+                ByReason(&s.undated),
+            ),
+            (
+                "batches",
+                "Committed batches (one transaction each).",
+                Counter(s.batches),
+            ),
+            (
+                "rows_written",
+                "device_main rows written by the committed batches.",
+                Counter(s.rows_written),
+            ),
+            (
+                "queue_depth",
+                "Validated messages waiting for the database writers.",
+                queue(|(depth, _)| depth),
+            ),
+            (
+                "queue_capacity",
+                "Capacity of the writers' queues together (INGEST_QUEUE_CAPACITY).",
+                queue(|(_, capacity)| capacity),
+            ),
+            (
+                "mqtt_connected",
+                "1 while the connection to the broker is up.",
+                flag(s.connected),
+            ),
+            (
+                "mqtt_subscribed",
+                "1 while the broker has acknowledged the subscriptions on the current connection.",
+                flag(s.subscribed),
+            ),
+            (
+                "mqtt_reconnects",
+                "Connections to the broker after the first.",
+                Counter(s.reconnects),
+            ),
+            (
+                "mqtt_sessions_lost",
+                "Reconnections on which the broker no longer had the persistent session (session_present=false): what it had queued is lost.",
+                Counter(s.sessions_lost),
+            ),
+            (
+                "db_errors",
+                "Failed database write attempts (each is retried).",
+                Counter(s.db_errors),
+            ),
+            (
+                "db_up",
+                "1 when the last periodic database check succeeded.",
+                flag(g.db_up),
+            ),
+            (
+                "devices_online",
+                "Rows of device_main with is_online = 1, at the last database check.",
+                known(g.devices_online),
+            ),
+        ];
+        for (name, help, value) in families {
+            match value {
+                Counter(v) => e
+                    .encode_descriptor(name, help, None, MetricType::Counter)?
+                    .encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+                ByReason(counts) => {
+                    let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+                    for (reason, n) in counts {
+                        family
+                            .encode_family(&[("reason", *reason)])?
+                            .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+                    }
+                }
+                Gauge(v) => e
+                    .encode_descriptor(name, help, None, MetricType::Gauge)?
+                    .encode_gauge(&v)?,
+                Seconds(v) => e
+                    .encode_descriptor(name, help, None, MetricType::Gauge)?
+                    .encode_gauge(&v)?,
+                Unknown => {}
+            }
+            if name == "rows_written" {
+                self.flush_histogram(&mut e)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Scrape {
+    fn flush_histogram(&self, e: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.snap;
         // The snapshot's buckets are cumulative; the encoder wants each bucket's own count
         // (it adds them up), with +Inf last.
         let mut below = 0;
@@ -171,66 +223,7 @@ impl Collector for Scrape {
             s.flush_count,
             &buckets,
             None,
-        )?;
-        if let Some((depth, capacity)) = g.queue {
-            gauge(
-                &mut e,
-                "queue_depth",
-                "Validated messages waiting for the database writers.",
-                depth,
-            )?;
-            gauge(
-                &mut e,
-                "queue_capacity",
-                "Capacity of the writers' queues together (INGEST_QUEUE_CAPACITY).",
-                capacity,
-            )?;
-        }
-        gauge(
-            &mut e,
-            "mqtt_connected",
-            "1 while the connection to the broker is up.",
-            u64::from(s.connected),
-        )?;
-        gauge(
-            &mut e,
-            "mqtt_subscribed",
-            "1 while the broker has acknowledged the subscriptions on the current connection.",
-            u64::from(s.subscribed),
-        )?;
-        counter(
-            &mut e,
-            "mqtt_reconnects",
-            "Connections to the broker after the first.",
-            s.reconnects,
-        )?;
-        counter(
-            &mut e,
-            "mqtt_sessions_lost",
-            "Reconnections on which the broker no longer had the persistent session (session_present=false): what it had queued is lost.",
-            s.sessions_lost,
-        )?;
-        counter(
-            &mut e,
-            "db_errors",
-            "Failed database write attempts (each is retried).",
-            s.db_errors,
-        )?;
-        gauge(
-            &mut e,
-            "db_up",
-            "1 when the last periodic database check succeeded.",
-            u64::from(g.db_up),
-        )?;
-        if let Some(n) = g.devices_online {
-            gauge(
-                &mut e,
-                "devices_online",
-                "Rows of device_main with is_online = 1, at the last database check.",
-                n,
-            )?;
-        }
-        Ok(())
+        )
     }
 }
 
