@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mqtt_ingest::config::{self, DbSettings, Settings};
+use mqtt_ingest::config::{DbSettings, RejectsSettings, Settings};
 use mqtt_ingest::service::Service;
 use mqtt_ingest::{mqtt, rejects, store, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -114,13 +114,14 @@ fn cli_command() -> clap::Command {
 
 fn main() -> ExitCode {
     tune_allocator();
-    // Usage errors exit 2 with clap's message; --help and --version exit 0.
-    let parsed = cli_command()
-        .try_get_matches()
-        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m))
-        .and_then(Cli::resolve);
-    let (command, env_file) = match parsed {
+    // Usage errors exit 2 with clap's message; --help and --version exit 0. The settings'
+    // reference is built for the help only, not on every start.
+    let (command, env_file) = match Cli::try_parse().and_then(Cli::resolve) {
         Ok(parsed) => parsed,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {
+            cli_command().get_matches();
+            e.exit()
+        }
         Err(e) => e.exit(),
     };
     let loaded = match &env_file {
@@ -195,9 +196,9 @@ fn main() -> ExitCode {
 /// `rejects`: reads only the database settings (and whether rejects are kept), so a broker's
 /// TLS files need not be readable to run one query.
 fn rejects_command(query: RejectsQuery) -> ExitCode {
-    let (db, kept) = match (DbSettings::from_env(), config::rejects_enabled_from_env()) {
-        (Ok(db), Ok(kept)) => (db, kept),
-        (Err(e), _) | (_, Err(e)) => {
+    let settings = match RejectsSettings::from_env() {
+        Ok(settings) => settings,
+        Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -206,7 +207,7 @@ fn rejects_command(query: RejectsQuery) -> ExitCode {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(print_rejects(&db, kept, query)),
+        Ok(rt) => rt.block_on(print_rejects(&settings.db, settings.kept, query)),
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
             ExitCode::FAILURE

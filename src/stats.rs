@@ -57,6 +57,11 @@ impl Stats {
     /// Counters whose repeated warnings are logged once per `warn_interval` per device and
     /// reason.
     pub fn new(warn_interval: Duration) -> Self {
+        Self::with_style(warn_interval, LogStyle::Default)
+    }
+
+    /// The same, with the log lines operators grep for in `style`'s words.
+    pub fn with_style(warn_interval: Duration, style: LogStyle) -> Self {
         Self {
             started: Instant::now(),
             received: AtomicU64::new(0),
@@ -73,18 +78,10 @@ impl Stats {
             last_message_ms: AtomicI64::new(0),
             connected: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
-            warnings: Warnings::new(warn_interval, LogStyle::Default),
+            warnings: Warnings::new(warn_interval, style),
             flush_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             flush_micros: AtomicU64::new(0),
             loop_beat: LoopBeat::default(),
-        }
-    }
-
-    /// The same, with the log lines operators grep for in `style`'s words.
-    pub fn with_style(warn_interval: Duration, style: LogStyle) -> Self {
-        Self {
-            warnings: Warnings::new(warn_interval, style),
-            ..Self::new(warn_interval)
         }
     }
 

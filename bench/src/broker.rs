@@ -15,7 +15,6 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The benchmark's broker: the test kit's private Mosquitto, set up for measuring, with the
 /// persistent sessions the scenarios made.
 pub struct Broker {
-    pub port: u16,
     /// "2.0.11", from `mosquitto -h`.
     pub version: String,
     server: PrivateMosquitto,
@@ -39,11 +38,15 @@ impl Broker {
         })
         .await?;
         Ok(Broker {
-            port: server.port(),
             version: version(bin).await,
             server,
             sessions: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Its loopback port.
+    pub fn port(&self) -> u16 {
+        self.server.port()
     }
 
     /// Remembers a client id whose persistent session must be removed after the scenario.
@@ -59,7 +62,7 @@ impl Broker {
         let ids = std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
         let mut failed = Vec::new();
         for id in ids {
-            if let Err(e) = clear_session(self.port, &id).await {
+            if let Err(e) = clear_session(self.port(), &id).await {
                 failed.push(format!("{id}: {e:#}"));
             }
         }

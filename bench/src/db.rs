@@ -40,8 +40,6 @@ const SEQS: &str = concat!("SELECT uuid, ", seq_expr!(), " FROM device_main");
 /// The benchmark's database: the test kit's throw-away database (dropped when this is
 /// dropped), with the service's tables.
 pub struct BenchDb {
-    pub name: String,
-    pub pool: MySqlPool,
     db: TestDb,
 }
 
@@ -62,23 +60,27 @@ impl BenchDb {
                 target.host, target.port
             )
         })?;
-        let pool = db.pool();
         mqtt_ingest::store::MIGRATOR
-            .run(&pool)
+            .run(&db.pool())
             .await
             .context("running the service's migrations")?;
-        Ok(BenchDb {
-            name: db.name.clone(),
-            pool,
-            db,
-        })
+        Ok(BenchDb { db })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.db.name
+    }
+
+    fn pool(&self) -> MySqlPool {
+        self.db.pool()
     }
 
     /// Empties `device_main` and registers devices 0..n as the backend would:
     /// (`bench-dev-<i>`, `dev<i>`, `Bench <i>`).
     pub async fn reseed(&self, n: u64) -> anyhow::Result<()> {
         sqlx::query("TRUNCATE TABLE device_main")
-            .execute(&self.pool)
+            .execute(&self.pool())
             .await?;
         let mut start = 0;
         while start < n {
@@ -91,7 +93,7 @@ impl BenchDb {
                 let _ = write!(sql, "('bench-dev-{i}','dev{i}','Bench {i}')");
             }
             sqlx::raw_sql(AssertSqlSafe(sql))
-                .execute(&self.pool)
+                .execute(&self.pool())
                 .await
                 .context("registering devices")?;
             start = end;
@@ -104,7 +106,7 @@ impl BenchDb {
     pub async fn drain_status(&self, last: u64) -> anyhow::Result<(u64, u64)> {
         let row = sqlx::query(DRAIN_STATUS)
             .bind(last as f64)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.pool())
             .await?;
         let done: i64 = row.try_get(0)?;
         let sum: i64 = row.try_get(1)?;
@@ -115,14 +117,14 @@ impl BenchDb {
     pub async fn device_seq(&self, i: u64) -> anyhow::Result<u64> {
         let seq: Option<Option<f64>> = sqlx::query_scalar(DEVICE_SEQ)
             .bind(format!("dev{i}"))
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.pool())
             .await?;
         Ok(seq.flatten().unwrap_or(0.0) as u64)
     }
 
     /// Every device's index (from `dev<i>`) and its stored `seq` (0 when none yet).
     pub async fn seqs(&self) -> anyhow::Result<Vec<(usize, u64)>> {
-        let rows = sqlx::query(SEQS).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(SEQS).fetch_all(&self.pool()).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let uuid: String = row.try_get(0)?;
@@ -190,7 +192,7 @@ impl BenchDb {
 
     /// Closes the pool and drops the database.
     pub async fn drop_database(self) {
-        self.pool.close().await;
+        self.pool().close().await;
         drop(self.db);
     }
 }

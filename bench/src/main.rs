@@ -67,7 +67,8 @@ async fn setup(opts: &Options, env: &mut Env) -> anyhow::Result<()> {
     let broker = Broker::start(&opts.mosquitto, opts.broker_inflight).await?;
     eprintln!(
         "[bench]   mosquitto {} listening on 127.0.0.1:{}",
-        broker.version, broker.port
+        broker.version,
+        broker.port()
     );
     if broker::enforces_inflight(&broker.version) == Some(false) {
         eprintln!(
@@ -80,9 +81,11 @@ async fn setup(opts: &Options, env: &mut Env) -> anyhow::Result<()> {
     let db = BenchDb::create(&opts.db).await?;
     eprintln!(
         "[bench] created database {} on {}:{}",
-        db.name, opts.db.host, opts.db.port
+        db.name(),
+        opts.db.host,
+        opts.db.port
     );
-    env.db_name.clone_from(&db.name);
+    env.db_name = db.name().to_owned();
     env.db = Some(db);
     Ok(())
 }
@@ -92,7 +95,7 @@ async fn teardown(env: &mut Env) {
         broker.stop().await;
     }
     if let Some(db) = env.db.take() {
-        let name = db.name.clone();
+        let name = db.name().to_owned();
         db.drop_database().await;
         eprintln!("[bench] dropped database {name}");
     }

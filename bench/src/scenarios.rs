@@ -45,9 +45,9 @@ impl Ctx<'_> {
         };
         Service::spawn(
             self.opts,
-            self.broker.port,
+            self.broker.port(),
             &self.opts.db,
-            &self.db.name,
+            self.db.name(),
             &self.client_id(s, "svc"),
             &self.prefix(s),
             extra,
@@ -127,7 +127,7 @@ async fn publish_backlog(
     );
     let id_base = ctx.client_id(s, "pub");
     let backlog = publisher::Backlog {
-        port: ctx.broker.port,
+        port: ctx.broker.port(),
         id_base: &id_base,
         prefix,
         devices: size.devices,
@@ -258,7 +258,7 @@ async fn broker_limit(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<
     let filter = format!("{prefix}/+/+");
     let sub = Sub {
         bin: &ctx.opts.mosquitto_sub,
-        port: ctx.broker.port,
+        port: ctx.broker.port(),
         client_id: &id,
         filter: &filter,
     };
@@ -353,7 +353,7 @@ async fn live(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
         Arc::new(Mutex::new(vec![Vec::with_capacity(per_device); devices]));
     let publishing = {
         let stream = publisher::Stream {
-            port: ctx.broker.port,
+            port: ctx.broker.port(),
             client_id: ctx.client_id(s, "pub"),
             prefix: ctx.prefix(s),
             devices: spec.devices,

@@ -408,6 +408,15 @@ pub struct Definition {
     pub ops: OpsArgs,
 }
 
+/// What the `rejects` command reads: the database group and `REJECTS_ENABLED`'s group.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RejectsArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub keep: KeepArgs,
+}
+
 /// The parser of one group of settings (`A` is [`Definition`] for all of them).
 pub fn command<A: Args>() -> Command {
     A::augment_args(Command::new("mqtt-ingest").no_binary_name(true))

@@ -403,7 +403,7 @@ fn cert_pair(
 impl Settings {
     /// Reads the settings from the process environment (after `.env` was loaded into it).
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(&|name| std::env::var(name).ok())
+        Self::from_lookup(&env_var)
     }
 
     /// Reads the settings from a map (tests, tools).
@@ -528,23 +528,35 @@ impl Settings {
     }
 }
 
-impl DbSettings {
-    /// Reads only the database settings (for `rejects`, which runs one query): the others
-    /// are neither needed nor checked.
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(&|name| std::env::var(name).ok())
-    }
-
-    /// As [`DbSettings::from_env`], through `lookup`.
-    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        db_settings(parse_group(lookup)?)
-    }
+/// A variable of the process environment (after `.env` was loaded into it).
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
-/// Whether rejected messages are kept (`REJECTS_ENABLED`), read with its group alone.
-pub fn rejects_enabled_from_env() -> Result<bool, ConfigError> {
-    let lookup = |name: &str| std::env::var(name).ok();
-    parse_group::<definition::KeepArgs>(&lookup).map(|k| k.rejects_enabled)
+/// What the `rejects` command needs, and all it reads: the database settings and whether
+/// rejects are kept. The broker's settings are neither needed nor checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectsSettings {
+    /// The database.
+    pub db: DbSettings,
+    /// `REJECTS_ENABLED`.
+    pub kept: bool,
+}
+
+impl RejectsSettings {
+    /// Reads them from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&env_var)
+    }
+
+    /// Reads them through `lookup`.
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let args: definition::RejectsArgs = parse_group(lookup)?;
+        Ok(Self {
+            db: db_settings(args.db)?,
+            kept: args.keep.rejects_enabled,
+        })
+    }
 }
 
 /// The settings' parser, for clap's own consistency check in tests.
@@ -726,12 +738,14 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let db = DbSettings::from_lookup(&|n| map.get(n).cloned()).unwrap();
+        let db = RejectsSettings::from_lookup(&|n| map.get(n).cloned())
+            .unwrap()
+            .db;
         assert_eq!(db.name, "x");
         assert_eq!(Settings::from_map(&map).unwrap_err().var, "MQTT_PORT");
         let map: HashMap<String, String> = [("DB_PORT".to_owned(), "x".to_owned())].into();
         assert_eq!(
-            DbSettings::from_lookup(&|n| map.get(n).cloned())
+            RejectsSettings::from_lookup(&|n| map.get(n).cloned())
                 .unwrap_err()
                 .to_string(),
             "configuration error: DB_PORT: must be a whole number from 1 to 65535, got \"x\""

@@ -202,38 +202,47 @@ async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_
                 finish(batch, outcome.applied, out);
                 return;
             }
-            Err(StoreError::Refused(e)) if batch.len() == 1 => {
-                let mut tokens = Vec::new();
-                for held in batch {
-                    out.reject(held, Rejection::DbRefused(e.to_string()), &mut tokens);
-                }
-                out.settled.report(tokens);
-                return;
-            }
-            Err(StoreError::Refused(e)) => {
-                warn!(error = %e, messages = batch.len(), "the database refused a batch; writing its messages one by one");
-                for held in batch {
-                    Box::pin(write_batch(store, vec![held], out, retry_max)).await;
-                }
-                return;
-            }
-            Err(e) => {
-                stats.db_error();
-                let delay = e.retry_after(&mut backoff).unwrap_or(retry_max);
-                if let StoreError::Conflict(e) = &e {
+            // The policy's word on the error: wait and retry, or (refused data) never.
+            Err(e) => match (e.retry_after(&mut backoff), &e) {
+                (Some(delay), StoreError::Conflict(cause)) => {
                     // Another writer held the locks; the database rolled this batch back.
                     // Nothing is wrong with the database: try again after a moment.
-                    debug!(error = %e, messages = batch.len(), "transaction conflict; retrying the batch");
-                } else {
+                    stats.db_error();
+                    debug!(error = %cause, messages = batch.len(), "transaction conflict; retrying the batch");
+                    tokio::time::sleep(delay).await;
+                }
+                (Some(delay), _) => {
+                    stats.db_error();
                     error!(
                         error = %e,
                         messages = batch.len(),
                         retry_in_secs = delay.as_secs_f32(),
                         "database write failed; the messages wait, unacknowledged"
                     );
+                    tokio::time::sleep(delay).await;
                 }
-                tokio::time::sleep(delay).await;
-            }
+                // Refused for the data in it: isolate the message that is refused.
+                (None, StoreError::Refused(cause)) if batch.len() == 1 => {
+                    let mut tokens = Vec::new();
+                    for held in batch {
+                        out.reject(held, Rejection::DbRefused(cause.to_string()), &mut tokens);
+                    }
+                    out.settled.report(tokens);
+                    return;
+                }
+                (
+                    None,
+                    StoreError::Refused(cause)
+                    | StoreError::Conflict(cause)
+                    | StoreError::Unavailable(cause),
+                ) => {
+                    warn!(error = %cause, messages = batch.len(), "the database refused a batch; writing its messages one by one");
+                    for held in batch {
+                        Box::pin(write_batch(store, vec![held], out, retry_max)).await;
+                    }
+                    return;
+                }
+            },
         }
     }
 }

@@ -140,16 +140,9 @@ impl PrivateMariaDb {
 
     /// Clean shutdown: SIGTERM and wait (SIGKILL after 60 s).
     pub async fn stop(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            let (status, clean) = proc.terminate(STOP_GRACE).await;
-            if !clean {
-                eprintln!(
-                    "[test harness] mariadbd on port {} needed SIGKILL (status {status:?}); log:\n{}",
-                    self.port,
-                    self.log_tail()
-                );
-            }
-        }
+        let (port, proc) = (self.port, self.proc.take());
+        let what = format_args!("mariadbd on port {port}");
+        procs::stop_server(proc, STOP_GRACE, what, || self.log_tail()).await;
     }
 
     /// SIGKILL (a crash, as far as InnoDB is concerned) and wait until the
@@ -172,13 +165,7 @@ impl PrivateMariaDb {
     pub async fn try_restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
         let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            match self.launch(deadline).await {
-                Ok(()) => return Ok(()),
-                Err(e) if !e.exited_early || Instant::now() >= deadline => return Err(e.error),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        procs::relaunch(deadline, async || self.launch(deadline).await).await
     }
 
     /// The last lines of the server's error log and of its stdout/stderr.

@@ -142,16 +142,9 @@ impl PrivateMosquitto {
     /// Clean shutdown: SIGTERM and wait for the exit (Mosquitto writes its
     /// persistence file on the way out). Falls back to SIGKILL after 15 s.
     pub async fn stop(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            let (status, clean) = proc.terminate(STOP_GRACE).await;
-            if !clean {
-                eprintln!(
-                    "[test harness] mosquitto on port {} needed SIGKILL (status {status:?}); log:\n{}",
-                    self.port,
-                    self.log_tail()
-                );
-            }
-        }
+        let (port, proc) = (self.port, self.proc.take());
+        let what = format_args!("mosquitto on port {port}");
+        procs::stop_server(proc, STOP_GRACE, what, || self.log_tail()).await;
     }
 
     /// SIGKILL (no final save) and wait until the process is gone.
@@ -172,15 +165,8 @@ impl PrivateMosquitto {
 
     pub async fn try_restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        // Retry for a while if the port is briefly held by someone else.
         let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            match self.launch(deadline).await {
-                Ok(()) => return Ok(()),
-                Err(e) if !e.exited_early || Instant::now() >= deadline => return Err(e.error),
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        procs::relaunch(deadline, async || self.launch(deadline).await).await
     }
 
     /// The whole broker log so far (to wait for a line in it).

@@ -424,3 +424,37 @@ impl LaunchError {
         }
     }
 }
+
+/// Stops a private server cleanly: SIGTERM, then SIGKILL if it has not gone within `grace`,
+/// saying so with its log tail (`what` names the server).
+pub(crate) async fn stop_server(
+    proc: Option<Proc>,
+    grace: Duration,
+    what: std::fmt::Arguments<'_>,
+    log_tail: impl FnOnce() -> String,
+) {
+    if let Some(mut proc) = proc {
+        let (status, clean) = proc.terminate(grace).await;
+        if !clean {
+            eprintln!(
+                "[test harness] {what} needed SIGKILL (status {status:?}); log:\n{}",
+                log_tail()
+            );
+        }
+    }
+}
+
+/// Launches a stopped server again until `deadline`: a launch whose process exited by itself
+/// (its port briefly held by someone else) is tried again after a moment.
+pub(crate) async fn relaunch(
+    deadline: Instant,
+    mut launch: impl AsyncFnMut() -> Result<(), LaunchError>,
+) -> anyhow::Result<()> {
+    loop {
+        match launch().await {
+            Ok(()) => return Ok(()),
+            Err(e) if !e.exited_early || Instant::now() >= deadline => return Err(e.error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}

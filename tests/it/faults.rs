@@ -13,7 +13,6 @@ use crate::common::{
     shared_mqtt_port, wait_until_named,
 };
 use serde_json::json;
-use tokio::io::AsyncBufReadExt as _;
 
 fn seq_messages(
     target: &Target,
@@ -360,46 +359,13 @@ async fn passwords_never_reach_logs_errors_or_check_config() {
     // And the running service, at trace level, through a failed database connection.
     let mut process_env = target.clone().with("LOG_LEVEL", "trace");
     process_env.db_password = "s3cret-db-pw".into();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqtt-ingest"));
-    cmd.args(["--env-file", "/dev/null"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in process_env.vars() {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let pid = child.id().unwrap();
-    // Read the log as it comes, until the refusal is logged (or the service ends).
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut text = String::new();
-    let refusal = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            text.push_str(&line);
-            text.push('\n');
-            if line.contains("database refused the service") {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), refusal)
-        .await
-        .expect("the refusal is logged");
-    crate::common::sigterm(pid).unwrap();
-    let rest = async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            text.push_str(&line);
-            text.push('\n');
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), rest)
-        .await
-        .expect("the service ends within 20 s of SIGTERM");
-    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    text.push_str(&String::from_utf8_lossy(&out.stdout));
+    let mut process = ServiceProcess::spawn(&process_env);
+    process
+        .wait_for_log("database refused the service", Duration::from_secs(20))
+        .await;
+    process.signal("TERM");
+    process.wait_exit(Duration::from_secs(20)).await;
+    let text = process.log();
     // A wrong password is a refusal, named as such, with the settings to check.
     assert!(
         text.contains("database refused the service") && text.contains("DB_PASSWORD"),

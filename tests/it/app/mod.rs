@@ -231,6 +231,8 @@ impl Running {
 pub struct ServiceProcess {
     child: Child,
     pub output: Arc<Mutex<Vec<String>>>,
+    /// The tasks reading stdout and stderr into `output`; they end at the process's exit.
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl ServiceProcess {
@@ -261,6 +263,7 @@ impl ServiceProcess {
         }
         let mut child = cmd.spawn().expect("spawn mqtt-ingest");
         let output = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stderr
@@ -275,15 +278,19 @@ impl ServiceProcess {
         .flatten()
         {
             let out = output.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     eprintln!("[mqtt-ingest] {line}");
                     out.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
-        ServiceProcess { child, output }
+        ServiceProcess {
+            child,
+            output,
+            readers,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -312,12 +319,19 @@ impl ServiceProcess {
         assert!(status.success(), "kill -{signal} failed");
     }
 
-    /// Waits for the process to exit and returns its exit code.
+    /// Waits for the process to exit, and for its last lines to reach [`ServiceProcess::log`];
+    /// returns its exit code.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let exited = async {
+            let status = self.child.wait().await.expect("wait for service");
+            for reader in self.readers.drain(..) {
+                let _ = reader.await;
+            }
+            status
+        };
+        tokio::time::timeout(timeout, exited)
             .await
             .expect("service exited in time")
-            .expect("wait for service")
             .code()
     }
 
