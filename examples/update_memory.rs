@@ -8,8 +8,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use mqtt_ingest::model::{DeviceUuid, TopicKind, Update};
-use mqtt_ingest::payload::{Rules, process};
+use mqtt_ingest::intake::model::{DeviceUuid, TopicKind, Update};
+use mqtt_ingest::intake::payload::{Rules, process};
 
 /// The system allocator, counting the bytes currently allocated.
 struct Counting;

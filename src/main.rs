@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mqtt_ingest::config::{DbSettings, RejectsSettings, Settings};
+use mqtt_ingest::mqtt;
+use mqtt_ingest::ops::telemetry;
 use mqtt_ingest::service::Service;
-use mqtt_ingest::{mqtt, rejects, store, telemetry};
+use mqtt_ingest::store::{self, rejects};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -152,7 +154,7 @@ fn main() -> ExitCode {
     // The TLS files were found readable; check that they hold what they should, now, so that a
     // bad one is a configuration error rather than a failure at the first connection.
     if let Some(tls) = &settings.mqtt.tls
-        && let Err(e) = mqtt_ingest::tls::mqtt_client_config(tls)
+        && let Err(e) = mqtt_ingest::mqtt::tls::mqtt_client_config(tls)
     {
         eprintln!("{e}");
         return ExitCode::from(EXIT_CONFIG);

@@ -13,18 +13,18 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Settings;
-use crate::health::Health;
-use crate::http;
 use crate::mqtt;
-use crate::rejects::RejectSink;
-use crate::sensors::{self, Discovery};
-use crate::sql::unavailable_retry;
-use crate::stats::Stats;
+use crate::ops::health::Health;
+use crate::ops::http;
+use crate::ops::stats::Stats;
+use crate::ops::systemd;
+use crate::store::sensors::{self, Discovery};
+use crate::store::sql::unavailable_retry;
 use crate::store::{self, Store, StoreOptions};
-use crate::systemd;
+use crate::store::{history, presence, rejects};
+use crate::work::RejectSink;
 use crate::work::{InFlight, settled_channel};
 use crate::writer::{Batching, Queue, Router, WriterParts, run_writer};
-use crate::{history, presence, rejects};
 
 /// The service, built and not yet running: its counters and health exist and its HTTP
 /// listener is bound (so [`Service::http_address`] is known before it runs).
@@ -199,7 +199,7 @@ impl Pipeline {
         let link = mqtt::client(&settings.mqtt)?;
         let (keep, ingest) = (&settings.keep, &settings.ingest);
         let (rejects, reject_writer) = if keep.rejects {
-            let (sink, rx) = rejects::channel(keep.rejects_max_payload);
+            let (sink, rx) = crate::work::reject_channel(keep.rejects_max_payload);
             let task = AbortOnDropHandle::new(tokio::spawn(rejects::run_writer(pool.clone(), rx)));
             (Some(sink), Some(task))
         } else {
@@ -500,7 +500,7 @@ fn deadline_passed(what: &str) -> anyhow::Error {
 }
 
 /// The statistics block in the configured words (`LOG_STYLE`).
-fn render_stats(stats: &Stats, zone: &crate::zone::Zone) -> String {
+fn render_stats(stats: &Stats, zone: &crate::intake::zone::Zone) -> String {
     let snap = stats.snapshot();
     if stats.warnings().codehubot_wording() {
         snap.render_codehubot(zone)
@@ -509,7 +509,7 @@ fn render_stats(stats: &Stats, zone: &crate::zone::Zone) -> String {
     }
 }
 
-async fn log_stats_every(interval: Duration, stats: Arc<Stats>, zone: crate::zone::Zone) {
+async fn log_stats_every(interval: Duration, stats: Arc<Stats>, zone: crate::intake::zone::Zone) {
     if interval.is_zero() {
         return;
     }

@@ -15,9 +15,9 @@ use std::str::FromStr;
 use clap::{ArgAction, Args, Command, FromArgMatches};
 
 use super::{DbSslMode, LogFormat, LogStyle, MqttProtocol, Secret};
-use crate::payload::{Renames, SensorRanges, parse_sensor_ranges};
-use crate::topic::TopicLayout;
-use crate::zone::Zone;
+use crate::intake::payload::{Renames, SensorRanges, parse_sensor_ranges};
+use crate::intake::topic::TopicLayout;
+use crate::intake::zone::Zone;
 
 /// A setting that an empty value turns off (`HTTP_LISTEN=`), though its default is on.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,13 +9,13 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::payload::Rules;
-use crate::timestamp::TimeRules;
-use crate::topic::TopicLayout;
+use crate::intake::payload::Rules;
+use crate::intake::timestamp::TimeRules;
+use crate::intake::topic::TopicLayout;
 
 mod definition;
 
-use crate::zone::Zone;
+use crate::intake::zone::Zone;
 use definition::DbArgs;
 pub use definition::{Definition, Entry, help_text, markdown_table, reference};
 
@@ -624,7 +624,7 @@ fn db_settings(d: DbArgs) -> Result<DbSettings, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::payload::Renames;
+    use crate::intake::payload::Renames;
 
     fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let map = pairs

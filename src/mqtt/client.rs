@@ -10,7 +10,7 @@ use rumqttc::{TlsConfiguration, Transport};
 
 use super::{v4, v5};
 use crate::config::{ConfigError, MqttProtocol, MqttSettings};
-use crate::model::TopicKind;
+use crate::intake::model::TopicKind;
 
 /// MQTT's own limit on a packet (256 MiB). The client accepts anything up to it so that an
 /// oversized payload becomes a counted rejection, not a connection error that would make the
@@ -202,7 +202,7 @@ impl Connection {
 pub(super) fn transport(settings: &MqttSettings) -> Result<Transport, ConfigError> {
     Ok(match &settings.tls {
         Some(tls) => {
-            let config = crate::tls::mqtt_client_config(tls)?;
+            let config = crate::mqtt::tls::mqtt_client_config(tls)?;
             Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config)))
         }
         None => Transport::tcp(),

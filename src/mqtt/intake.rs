@@ -6,13 +6,14 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::Fatal;
 use super::client::Message;
-use super::event_loop::{Fatal, Outbox};
+use super::outbox::Outbox;
 use crate::config::MqttSettings;
-use crate::payload::{self, Rules};
-use crate::rejects::RejectSink;
-use crate::stats::Stats;
+use crate::intake::payload::{self, Rules};
+use crate::ops::stats::Stats;
 use crate::work::Job;
+use crate::work::RejectSink;
 use crate::writer::Router;
 
 /// At most this many characters of a topic reach a log line.
@@ -86,7 +87,7 @@ pub(super) async fn handle_publish(
                 let _entered = span.enter();
                 match &rejection {
                     // The Python service's words, which its README has operators grep for.
-                    crate::rejection::Rejection::NotJson(e)
+                    crate::intake::rejection::Rejection::NotJson(e)
                         if stats.warnings().codehubot_wording() =>
                     {
                         let head: String = String::from_utf8_lossy(&payload)

@@ -15,6 +15,8 @@ mod acks;
 mod client;
 mod event_loop;
 mod intake;
+mod outbox;
+pub mod tls;
 mod v4;
 mod v5;
 
@@ -23,4 +25,10 @@ use client::{
     Polled, Refused, io_refused, transport,
 };
 pub use client::{Connection, Link, check_connection, client, subscription};
-pub use event_loop::{EventLoopParts, Fatal, run_event_loop};
+pub use event_loop::{EventLoopParts, run_event_loop};
+
+/// Why the event loop stopped the service: the broker lacks something the settings ask for, or
+/// a writer is gone; waiting will not bring either back.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fatal(String);

@@ -4,7 +4,7 @@
 //!
 //! Each writer has a bounded queue of parsed updates, grouped by device in order of arrival. A
 //! device's data message or heartbeat that arrives while an earlier one of the same kind still
-//! waits is folded into it ([`crate::merge::absorb`], exact: the row ends the same) and costs
+//! waits is folded into it ([`crate::intake::merge::absorb`], exact: the row ends the same) and costs
 //! only its acknowledgement. So while the database is busy with one batch, the messages of the
 //! devices in the next one fold together, and a backlog of many messages per device is written
 //! as few rows per device.
@@ -28,11 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::rejection::Rejection;
-use crate::rejects::RejectSink;
-use crate::sql::RETRY_FIRST;
-use crate::stats::Stats;
+use crate::intake::rejection::Rejection;
+use crate::ops::stats::Stats;
+use crate::store::sql::RETRY_FIRST;
 use crate::store::{Applied, Store, StoreError};
+use crate::work::RejectSink;
 use crate::work::{AckToken, InFlight, Settled};
 
 #[derive(Debug, Clone, Copy)]

@@ -1,5 +1,5 @@
 //! A writer's queue: parsed updates grouped by device in order of arrival, a device's later
-//! data message or heartbeat folded into the one already waiting ([`crate::merge::absorb`]),
+//! data message or heartbeat folded into the one already waiting ([`crate::intake::merge::absorb`]),
 //! bounded in updates, taken by whole devices.
 
 use std::collections::{HashMap, VecDeque};
@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::merge::absorb;
+use crate::intake::merge::absorb;
 use crate::work::{AckToken, Job};
 
 /// One parsed update waiting for its batch, and the messages folded into it.
@@ -239,7 +239,7 @@ mod tests {
     use super::*;
     use crate::writer::router::folded_hash;
 
-    use crate::model::{Change, DataReport, DeviceUuid, StatusReport, Update};
+    use crate::intake::model::{Change, DataReport, DeviceUuid, StatusReport, Update};
     use chrono::{TimeZone, Utc};
 
     fn job(device: &str, secs: i64, change: Change) -> Job {
@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(put(&q, data("a", 2)), "taken");
         assert_eq!(shape(&q.take(10)).len(), 2);
         let q = Queue::new(10, true);
-        let evidence = |n: u8| crate::rejects::Evidence {
+        let evidence = |n: u8| crate::work::Evidence {
             topic: "devices/a/data".into(),
             payload: vec![n],
             payload_bytes: 1,

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use crate::app::{Running, Target, migrate, register, sensor, spawn_service, wait_for_device};
 use crate::common::{PrivateMosquitto, QoS, TestDb, mqtt_publish, publish_many};
-use mqtt_ingest::rejection::Rejection;
-use mqtt_ingest::stats::Snapshot;
-use mqtt_ingest::topic::TopicLayout;
+use mqtt_ingest::intake::rejection::Rejection;
+use mqtt_ingest::intake::topic::TopicLayout;
+use mqtt_ingest::ops::stats::Snapshot;
 use serde_json::{Value, json};
 use sqlx::{MySqlPool, Row as _};
 

@@ -559,7 +559,7 @@ async fn the_write_statement_is_chosen_for_the_table() {
 /// portable statement, and the batch is written that way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
-    use mqtt_ingest::model::{DeviceUuid, TopicKind};
+    use mqtt_ingest::intake::model::{DeviceUuid, TopicKind};
     use mqtt_ingest::store::{Store, StoreError, StoreOptions, WriteMode};
     let db = TestDb::new().await;
     let pool = db.pool();
@@ -574,12 +574,12 @@ async fn a_refused_upsert_turns_the_store_to_the_portable_statement() {
         )
     };
     let store = upserting(&pool);
-    let accepted = mqtt_ingest::payload::process(
+    let accepted = mqtt_ingest::intake::payload::process(
         TopicKind::Data,
         DeviceUuid::parse("own").unwrap(),
         br#"{"temperature": 20}"#,
         chrono::Utc::now(),
-        &mqtt_ingest::payload::Rules::default(),
+        &mqtt_ingest::intake::payload::Rules::default(),
     )
     .unwrap();
     let first = store.apply(&[&accepted.update]).await;
@@ -748,7 +748,7 @@ async fn a_devices_messages_in_one_batch_become_one_row_write() {
 /// arrive interleaved with hundreds of others and under ids that differ only in case.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_more_devices_than_a_chunk_merges_each_in_message_order() {
-    use mqtt_ingest::model::{DeviceUuid, TopicKind};
+    use mqtt_ingest::intake::model::{DeviceUuid, TopicKind};
     use mqtt_ingest::store::{Applied, Store, StoreOptions, WriteMode};
     const DEVICES: usize = 600;
     for mode in [WriteMode::Upsert, WriteMode::JoinUpdate] {
@@ -789,24 +789,24 @@ async fn a_batch_of_more_devices_than_a_chunk_merges_each_in_message_order() {
                         "status": {{"round": {round}}}}}"#
                 );
                 accepted.push(
-                    mqtt_ingest::payload::process(
+                    mqtt_ingest::intake::payload::process(
                         TopicKind::Data,
                         DeviceUuid::parse(&d).unwrap(),
                         payload.as_bytes(),
                         at,
-                        &mqtt_ingest::payload::Rules::default(),
+                        &mqtt_ingest::intake::payload::Rules::default(),
                     )
                     .unwrap(),
                 );
             }
         }
         // Plus one device the table does not have, in the middle.
-        let unknown = mqtt_ingest::payload::process(
+        let unknown = mqtt_ingest::intake::payload::process(
             TopicKind::Data,
             DeviceUuid::parse("not-registered").unwrap(),
             br#"{"seq": 9}"#,
             start,
-            &mqtt_ingest::payload::Rules::default(),
+            &mqtt_ingest::intake::payload::Rules::default(),
         )
         .unwrap();
         let mut updates: Vec<_> = accepted.iter().map(|a| &a.update).collect();

@@ -342,10 +342,10 @@ async fn the_sweep_sets_offline_in_sql_so_it_is_right_after_a_restart() {
     .execute(&pool)
     .await
     .unwrap();
-    let changed = mqtt_ingest::presence::sweep(
+    let changed = mqtt_ingest::store::presence::sweep(
         &pool,
         Duration::from_secs(90),
-        &mqtt_ingest::zone::Zone::default(),
+        &mqtt_ingest::intake::zone::Zone::default(),
     )
     .await
     .unwrap();

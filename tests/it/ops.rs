@@ -6,7 +6,7 @@ use crate::app::{Running, Target, http_get, metric, migrate, register, spawn_ser
 use crate::common::{
     PrivateMariaDb, QoS, TestDb, publish_many, shared_mqtt_port, wait_until_named,
 };
-use mqtt_ingest::rejection::Rejection;
+use mqtt_ingest::intake::rejection::Rejection;
 
 /// Scrapes `/metrics` of a running service.
 async fn scrape(service: &Running) -> String {

@@ -13,9 +13,9 @@
 //! coordinates in range, a data update is never empty, `device_status` fits its column).
 
 use chrono::{DateTime, TimeZone, Utc};
-use mqtt_ingest::model::{Change, DeviceUuid, TopicKind};
-use mqtt_ingest::payload::{Rules, process, repair};
-use mqtt_ingest::rejection::Rejection;
+use mqtt_ingest::intake::model::{Change, DeviceUuid, TopicKind};
+use mqtt_ingest::intake::payload::{Rules, process, repair};
+use mqtt_ingest::intake::rejection::Rejection;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 

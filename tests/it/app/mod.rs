@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::NaiveDateTime;
 use mqtt_ingest::config::Settings;
+use mqtt_ingest::ops::stats::Stats;
 use mqtt_ingest::service::Service;
-use mqtt_ingest::stats::Stats;
 use serde_json::Value;
 use sqlx::{MySqlPool, Row};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -174,12 +174,16 @@ pub async fn spawn_service(target: &Target) -> Running {
 impl Running {
     /// Waits until `done` messages have finished (committed or rejected) and returns the
     /// counters then. A row can be visible a moment before the writer counts its commit.
-    pub async fn settled(&self, done: u64) -> mqtt_ingest::stats::Snapshot {
+    pub async fn settled(&self, done: u64) -> mqtt_ingest::ops::stats::Snapshot {
         self.settled_within(done, Duration::from_secs(20)).await
     }
 
     /// [`Running::settled`], waiting up to `limit`.
-    pub async fn settled_within(&self, done: u64, limit: Duration) -> mqtt_ingest::stats::Snapshot {
+    pub async fn settled_within(
+        &self,
+        done: u64,
+        limit: Duration,
+    ) -> mqtt_ingest::ops::stats::Snapshot {
         let stats = self.stats.clone();
         wait_until_named(
             &format!("{done} messages finished"),

@@ -22,8 +22,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::health::Health;
-use crate::metrics;
+use crate::ops::health::Health;
+use crate::ops::metrics;
 
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -154,7 +154,7 @@ fn route(method: &Method, path: &str, health: &Health) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Stats;
+    use crate::ops::stats::Stats;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn health() -> Arc<Health> {

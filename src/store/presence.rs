@@ -9,7 +9,7 @@ use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::zone::Zone;
+use crate::intake::zone::Zone;
 
 /// Sets offline every device whose `last_seen` is older than `timeout` (or unset); returns how
 /// many changed.

@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::{MySql, MySqlPool, Transaction};
 
-use crate::merge::is_older;
-use crate::model::{Change, Update};
-use crate::sql::{StoreError, fit_chars, placeholders, shaped_chunks};
-use crate::zone::Zone;
+use crate::intake::merge::is_older;
+use crate::intake::model::{Change, Update};
+use crate::intake::zone::Zone;
+use crate::store::sql::{StoreError, fit_chars, placeholders, shaped_chunks};
 
 /// The columns the service writes.
 const COLUMNS: [&str; 6] = [
@@ -145,7 +145,7 @@ pub fn rows_of<'a>(
     table: &SensorTable,
     zone: &Zone,
 ) -> Vec<SensorRow> {
-    let mut latest: HashMap<(&str, &str), &crate::model::SensorReading> = HashMap::new();
+    let mut latest: HashMap<(&str, &str), &crate::intake::model::SensorReading> = HashMap::new();
     for update in updates {
         let Change::Data(report) = &update.change else {
             continue;
@@ -240,7 +240,7 @@ pub async fn upsert(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DataReport, DeviceUuid, SensorReading, SensorValue};
+    use crate::intake::model::{DataReport, DeviceUuid, SensorReading, SensorValue};
     use serde_json::Number;
 
     fn table() -> SensorTable {

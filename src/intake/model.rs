@@ -1,6 +1,6 @@
 //! The validated types that cross from the MQTT side to the database side.
 //!
-//! Everything here has already passed the checks in [`crate::topic`] and [`crate::payload`]:
+//! Everything here has already passed the checks in [`crate::intake::topic`] and [`crate::intake::payload`]:
 //! the store accepts only these types, so it never sees raw bytes (parse, don't validate).
 
 use std::fmt;

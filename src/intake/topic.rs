@@ -1,7 +1,7 @@
 //! Topic names: the filters the service subscribes to and the parsing of incoming topics.
 
-use crate::model::{DeviceUuid, TopicKind};
-use crate::rejection::Rejection;
+use crate::intake::model::{DeviceUuid, TopicKind};
+use crate::intake::rejection::Rejection;
 
 /// The topic layout `PREFIX/{uuid}/{kind}`; the prefix is `devices` unless configured.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::metrics::Gauges;
-use crate::stats::Stats;
+use crate::ops::metrics::Gauges;
+use crate::ops::stats::Stats;
 use crate::writer::QueueDepth;
 
 /// The longest a database check may take before it counts as failed.

@@ -8,9 +8,9 @@ use sqlx::{MySql, MySqlPool, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::model::{Change, Update};
-use crate::sql::{StoreError, delete_in_batches, fit_chars, placeholders, shaped_chunks};
-use crate::zone::Zone;
+use crate::intake::model::{Change, Update};
+use crate::intake::zone::Zone;
+use crate::store::sql::{StoreError, delete_in_batches, fit_chars, placeholders, shaped_chunks};
 
 /// Longest unit kept in history (the column is `VARCHAR(64)`).
 const UNIT_MAX_CHARS: usize = 64;
@@ -131,7 +131,7 @@ pub async fn run_retention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DataReport, DeviceUuid, SensorReading};
+    use crate::intake::model::{DataReport, DeviceUuid, SensorReading};
     use serde_json::Number;
 
     #[test]

@@ -5,8 +5,6 @@
 //! queue is full (the database is slow), the record is dropped and counted. Rejects are for
 //! diagnosis; they must not slow the ingest path down.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
@@ -16,27 +14,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::rejection::Rejection;
-use crate::sql::{StoreError, delete_in_batches, exact_chunks, fit_chars};
-use crate::zone::Zone;
+use crate::intake::rejection::Rejection;
+use crate::intake::zone::Zone;
+use crate::store::sql::{StoreError, delete_in_batches, exact_chunks, fit_chars};
 
 /// Longest topic kept (the column is `VARCHAR(255)`).
 const TOPIC_MAX_CHARS: usize = 255;
 /// Longest reason text kept (the column is `VARCHAR(512)`).
 const DETAIL_MAX_CHARS: usize = 512;
-/// Records waiting to be written.
-const QUEUE: usize = 1024;
-
-/// What is kept of a message in case the writer rejects it later (unknown device).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evidence {
-    /// The topic it came on.
-    pub topic: String,
-    /// The start of its payload.
-    pub payload: Vec<u8>,
-    /// Its full payload size.
-    pub payload_bytes: usize,
-}
 
 /// One rejected message, ready to store.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,77 +35,40 @@ pub struct RejectRecord {
     payload_bytes: usize,
 }
 
-/// Hands rejected messages to the reject writer. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct RejectSink {
-    tx: mpsc::Sender<RejectRecord>,
-    max_payload: usize,
-    dropped: Arc<AtomicU64>,
-}
-
-impl RejectSink {
-    /// What to keep of a message that may still be rejected by the writer.
-    pub fn evidence(&self, topic: &str, payload: &[u8]) -> Evidence {
-        Evidence {
-            topic: fit_chars(topic, TOPIC_MAX_CHARS).to_owned(),
-            payload: payload[..payload.len().min(self.max_payload)].to_vec(),
-            payload_bytes: payload.len(),
-        }
-    }
-
-    /// Records a rejection (never waits; drops and counts when the queue is full). `messages`:
-    /// how many messages it stands for (folded into one update, all rejected with it; the
-    /// evidence is the first one's).
-    pub fn record(
-        &self,
-        evidence: Evidence,
+impl RejectRecord {
+    /// A record of `rejection`, for a message that came on `topic` with `payload` (its start:
+    /// `payload_bytes` is the full size). `messages`: how many messages it stands for (folded
+    /// into one update, all rejected with it; the evidence is the first one's).
+    pub fn new(
+        topic: String,
+        payload: Vec<u8>,
+        payload_bytes: usize,
         device: Option<&str>,
         rejection: &Rejection,
         received_at: DateTime<FixedOffset>,
         messages: u64,
-    ) {
+    ) -> Self {
         let detail = if messages > 1 {
             format!("{rejection} ({messages} messages folded into one; the first is shown)")
         } else {
             rejection.to_string()
         };
-        let record = RejectRecord {
+        RejectRecord {
             // In the database's zone, like every DATETIME the service writes.
             received_at: received_at.naive_local(),
-            topic: evidence.topic,
+            topic: fit_topic(&topic).to_owned(),
             device: device.map(str::to_owned),
             reason: rejection.reason(),
             detail: fit_chars(&detail, DETAIL_MAX_CHARS).to_owned(),
-            payload: evidence.payload,
-            payload_bytes: evidence.payload_bytes,
-        };
-        if self.tx.try_send(record).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            debug!("reject queue full: record not kept");
+            payload,
+            payload_bytes,
         }
-    }
-
-    /// Records that could not be kept because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// The count of [`RejectSink::dropped`], readable after every sink is gone (holding a sink
-    /// would keep the reject writer waiting for more).
-    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
-        self.dropped.clone()
     }
 }
 
-/// A sink keeping `max_payload` bytes of each payload, and the queue its writer drains.
-pub fn channel(max_payload: usize) -> (RejectSink, mpsc::Receiver<RejectRecord>) {
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let sink = RejectSink {
-        tx,
-        max_payload,
-        dropped: Arc::new(AtomicU64::new(0)),
-    };
-    (sink, rx)
+/// The part of a topic the table keeps.
+pub fn fit_topic(topic: &str) -> &str {
+    fit_chars(topic, TOPIC_MAX_CHARS)
 }
 
 /// Writes queued records in multi-row inserts until every sink is dropped and the queue is
@@ -322,30 +270,6 @@ impl StoredReject {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn evidence_is_bounded() {
-        let (sink, _rx) = channel(4);
-        let e = sink.evidence(&"t".repeat(1000), b"0123456789");
-        assert_eq!(e.topic.len(), TOPIC_MAX_CHARS);
-        assert_eq!(e.payload, b"0123");
-        assert_eq!(e.payload_bytes, 10);
-    }
-
-    #[test]
-    fn a_full_queue_drops_and_counts() {
-        let (sink, _rx) = channel(8);
-        for _ in 0..QUEUE + 5 {
-            sink.record(
-                sink.evidence("t", b"x"),
-                None,
-                &Rejection::NotObject,
-                Utc::now().fixed_offset(),
-                1,
-            );
-        }
-        assert_eq!(sink.dropped(), 5);
-    }
 
     #[test]
     fn render_escapes_and_marks_cut_payloads() {

@@ -12,12 +12,12 @@ use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
 use regex::Regex;
 use serde_json::{Map, Number, Value};
 
-use crate::model::{
+use crate::intake::model::{
     Change, DataReport, DeviceUuid, Location, SensorReading, SensorValue, StatusReport, TopicKind,
     Update,
 };
-use crate::rejection::Rejection;
-use crate::timestamp::{self, TimeRules, Undatable};
+use crate::intake::rejection::Rejection;
+use crate::intake::timestamp::{self, TimeRules, Undatable};
 
 /// The seed's sensor-name rule: lower-case letters, digits and `_`, 1–50 long, not starting
 /// with a digit.

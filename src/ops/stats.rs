@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Local, Utc};
 
 use crate::config::LogStyle;
-use crate::heartbeat::LoopBeat;
-use crate::rejection::Rejection;
-use crate::timestamp::Undatable;
-use crate::warn_limit::Warnings;
-use crate::zone::Zone;
+use crate::intake::rejection::Rejection;
+use crate::intake::timestamp::Undatable;
+use crate::intake::zone::Zone;
+use crate::ops::heartbeat::LoopBeat;
+use crate::ops::warn_limit::Warnings;
 
 /// Upper bounds (seconds) of the flush-latency histogram's buckets: from a fast local commit
 /// (1 ms) to a database in trouble (10 s).

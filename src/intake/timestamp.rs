@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat, Utc};
 use serde_json::Value;
 
-use crate::zone::Zone;
+use crate::intake::zone::Zone;
 
 /// Earliest time taken as a reading time (2000-01-01T00:00:00Z): below it a number is an
 /// uptime counter, and a date is a device clock that was never set.

@@ -14,8 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
-use crate::model::Update;
-use crate::rejects::Evidence;
+use crate::intake::model::Update;
+
+mod rejects;
+
+pub use rejects::{Evidence, RejectSink, channel as reject_channel};
 
 /// Names a received QoS 1/2 message for its acknowledgement: the connection it arrived on and
 /// its place in that connection's order of receipt. 16 bytes, so that folded messages (which

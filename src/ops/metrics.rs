@@ -2,7 +2,7 @@
 //! (version 0.0.4).
 //!
 //! The numbers are not kept twice: a [`Collector`] reads one [`Snapshot`] of the
-//! [`Stats`](crate::stats::Stats) the statistics block also reads, so the two never disagree,
+//! [`Stats`](crate::ops::stats::Stats) the statistics block also reads, so the two never disagree,
 //! and the crate writes the families, their HELP/TYPE lines, label escaping and the histogram.
 
 use prometheus_client::collector::Collector;
@@ -10,7 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::stats::{FLUSH_BUCKETS, Snapshot};
+use crate::ops::stats::{FLUSH_BUCKETS, Snapshot};
 
 /// The `Content-Type` of what [`render`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -230,8 +230,8 @@ impl Scrape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rejection::Rejection;
-    use crate::stats::Stats;
+    use crate::intake::rejection::Rejection;
+    use crate::ops::stats::Stats;
     use std::time::Duration;
 
     /// The value of the one sample whose name (with labels) is exactly `series`.

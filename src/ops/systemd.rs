@@ -9,7 +9,7 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::health::Health;
+use crate::ops::health::Health;
 
 fn send(states: &[NotifyState]) {
     // A lost notification is not worth stopping for: systemd then times the start out or the
@@ -39,7 +39,7 @@ impl Patience {
     pub fn new(watchdog: Duration, keepalive: Duration, db_check_interval: Duration) -> Self {
         Self {
             event_loop: watchdog.max(keepalive * 2),
-            db_check: watchdog.max(db_check_interval + crate::health::DB_CHECK_TIMEOUT * 2),
+            db_check: watchdog.max(db_check_interval + crate::ops::health::DB_CHECK_TIMEOUT * 2),
         }
     }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::model::{Change, DataReport, SensorValue, StatusReport, Update};
+use crate::intake::model::{Change, DataReport, SensorValue, StatusReport, Update};
 
 /// `last_report_data`, parsed only as deep as merging needs: the top-level keys with their
 /// values kept as JSON text, and `sensors` and `status` opened into their keys only when an
@@ -376,7 +376,7 @@ impl DeviceState {
 /// the second location when it has one, the later receive time (`last_seen`,
 /// `last_heartbeat`, `upload_timestamp`) and the later reading time, or none if either has
 /// none (without one a message marks the device online unconditionally). Timestamps in
-/// updates are RFC 3339, as [`crate::payload`] accepts them; see the property test
+/// updates are RFC 3339, as [`crate::intake::payload`] accepts them; see the property test
 /// `absorbing_equals_applying_in_order`.
 #[allow(clippy::result_large_err)] // gives `next` back as it came, without boxing it
 pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
@@ -476,7 +476,7 @@ pub fn is_older(new: &str, stored: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceUuid, Location, SensorReading};
+    use crate::intake::model::{DeviceUuid, Location, SensorReading};
     use chrono::{TimeZone, Utc};
     use serde_json::{Number, json};
 
