@@ -144,6 +144,12 @@ fi
 if [[ $FOR_TESTS == true ]] && ! have openssl; then
     packages+=(openssl)
 fi
+# The Galera tests (tests/it/galera.rs) run a two-node MariaDB Galera cluster of private servers:
+# the wsrep provider, and rsync for the state transfer that a joining node receives.
+if [[ $FOR_TESTS == true ]]; then
+    [[ -e /usr/lib/galera/libgalera_smm.so || -e /usr/lib/libgalera_smm.so ]] || packages+=(galera-4)
+    have rsync || packages+=(rsync)
+fi
 # The build needs a C compiler and linker: crates such as ring compile C, and rustc links with cc.
 if ! have cc; then
     say "no C compiler (cc): the build needs one (ring's C code, and linking); adding gcc and libc6-dev"

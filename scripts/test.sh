@@ -46,7 +46,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 # Every test module (of the one integration binary, tests/it) that runs the service's ingest
 # path runs once more under MQTT 5.
-INGEST_MODULES=(ingest codehubot faults keep tls scale ops systemd hostile chaos strict brokers)
+INGEST_MODULES=(ingest codehubot faults keep tls scale ops systemd hostile chaos strict brokers cluster)
 v311=0
 v5=0
 if [[ $runner == nextest ]]; then

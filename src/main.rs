@@ -307,47 +307,65 @@ async fn check_config(settings: Settings) -> ExitCode {
         "  DB_TIMEZONE: {} (DATETIME columns and the session time_zone)",
         db.zone
     );
-    let pool = store::pool(db);
-    match tokio::time::timeout(timeout, store::ping(&pool)).await {
-        Ok(Ok(())) => println!(
-            "database {}:{}/{} as {}: ok",
-            db.host, db.port, db.name, db.user
-        ),
-        Ok(Err(e)) => {
-            ok = false;
-            let hint = store::settings_hint(&e)
-                .map(|h| format!("\n  {h}"))
-                .unwrap_or_default();
-            println!(
-                "database {}:{}/{} as {}: FAILED: {e}{hint}",
-                db.host, db.port, db.name, db.user
-            );
-        }
-        Err(_) => {
-            ok = false;
-            println!(
-                "database {}:{}/{}: FAILED: no answer within {}s\n  check DB_HOST and DB_PORT, and that the server is running and reachable",
-                db.host,
-                db.port,
+    // Every node of a list is tried: the check passes when any answers (the service moves to
+    // the next when the one in use fails), and names each that does not.
+    let mut any_db = false;
+    for host in &db.hosts {
+        let node = mqtt_ingest::config::DbSettings {
+            hosts: vec![host.clone()],
+            ..db.clone()
+        };
+        let pool = store::pool(&node);
+        match tokio::time::timeout(timeout, store::ping(&pool)).await {
+            Ok(Ok(())) => {
+                any_db = true;
+                println!("database {host}/{} as {}: ok", db.name, db.user);
+            }
+            Ok(Err(e)) => {
+                let hint = store::settings_hint(&e)
+                    .map(|h| format!("\n  {h}"))
+                    .unwrap_or_default();
+                println!(
+                    "database {host}/{} as {}: FAILED: {e}{hint}",
+                    db.name, db.user
+                );
+            }
+            Err(_) => println!(
+                "database {host}/{}: FAILED: no answer within {}s\n  check DB_HOST and DB_PORT, and that the server is running and reachable",
                 db.name,
                 timeout.as_secs()
-            );
+            ),
         }
+        pool.close().await;
     }
-    pool.close().await;
+    if db.hosts.len() > 1 && any_db {
+        println!("database: ok (the service uses the nodes that answer)");
+    }
+    ok &= any_db;
     let m = &settings.mqtt;
     let who = if m.username.is_empty() {
         "anonymous".to_owned()
     } else {
         m.username.clone()
     };
-    match mqtt::check_connection(m, timeout).await {
-        Ok(()) => println!("broker {}:{} as {who}: ok", m.broker, m.port),
-        Err(e) => {
-            ok = false;
-            println!("broker {}:{} as {who}: FAILED: {e}", m.broker, m.port);
+    let mut any_broker = false;
+    for broker in &m.brokers {
+        let one = mqtt_ingest::config::MqttSettings {
+            brokers: vec![broker.clone()],
+            ..m.clone()
+        };
+        match mqtt::check_connection(&one, timeout).await {
+            Ok(()) => {
+                any_broker = true;
+                println!("broker {broker} as {who}: ok");
+            }
+            Err(e) => println!("broker {broker} as {who}: FAILED: {e}"),
         }
     }
+    if m.brokers.len() > 1 && any_broker {
+        println!("broker: ok (the service connects to the brokers that answer)");
+    }
+    ok &= any_broker;
     if ok {
         ExitCode::SUCCESS
     } else {

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Settings;
+use crate::config::hosts::list_text;
 use crate::mqtt;
 use crate::ops::health::Health;
 use crate::ops::http;
@@ -20,7 +21,7 @@ use crate::ops::stats::Stats;
 use crate::ops::systemd;
 use crate::store::sensors::{self, Discovery};
 use crate::store::sql::unavailable_retry;
-use crate::store::{self, Store, StoreOptions};
+use crate::store::{self, Nodes, Store, StoreOptions};
 use crate::store::{history, presence, rejects};
 use crate::work::RejectSink;
 use crate::work::{InFlight, settled_channel};
@@ -89,8 +90,8 @@ impl Service {
         } = self;
         let db = &settings.db;
         info!(
-            broker = %format!("{}:{}", settings.mqtt.broker, settings.mqtt.port),
-            database = %format!("{}:{}/{}", db.host, db.port, db.name),
+            broker = %list_text(&settings.mqtt.brokers),
+            database = %format!("{}/{}", list_text(&db.hosts), db.name),
             client_id = %settings.mqtt.client_id,
             qos = settings.mqtt.qos,
             "starting mqtt-ingest {}",
@@ -101,19 +102,21 @@ impl Service {
         if let Some(listener) = http {
             background.spawn(http::serve(listener, health.clone(), shutdown.clone()));
         }
-        let pool = store::pool(db);
+        let nodes = store::nodes(db);
+        let pool = nodes.pool().clone();
+        health.set_nodes(nodes.clone());
         background.spawn(health.clone().check_database_every(
-            pool.clone(),
+            nodes.clone(),
             settings.ops.db_check_interval,
             shutdown.clone(),
         ));
-        if !prepare_database(&pool, db.auto_migrate, &shutdown).await? {
+        if !prepare_database(&nodes, db.auto_migrate, &shutdown).await? {
             return Ok(()); // stopped before the database was ever reachable
         }
         let store_options = store_options(&pool, &settings).await?;
         spawn_maintenance(&mut background, &settings, &pool, &shutdown);
         let pipeline =
-            Pipeline::start(&settings, &pool, store_options, &stats, &health, &shutdown)?;
+            Pipeline::start(&settings, &nodes, store_options, &stats, &health, &shutdown)?;
         background.spawn(log_stats_every(
             settings.log.stats_interval,
             stats.clone(),
@@ -190,13 +193,14 @@ struct Pipeline {
 impl Pipeline {
     fn start(
         settings: &Settings,
-        pool: &sqlx::MySqlPool,
+        nodes: &Arc<Nodes>,
         store_options: StoreOptions,
         stats: &Arc<Stats>,
         health: &Health,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let link = mqtt::client(&settings.mqtt)?;
+        let pool = nodes.pool();
         let (keep, ingest) = (&settings.keep, &settings.ingest);
         let (rejects, reject_writer) = if keep.rejects {
             let (sink, rx) = crate::work::reject_channel(keep.rejects_max_payload);
@@ -222,7 +226,7 @@ impl Pipeline {
             let queue = Arc::new(Queue::new(per_writer, !keep.history));
             queues.push(queue.clone());
             writers.spawn(run_writer(WriterParts {
-                store: Store::new(pool.clone(), store_options.clone()),
+                store: Store::on_nodes(nodes.clone(), store_options.clone()),
                 queue,
                 settled: settled.clone(),
                 in_flight: in_flight.clone(),
@@ -405,12 +409,14 @@ async fn store_options(
 /// Waits for the pool to answer and runs the migrations; retries while the database is
 /// unreachable. Returns `false` if shutdown came first.
 async fn prepare_database(
-    pool: &sqlx::MySqlPool,
+    nodes: &Nodes,
     auto_migrate: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
+    let pool = nodes.pool();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
+        let turn = nodes.turn();
         let attempt = async {
             store::ping(pool).await.map_err(anyhow::Error::from)?;
             if auto_migrate {
@@ -426,6 +432,11 @@ async fn prepare_database(
             Err(e) if is_migration_error(&e) => return Err(e),
             Err(e) => {
                 let cause = e.downcast_ref::<sqlx::Error>();
+                if let Some(cause) = cause
+                    && nodes.failed(turn, cause)
+                {
+                    continue; // the next node, at once
+                }
                 let refused = cause.is_some_and(store::is_refusal);
                 let delay = unavailable_retry(cause, &mut backoff);
                 let hint = cause.and_then(store::settings_hint).unwrap_or("");

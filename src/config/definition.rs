@@ -14,6 +14,7 @@ use std::str::FromStr;
 
 use clap::{ArgAction, Args, Command, FromArgMatches};
 
+use super::hosts::HostList;
 use super::{DbSslMode, LogFormat, LogStyle, MqttProtocol, Secret};
 use crate::intake::payload::{Renames, SensorRanges, parse_sensor_ranges};
 use crate::intake::topic::TopicLayout;
@@ -162,11 +163,12 @@ fn http_listen(raw: &str) -> Result<Off<SocketAddr>, String> {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Broker")]
 pub struct MqttArgs {
-    /// Broker host; also read as `MQTT_SERVICE_BROKER` or `MQTT_BROKER_HOST` (the Python service's
-    /// names)
-    #[arg(long, env = "MQTT_BROKER", default_value = "localhost", value_parser = non_empty)]
-    pub mqtt_broker: String,
-    /// Broker port; also read as `MQTT_SERVICE_PORT` or `MQTT_BROKER_PORT`
+    /// Broker host, or several separated by commas (`host` or `host:port`, tried in turn: the
+    /// nodes of a cluster); also read as `MQTT_SERVICE_BROKER` or `MQTT_BROKER_HOST` (the Python
+    /// service's names)
+    #[arg(long, env = "MQTT_BROKER", default_value = "localhost", value_parser = HostList::parse)]
+    pub mqtt_broker: HostList,
+    /// Broker port (for hosts that name none); also read as `MQTT_SERVICE_PORT` or `MQTT_BROKER_PORT`
     #[arg(long, env = "MQTT_PORT", default_value_t = 1883, value_parser = whole(1u16, 65_535))]
     pub mqtt_port: u16,
     /// Broker user name; empty: connect anonymously; also read as `MQTT_SERVICE_USERNAME`
@@ -229,10 +231,11 @@ pub struct MqttArgs {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Database")]
 pub struct DbArgs {
-    /// Database host
-    #[arg(long, env = "DB_HOST", default_value = "localhost", value_parser = non_empty)]
-    pub db_host: String,
-    /// Database port
+    /// Database host, or several separated by commas (`host` or `host:port`: the nodes of a
+    /// Galera cluster; the service moves to the next when the one in use fails)
+    #[arg(long, env = "DB_HOST", default_value = "localhost", value_parser = HostList::parse)]
+    pub db_host: HostList,
+    /// Database port (for hosts that name none)
     #[arg(long, env = "DB_PORT", default_value_t = 3306, value_parser = whole(1u16, 65_535))]
     pub db_port: u16,
     /// Database name (CodeHubot's is `aiot_admin`)

@@ -14,10 +14,12 @@ use crate::intake::timestamp::TimeRules;
 use crate::intake::topic::TopicLayout;
 
 mod definition;
+pub mod hosts;
 
 use crate::intake::zone::Zone;
 use definition::DbArgs;
 pub use definition::{Definition, Entry, help_text, markdown_table, reference};
+pub use hosts::Endpoint;
 
 /// A value that must never reach a log line: `Debug` and `Display` print `***`.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -54,10 +56,9 @@ pub struct ConfigError {
 /// Broker connection and subscription settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MqttSettings {
-    /// `MQTT_BROKER`: host name or address of the broker.
-    pub broker: String,
-    /// `MQTT_PORT`.
-    pub port: u16,
+    /// `MQTT_BROKER` (with `MQTT_PORT` where a host names no port): the broker, or the nodes of
+    /// a broker cluster, tried in turn.
+    pub brokers: Vec<Endpoint>,
     /// `MQTT_USERNAME`: empty means no credentials are sent.
     pub username: String,
     /// `MQTT_PASSWORD`.
@@ -147,10 +148,9 @@ pub enum DbSslMode {
 /// Database connection and pool settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DbSettings {
-    /// `DB_HOST`.
-    pub host: String,
-    /// `DB_PORT`.
-    pub port: u16,
+    /// `DB_HOST` (with `DB_PORT` where a host names no port): the server, or the nodes of a
+    /// cluster; the first is used until it fails.
+    pub hosts: Vec<Endpoint>,
     /// `DB_NAME`.
     pub name: String,
     /// `DB_USER`.
@@ -453,8 +453,7 @@ impl Settings {
             None
         };
         let mqtt = MqttSettings {
-            broker: m.mqtt_broker,
-            port: m.mqtt_port,
+            brokers: m.mqtt_broker.endpoints(m.mqtt_port),
             username: m.mqtt_username.unwrap_or_default(),
             password: m.mqtt_password.unwrap_or_default(),
             client_id: m.mqtt_client_id,
@@ -600,8 +599,7 @@ fn db_settings(d: DbArgs) -> Result<DbSettings, ConfigError> {
         });
     }
     Ok(DbSettings {
-        host: d.db_host,
-        port: d.db_port,
+        hosts: d.db_host.endpoints(d.db_port),
         name: d.db_name,
         user: d.db_user,
         password: d.db_password.unwrap_or_default(),
@@ -625,6 +623,7 @@ fn db_settings(d: DbArgs) -> Result<DbSettings, ConfigError> {
 mod tests {
     use super::*;
     use crate::intake::payload::Renames;
+    use hosts::list_text;
 
     fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
         let map = pairs
@@ -637,7 +636,7 @@ mod tests {
     #[test]
     fn defaults_match_the_seed() {
         let s = settings(&[]).unwrap();
-        assert_eq!((s.mqtt.broker.as_str(), s.mqtt.port), ("localhost", 1883));
+        assert_eq!(list_text(&s.mqtt.brokers), "localhost:1883");
         assert_eq!(s.mqtt.qos, 1);
         assert!(!s.mqtt.clean_session);
         assert_eq!(s.mqtt.reconnect_min, Duration::from_secs(2));
@@ -722,7 +721,7 @@ mod tests {
             ("MQTT_SHARED_GROUP", ""),
         ])
         .unwrap();
-        assert_eq!(s.mqtt.port, 1883);
+        assert_eq!(s.mqtt.brokers[0].port, 1883);
         assert_eq!(s.mqtt.tls, None);
         assert_eq!(s.db.pool_max, 15);
         assert_eq!(s.log.dir, None);
@@ -856,7 +855,7 @@ mod tests {
             ("MQTT_SERVICE_PASSWORD", "pw"),
         ])
         .unwrap();
-        assert_eq!((s.mqtt.broker.as_str(), s.mqtt.port), ("mosquitto", 1884));
+        assert_eq!(list_text(&s.mqtt.brokers), "mosquitto:1884");
         assert_eq!(
             (s.mqtt.username.as_str(), s.mqtt.password.expose()),
             ("svc", "pw")
@@ -879,7 +878,7 @@ mod tests {
             ("MQTT_SERVICE_USERNAME", ""),
         ])
         .unwrap();
-        assert_eq!((s.mqtt.broker.as_str(), s.mqtt.port), ("mqtt", 1885));
+        assert_eq!(list_text(&s.mqtt.brokers), "mqtt:1885");
         assert_eq!(s.origins[0], ("MQTT_BROKER", "MQTT_BROKER_HOST"));
         assert_eq!(s.origins[2], ("MQTT_USERNAME", "MQTT_USERNAME"));
         assert_eq!(
@@ -888,7 +887,7 @@ mod tests {
         );
         // The same value under two names is fine.
         let s = settings(&[("MQTT_BROKER", "b"), ("MQTT_BROKER_HOST", " b ")]).unwrap();
-        assert_eq!(s.mqtt.broker, "b");
+        assert_eq!(s.mqtt.brokers[0].host, "b");
         // A wrong value under another name still names a variable.
         assert_eq!(
             settings(&[("MQTT_SERVICE_PORT", "x")]).unwrap_err().var,

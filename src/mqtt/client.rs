@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rumqttc::{TlsConfiguration, Transport};
 
 use super::{v4, v5};
-use crate::config::{ConfigError, MqttProtocol, MqttSettings};
+use crate::config::{ConfigError, Endpoint, MqttProtocol, MqttSettings};
 use crate::intake::model::TopicKind;
 
 /// MQTT's own limit on a packet (256 MiB). The client accepts anything up to it so that an
@@ -101,8 +101,38 @@ pub(super) struct Filter {
     pub(super) qos: u8,
 }
 
-/// The event loop of either client (not connected yet: polling connects).
-pub struct Connection(pub(super) Loop);
+/// The event loop of either client (not connected yet: polling connects), and the brokers it
+/// may connect to: each failed connection moves it to the next (`MQTT_BROKER` lists the nodes
+/// of a cluster; with one broker it stays there).
+pub struct Connection {
+    pub(super) inner: Loop,
+    brokers: Brokers,
+    /// The broker now used (index into `brokers`).
+    current: usize,
+}
+
+/// Every broker's client options (the same client id, so that the session follows where the
+/// cluster can move it).
+enum Brokers {
+    V4(Vec<(Endpoint, rumqttc::MqttOptions)>),
+    V5(Vec<(Endpoint, rumqttc::v5::MqttOptions)>),
+}
+
+impl Brokers {
+    fn len(&self) -> usize {
+        match self {
+            Brokers::V4(b) => b.len(),
+            Brokers::V5(b) => b.len(),
+        }
+    }
+
+    fn endpoint(&self, i: usize) -> &Endpoint {
+        match self {
+            Brokers::V4(b) => &b[i].0,
+            Brokers::V5(b) => &b[i].0,
+        }
+    }
+}
 
 /// Boxed: there is one per client, and the two differ much in size.
 pub(super) enum Loop {
@@ -164,7 +194,7 @@ impl Connection {
     /// broker that cannot speak MQTT 5 fails before that). Polling again after an error
     /// reconnects.
     pub(super) async fn poll(&mut self, connected: bool) -> Result<Polled, String> {
-        let polled = match &mut self.0 {
+        let polled = match &mut self.inner {
             Loop::V4(l) => l.poll().await.map(v4::polled).map_err(|e| v4::describe(&e)),
             Loop::V5(l) => l
                 .poll()
@@ -178,13 +208,38 @@ impl Connection {
         polled
     }
 
+    /// The broker now used (or tried).
+    pub(super) fn broker(&self) -> &Endpoint {
+        self.brokers.endpoint(self.current)
+    }
+
+    /// How many brokers there are to try.
+    pub(super) fn brokers(&self) -> usize {
+        self.brokers.len()
+    }
+
+    /// Moves to the next broker of the list (after a failed or lost connection); the next poll
+    /// connects there. With one broker, nothing changes.
+    pub(super) fn next_broker(&mut self) {
+        if self.brokers.len() < 2 {
+            return;
+        }
+        self.current = (self.current + 1) % self.brokers.len();
+        match (&mut self.inner, &self.brokers) {
+            (Loop::V4(l), Brokers::V4(b)) => l.mqtt_options = b[self.current].1.clone(),
+            (Loop::V5(l), Brokers::V5(b)) => l.options = b[self.current].1.clone(),
+            // Built together in `parts`: never of different versions.
+            _ => {}
+        }
+    }
+
     /// After a connection failed, drops what rumqttc keeps of it: publishes it had read but not
     /// yet handed out (MQTT 3.1.1 would hand them out after the next CONNACK, where their packet
     /// ids name other messages), and requests it would send first on the next connection (a
     /// PUBREC or SUBSCRIBE meant for the old one). The broker redelivers those messages, and the
     /// event loop subscribes again on every CONNACK.
     fn forget_the_connection(&mut self) {
-        match &mut self.0 {
+        match &mut self.inner {
             Loop::V4(l) => {
                 l.state.events.clear();
                 l.pending.clear();
@@ -240,24 +295,46 @@ pub(super) fn parts(
     persistent: bool,
     capacity: usize,
 ) -> Result<(Client, Connection), ConfigError> {
-    Ok(match settings.protocol {
+    if settings.brokers.is_empty() {
+        return Err(ConfigError {
+            var: "MQTT_BROKER".into(),
+            problem: "must not be empty".into(),
+        });
+    }
+    let (client, inner, brokers) = match settings.protocol {
         MqttProtocol::V311 => {
-            let options = v4::options(settings, client_id, persistent)?;
-            let (client, eventloop) = rumqttc::AsyncClient::new(options, capacity);
+            let brokers = settings
+                .brokers
+                .iter()
+                .map(|b| Ok((b.clone(), v4::options(settings, b, client_id, persistent)?)))
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            let (client, eventloop) = rumqttc::AsyncClient::new(brokers[0].1.clone(), capacity);
             (
                 Client::V4(client),
-                Connection(Loop::V4(Box::new(eventloop))),
+                Loop::V4(Box::new(eventloop)),
+                Brokers::V4(brokers),
             )
         }
         MqttProtocol::V5 => {
-            let options = v5::options(settings, client_id, persistent)?;
-            let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
+            let brokers = settings
+                .brokers
+                .iter()
+                .map(|b| Ok((b.clone(), v5::options(settings, b, client_id, persistent)?)))
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            let (client, eventloop) = rumqttc::v5::AsyncClient::new(brokers[0].1.clone(), capacity);
             (
                 Client::V5(client),
-                Connection(Loop::V5(Box::new(eventloop))),
+                Loop::V5(Box::new(eventloop)),
+                Brokers::V5(brokers),
             )
         }
-    })
+    };
+    let connection = Connection {
+        inner,
+        brokers,
+        current: 0,
+    };
+    Ok((client, connection))
 }
 
 /// The service's side of the broker before it connects: its client and event loop.

@@ -89,9 +89,8 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
     // Which connection a message's lines belong to (counted from 1 at each CONNACK).
     let mut connections: u64 = 0;
     let mut span = tracing::Span::none();
-    let address = format!("{}:{}", settings.broker, settings.port);
     info!(
-        broker = %address,
+        broker = %connection.broker(),
         client_id = %settings.client_id,
         protocol = %settings.protocol,
         "connecting to the MQTT broker"
@@ -169,7 +168,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                 outbox.connected = true;
                 subscribed_at = None;
                 info!(
-                    broker = %address,
+                    broker = %connection.broker(),
                     session_present = connack.session_present,
                     "connected to the MQTT broker"
                 );
@@ -216,10 +215,20 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                 if stable {
                     backoff.reset();
                 }
-                let delay = backoff.next_delay();
+                // With several brokers (the nodes of a cluster), the next one is tried, and at
+                // once after a connection that had lasted: while this instance is away, a
+                // clustered broker may go on choosing its share of a shared subscription and
+                // deliver it to no one.
+                let failed = connection.broker().clone();
+                connection.next_broker();
+                let delay = if stable && connection.brokers() > 1 {
+                    Duration::ZERO
+                } else {
+                    backoff.next_delay()
+                };
                 if was_connected && !stable {
                     warn!(
-                        broker = %address,
+                        broker = %failed,
                         error = %e,
                         subscribed = up.is_some(),
                         subscribed_secs = up.map(|d| d.as_secs_f32()),
@@ -229,8 +238,9 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                     );
                 } else {
                     warn!(
-                        broker = %address,
+                        broker = %failed,
                         error = %e,
+                        next = %connection.broker(),
                         retry_in_secs = delay.as_secs_f32(),
                         "MQTT connection failed; retrying"
                     );

@@ -10,7 +10,7 @@ use super::{
     BAD_CLIENT_ID, BAD_LOGIN, ConnAck, Delivery, Filter, MQTT_MAX_PACKET, Message, NOT_AUTHORIZED,
     Polled, Refused,
 };
-use crate::config::{ConfigError, MqttSettings};
+use crate::config::{ConfigError, Endpoint, MqttSettings};
 
 /// Converts the configured QoS number.
 fn qos(level: u8) -> QoS {
@@ -25,10 +25,11 @@ fn qos(level: u8) -> QoS {
 /// queues messages while we are away (until its own `persistent_client_expiration`, if any).
 pub(super) fn options(
     settings: &MqttSettings,
+    broker: &Endpoint,
     client_id: &str,
     persistent: bool,
 ) -> Result<MqttOptions, ConfigError> {
-    let mut o = MqttOptions::new(client_id, settings.broker.clone(), settings.port);
+    let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     o.set_keep_alive(settings.keepalive)
         .set_clean_session(!persistent)
         .set_manual_acks(true)

@@ -21,7 +21,7 @@ use super::{
     BAD_CLIENT_ID, BAD_LOGIN, ConnAck, Delivery, Filter, MQTT_MAX_PACKET, Message, NOT_AUTHORIZED,
     Polled, Refused,
 };
-use crate::config::{ConfigError, MqttSettings};
+use crate::config::{ConfigError, Endpoint, MqttSettings};
 
 /// Converts the configured QoS number.
 fn qos(level: u8) -> QoS {
@@ -43,10 +43,11 @@ fn expiry_secs(settings: &MqttSettings) -> u32 {
 /// ends with the connection (expiry 0), as a clean session does in MQTT 3.1.1.
 pub(super) fn options(
     settings: &MqttSettings,
+    broker: &Endpoint,
     client_id: &str,
     persistent: bool,
 ) -> Result<MqttOptions, ConfigError> {
-    let mut o = MqttOptions::new(client_id, settings.broker.clone(), settings.port);
+    let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     o.set_keep_alive(settings.keepalive)
         .set_clean_start(!persistent)
         .set_manual_acks(true)
@@ -205,13 +206,13 @@ mod tests {
     #[test]
     fn a_persistent_session_outlives_the_connection() {
         let s = settings(&[("MQTT_PROTOCOL", "5"), ("MQTT_SESSION_EXPIRY_SECS", "600")]);
-        let o = options(&s, "svc", true).unwrap();
+        let o = options(&s, &s.brokers[0], "svc", true).unwrap();
         assert!(!o.clean_start());
         assert_eq!(o.session_expiry_interval(), Some(600));
         assert!(o.manual_acks());
         assert_eq!(o.max_packet_size(), Some(MQTT_MAX_PACKET as u32));
         // `--check-config` and MQTT_CLEAN_SESSION=true: nothing left behind on the broker.
-        let o = options(&s, "svc-check", false).unwrap();
+        let o = options(&s, &s.brokers[0], "svc-check", false).unwrap();
         assert!(o.clean_start());
         assert_eq!(o.session_expiry_interval(), None);
         let never = settings(&[("MQTT_SESSION_EXPIRY_SECS", "4294967295")]);
@@ -222,13 +223,16 @@ mod tests {
     fn credentials_are_sent_only_when_a_user_is_set() {
         let anonymous = settings(&[("MQTT_PROTOCOL", "5")]);
         assert!(
-            options(&anonymous, "a", true)
+            options(&anonymous, &anonymous.brokers[0], "a", true)
                 .unwrap()
                 .credentials()
                 .is_none()
         );
         let user = settings(&[("MQTT_USERNAME", "u"), ("MQTT_PASSWORD", "p")]);
-        let login = options(&user, "a", true).unwrap().credentials().unwrap();
+        let login = options(&user, &user.brokers[0], "a", true)
+            .unwrap()
+            .credentials()
+            .unwrap();
         assert_eq!(
             (login.username.as_str(), login.password.as_str()),
             ("u", "p")

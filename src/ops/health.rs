@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use sqlx::MySqlPool;
+use crate::store::Nodes;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -26,6 +26,7 @@ pub struct Health {
     stats: Arc<Stats>,
     db: Mutex<DbCheck>,
     queues: OnceLock<QueueDepth>,
+    nodes: OnceLock<Arc<Nodes>>,
     stopping: AtomicBool,
 }
 
@@ -49,6 +50,7 @@ impl Health {
             stats,
             db: Mutex::new(DbCheck::default()),
             queues: OnceLock::new(),
+            nodes: OnceLock::new(),
             stopping: AtomicBool::new(false),
         }
     }
@@ -66,6 +68,11 @@ impl Health {
     /// Makes the writers' queues measurable (once they exist).
     pub fn set_queues(&self, queues: QueueDepth) {
         let _ = self.queues.set(queues);
+    }
+
+    /// Makes the database nodes in use visible.
+    pub fn set_nodes(&self, nodes: Arc<Nodes>) {
+        let _ = self.nodes.set(nodes);
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, DbCheck> {
@@ -117,6 +124,10 @@ impl Health {
             queue: self.queues.get().map(QueueDepth::current),
             db_up: matches!(db.last, Some(Ok(_))),
             devices_online: db.devices_online,
+            db_node: self
+                .nodes
+                .get()
+                .map(|n| (n.current().to_string(), n.moves())),
         }
     }
 
@@ -140,7 +151,7 @@ impl Health {
     /// cheap query that also proves the pool, the server and the table work).
     pub async fn check_database_every(
         self: Arc<Self>,
-        pool: MySqlPool,
+        nodes: Arc<Nodes>,
         interval: Duration,
         shutdown: CancellationToken,
     ) {
@@ -151,13 +162,18 @@ impl Health {
                 _ = ticks.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
+            let turn = nodes.turn();
             let query = sqlx::query_scalar::<_, i64>(
                 "SELECT COUNT(*) FROM device_main WHERE is_online = 1",
             )
-            .fetch_one(&pool);
+            .fetch_one(nodes.pool());
             let outcome = match tokio::time::timeout(DB_CHECK_TIMEOUT, query).await {
                 Ok(Ok(n)) => Ok(n),
-                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Err(e)) => {
+                    // A node that fails the check is left even while no message is written.
+                    nodes.failed(turn, &e);
+                    Err(e.to_string())
+                }
                 Err(_) => Err(format!("no answer within {}s", DB_CHECK_TIMEOUT.as_secs())),
             };
             self.record_db_check(outcome);

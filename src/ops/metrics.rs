@@ -25,6 +25,9 @@ pub struct Gauges {
     pub db_up: bool,
     /// Devices with `is_online = 1` at the last successful check; `None` before the first.
     pub devices_online: Option<i64>,
+    /// The database node in use (`host:port`) and how often the pool moved to another;
+    /// `None` before the pool exists.
+    pub db_node: Option<(String, u64)>,
 }
 
 /// Renders every metric family. Each rejection reason is listed, with zero when it never
@@ -80,7 +83,7 @@ impl Collector for Scrape {
         .encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?
         .encode_gauge(&1u64)?;
         // In the order they are shown; the flush histogram goes after rows_written.
-        let families: [(&str, &str, Value<'_>); 17] = [
+        let families: [(&str, &str, Value<'_>); 19] = [
             (
                 "uptime_seconds",
                 "Seconds since the service started.",
@@ -155,6 +158,19 @@ impl Collector for Scrape {
                 "db_errors",
                 "Failed database write attempts (each is retried).",
                 Counter(s.db_errors),
+            ),
+            (
+                "db_conflicts",
+                "Transactions the database rolled back because another met the same rows (deadlock, lock wait timeout, Galera certification failure); each batch is retried at once, never rejected.",
+                Counter(s.db_conflicts),
+            ),
+            (
+                "db_node_moves",
+                "Times the pool moved to the next node of DB_HOST because the one in use failed.",
+                match &g.db_node {
+                    Some((_, moves)) => Counter(*moves),
+                    None => Unknown,
+                },
             ),
             (
                 "db_up",
@@ -256,6 +272,7 @@ mod tests {
                 queue: Some((3, 1024)),
                 db_up: true,
                 devices_online: Some(7),
+                db_node: Some(("db2:3306".into(), 2)),
             },
         );
         for reason in Rejection::REASONS {
@@ -290,6 +307,10 @@ mod tests {
             sample(&text, "mqtt_ingest_devices_online").as_deref(),
             Some("7")
         );
+        assert_eq!(
+            sample(&text, "mqtt_ingest_db_node_moves_total").as_deref(),
+            Some("2")
+        );
         // Every sample line belongs to a family declared just before it.
         let mut declared = String::new();
         for line in text.lines() {
@@ -309,6 +330,7 @@ mod tests {
                 queue: Some((0, 1)),
                 db_up: false,
                 devices_online: Some(0),
+                db_node: Some(("db:3306".into(), 0)),
             },
         );
         let declared: Vec<&str> = text
@@ -335,6 +357,8 @@ mod tests {
                 "mqtt_reconnects_total counter",
                 "mqtt_sessions_lost_total counter",
                 "db_errors_total counter",
+                "db_conflicts_total counter",
+                "db_node_moves_total counter",
                 "db_up gauge",
                 "devices_online gauge",
             ]

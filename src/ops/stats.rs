@@ -31,6 +31,7 @@ pub struct Stats {
     /// Device timestamps that dated nothing, by [`Undatable::ALL`].
     undated: [AtomicU64; Undatable::ALL.len()],
     db_errors: AtomicU64,
+    db_conflicts: AtomicU64,
     batches: AtomicU64,
     rows_written: AtomicU64,
     reconnects: AtomicU64,
@@ -71,6 +72,7 @@ impl Stats {
             parts_skipped: AtomicU64::new(0),
             undated: std::array::from_fn(|_| AtomicU64::new(0)),
             db_errors: AtomicU64::new(0),
+            db_conflicts: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             rows_written: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -117,8 +119,10 @@ pub struct Snapshot {
     pub parts_skipped: u64,
     /// Device timestamps that dated nothing, by reason (their readings kept the receive time).
     pub undated: Vec<(&'static str, u64)>,
-    /// Failed database attempts (each retried).
+    /// Failed database attempts (each retried), conflicts not included.
     pub db_errors: u64,
+    /// Transactions rolled back by a conflict (each retried at once).
+    pub db_conflicts: u64,
     /// Committed batches (transactions).
     pub batches: u64,
     /// Device rows written by them.
@@ -202,6 +206,11 @@ impl Stats {
         self.db_errors.fetch_add(1, Relaxed);
     }
 
+    /// A transaction was rolled back by a conflict with another.
+    pub fn db_conflict(&self) {
+        self.db_conflicts.fetch_add(1, Relaxed);
+    }
+
     /// The broker accepted a connection; `first` is false for every reconnection.
     pub fn connected(&self, first: bool) {
         self.connected.store(true, Relaxed);
@@ -263,6 +272,7 @@ impl Stats {
                 .map(|(u, n)| (u.as_str(), n.load(Relaxed)))
                 .collect(),
             db_errors: self.db_errors.load(Relaxed),
+            db_conflicts: self.db_conflicts.load(Relaxed),
             batches: self.batches.load(Relaxed),
             rows_written: self.rows_written.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
@@ -320,8 +330,8 @@ impl Snapshot {
             out.push_str(&format!("  failed by:     {}\n", reasons.join(", ")));
         }
         out.push_str(&format!(
-            "  batches:       {} ({} device rows written)\n  reconnects:    {}\n  db errors:     {}\n{rule}",
-            self.batches, self.rows_written, self.reconnects, self.db_errors
+            "  batches:       {} ({} device rows written)\n  reconnects:    {}\n  db errors:     {}\n  db conflicts:  {} (retried)\n{rule}",
+            self.batches, self.rows_written, self.reconnects, self.db_errors, self.db_conflicts
         ));
         out
     }

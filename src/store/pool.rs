@@ -4,17 +4,35 @@
 use sqlx::Executor;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode};
 
-use crate::config::{DbSettings, DbSslMode};
+use std::sync::Arc;
+
+use super::nodes::{MoveClock, Nodes};
+use crate::config::{DbSettings, DbSslMode, Endpoint};
 
 /// The migrations in `migrations/`, compiled in.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Connection options for the settings. The session's `time_zone` is left to [`pool`], which
-/// sets it on each new connection (sqlx would fix one offset for the life of the options).
+/// Connection options for the settings' first host. The session's `time_zone` is left to
+/// [`pool`], which sets it on each new connection (sqlx would fix one offset for the life of the
+/// options).
 pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
+    match db.hosts.first() {
+        Some(host) => node_options(db, host),
+        None => node_options(
+            db,
+            &Endpoint {
+                host: "localhost".into(),
+                port: 3306,
+            },
+        ),
+    }
+}
+
+/// Connection options for one node.
+fn node_options(db: &DbSettings, node: &Endpoint) -> MySqlConnectOptions {
     let mut options = MySqlConnectOptions::new()
-        .host(&db.host)
-        .port(db.port)
+        .host(&node.host)
+        .port(node.port)
         .username(&db.user)
         .database(&db.name)
         .charset("utf8mb4")
@@ -49,8 +67,16 @@ pub fn connect_options(db: &DbSettings) -> MySqlConnectOptions {
 /// with daylight saving, a connection keeps the offset in force when it connected, until it is
 /// recycled (`DB_POOL_RECYCLE_SECS`).
 pub fn pool(db: &DbSettings) -> MySqlPool {
+    nodes(db).pool().clone()
+}
+
+/// The pool of [`pool`] on the nodes of `DB_HOST`: it starts on the first and moves to the next
+/// when one fails ([`Nodes::failed`]).
+pub fn nodes(db: &DbSettings) -> Arc<Nodes> {
     let zone = db.zone.clone();
-    MySqlPoolOptions::new()
+    let clock = MoveClock::new();
+    let (acquire_clock, release_clock) = (clock.clone(), clock.clone());
+    let pool = MySqlPoolOptions::new()
         .min_connections(db.pool_min)
         .max_connections(db.pool_max)
         .max_lifetime(db.recycle)
@@ -65,7 +91,22 @@ pub fn pool(db: &DbSettings) -> MySqlPool {
                     .map(|_| ())
             })
         })
-        .connect_lazy_with(connect_options(db))
+        // A connection opened before the pool moved to another node is to the node it left.
+        .before_acquire(move |_, meta| {
+            let keep = !acquire_clock.predates_move(meta.age);
+            Box::pin(async move { Ok(keep) })
+        })
+        .after_release(move |_, meta| {
+            let keep = !release_clock.predates_move(meta.age);
+            Box::pin(async move { Ok(keep) })
+        })
+        .connect_lazy_with(connect_options(db));
+    let nodes = db
+        .hosts
+        .iter()
+        .map(|h| (h.clone(), node_options(db, h)))
+        .collect();
+    Arc::new(Nodes::new(pool, nodes, clock))
 }
 
 /// Runs the migrations (idempotent: `device_main` is created only where it is absent).

@@ -33,6 +33,13 @@ pub const RETRY_FIRST: Duration = Duration::from_millis(100);
 const CONFLICT_PAUSE: Duration = Duration::from_millis(20);
 
 impl StoreError {
+    /// The database's error behind it.
+    pub fn cause(&self) -> &sqlx::Error {
+        match self {
+            StoreError::Refused(e) | StoreError::Conflict(e) | StoreError::Unavailable(e) => e,
+        }
+    }
+
     /// The retry policy of every database task (the writers, the start-up check, kept
     /// rejects), decided by the error's class: how long to wait before the next attempt, or
     /// `None` when another attempt cannot help (the data itself was refused). A conflict is

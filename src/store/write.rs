@@ -16,6 +16,7 @@ use crate::intake::zone::Zone;
 use crate::store::history::{self, HistoryRow};
 use crate::store::sensors::{self, SensorTable};
 
+use super::nodes::Nodes;
 use super::schema::WriteMode;
 use super::sql::{StoreError, error_number, exact_chunks, fit_chars, placeholders, shaped_chunks};
 
@@ -52,6 +53,8 @@ pub struct Store {
     /// Set when the database refused an upsert in a way the portable statement avoids (a
     /// table [`write_mode`] misjudged): from then on this store writes with the join.
     upsert_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The nodes of `DB_HOST` behind the pool: a failure that is the node's moves the pool on.
+    nodes: Option<std::sync::Arc<Nodes>>,
 }
 
 /// What a store writes besides the device rows, and how.
@@ -92,6 +95,16 @@ impl Store {
             pool,
             options,
             upsert_refused: Default::default(),
+            nodes: None,
+        }
+    }
+
+    /// A store on the nodes of `DB_HOST`: its pool, moved to the next node when a batch fails
+    /// because of the node.
+    pub fn on_nodes(nodes: std::sync::Arc<Nodes>, options: StoreOptions) -> Self {
+        Self {
+            nodes: Some(nodes.clone()),
+            ..Self::new(nodes.pool().clone(), options)
         }
     }
 
@@ -116,6 +129,15 @@ impl Store {
     /// every update of that device is merged into it in order, and the rows are written back
     /// with a few multi-row statements. Either all commit or none.
     pub async fn apply(&self, updates: &[&Update]) -> Result<BatchOutcome, StoreError> {
+        let turn = self.nodes.as_ref().map(|n| n.turn());
+        let result = self.apply_once(updates).await;
+        if let (Err(e), Some(nodes), Some(turn)) = (&result, &self.nodes, turn) {
+            nodes.failed(turn, e.cause());
+        }
+        result
+    }
+
+    async fn apply_once(&self, updates: &[&Update]) -> Result<BatchOutcome, StoreError> {
         let mode = self.write_mode();
         match self.apply_with(updates, mode).await {
             Err(StoreError::Refused(e) | StoreError::Unavailable(e))

@@ -206,8 +206,10 @@ async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_
             Err(e) => match (e.retry_after(&mut backoff), &e) {
                 (Some(delay), StoreError::Conflict(cause)) => {
                     // Another writer held the locks; the database rolled this batch back.
-                    // Nothing is wrong with the database: try again after a moment.
-                    stats.db_error();
+                    // Nothing is wrong with the database: try again after a moment. Counted
+                    // apart from errors: on a Galera cluster they are the normal cost of two
+                    // instances writing one device through different nodes.
+                    stats.db_conflict();
                     debug!(error = %cause, messages = batch.len(), "transaction conflict; retrying the batch");
                     tokio::time::sleep(delay).await;
                 }

@@ -21,6 +21,7 @@
 //! * `MI_TEST_KEEP_TMP=1`: do not delete those temp dirs (for debugging).
 
 mod db;
+mod galera;
 pub mod generators;
 pub mod ledger;
 mod mariadb;
@@ -31,6 +32,7 @@ mod wait;
 
 pub use self::{
     db::TestDb,
+    galera::PrivateGalera,
     mariadb::PrivateMariaDb,
     mosquitto::{MosquittoConfig, PrivateMosquitto},
     mqtt::{

@@ -48,6 +48,9 @@ pub struct PrivateMariaDb {
     proc: Option<Proc>,
     /// Server options added to the defaults (TLS files, …).
     extra_args: Vec<String>,
+    /// How long a start may take until root can log in (a Galera joiner receives its state
+    /// first).
+    start_timeout: Duration,
 }
 
 impl PrivateMariaDb {
@@ -80,14 +83,74 @@ impl PrivateMariaDb {
             port: 0,
             proc: None,
             extra_args: args.to_vec(),
+            start_timeout: START_TIMEOUT,
         };
         server.install().await?;
+        server.launch_on_a_free_port().await?;
+        Ok(server)
+    }
+
+    /// A server whose data dir is made but that is not started yet: its options may depend on
+    /// ports handed out with [`free_port`](procs::free_port) before it starts (a Galera node's).
+    pub(crate) async fn install_only(
+        args: Vec<String>,
+        start_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let dir = procs::make_tmpdir("mariadb")?;
+        let server = PrivateMariaDb {
+            dir,
+            port: procs::free_port(),
+            proc: None,
+            extra_args: args,
+            start_timeout,
+        };
+        server.install().await?;
+        Ok(server)
+    }
+
+    /// Opens the data dir to every user: a Galera joiner receives its state through an rsync
+    /// daemon that, started by root, runs as `nobody` (MariaDB's `wsrep_sst_rsync` names no
+    /// user), and must write there. Test data only.
+    pub(crate) fn open_data_dir(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        fn open(path: &Path, mode: u32) -> anyhow::Result<()> {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", path.display()))
+        }
+        open(self.dir.path(), 0o755)?;
+        let mut dirs = vec![self.data_dir()];
+        while let Some(dir) = dirs.pop() {
+            open(&dir, 0o777)?;
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    dirs.push(entry.path());
+                } else {
+                    open(&entry.path(), 0o666)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a server made by [`install_only`](Self::install_only) on its port.
+    pub(crate) async fn launch_now(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.start_timeout;
+        self.launch(deadline).await.map_err(|e| e.error)
+    }
+
+    /// The options a later (re)start uses instead of those given at the start.
+    pub(crate) fn set_extra_args(&mut self, args: Vec<String>) {
+        self.extra_args = args;
+    }
+
+    async fn launch_on_a_free_port(&mut self) -> anyhow::Result<()> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            server.port = procs::free_port();
-            match server.launch(Instant::now() + START_TIMEOUT).await {
-                Ok(()) => return Ok(server),
+            self.port = procs::free_port();
+            match self.launch(Instant::now() + self.start_timeout).await {
+                Ok(()) => return Ok(()),
                 Err(e) if e.exited_early && attempt < 3 => continue,
                 Err(e) => return Err(e.error),
             }
@@ -164,7 +227,7 @@ impl PrivateMariaDb {
 
     pub async fn try_restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + self.start_timeout;
         procs::relaunch(deadline, async || self.launch(deadline).await).await
     }
 

@@ -8,6 +8,7 @@ use mqtt_ingest_testkit::ledger;
 
 mod brokers;
 mod chaos;
+mod cluster;
 mod codehubot;
 mod compose;
 mod faults;
