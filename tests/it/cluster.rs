@@ -1,10 +1,16 @@
 //! Beyond one machine, the parts that are ours: a Galera cluster of two private MariaDB nodes
 //! under two instances (Mosquitto's `$share` splits the messages), a node killed under an
-//! instance, the broker list walked on reconnect, and `--check-config` over both lists. The
+//! instance, a commit whose answer is lost, the broker list walked on reconnect, and
+//! `--check-config` over both lists. The
 //! three-node RMQTT + Galera scenarios run in the bench's `cluster` runner (docs/scale-out.md):
 //! CI does not compile a broker.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use sqlx::MySqlPool;
 use sqlx::mysql::MySqlPoolOptions;
@@ -287,4 +293,129 @@ async fn check_config_walks_both_lists() {
         format!("127.0.0.1:{dead_broker}"),
     );
     assert!(!output.status.success());
+}
+
+/// A TCP proxy in front of the database that, once armed, forwards the next `COMMIT` to the
+/// server and then closes the connection before the server's answer can come back: the
+/// transaction is committed, and the service cannot know it.
+struct CommitCutter {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<AtomicU64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CommitCutter {
+    async fn start(upstream: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (a, c) = (armed.clone(), cuts.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let cut = Arc::new(AtomicBool::new(false));
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let (armed, cuts, cut2) = (a.clone(), c.clone(), cut.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        // COM_QUERY (3) "COMMIT": the text protocol's commit.
+                        let commit = chunk.windows(7).any(|w| w == b"\x03COMMIT");
+                        if commit && armed.swap(false, Ordering::SeqCst) {
+                            cut2.store(true, Ordering::SeqCst);
+                            let _ = sw.write_all(chunk).await;
+                            cuts.fetch_add(1, Ordering::SeqCst);
+                            return; // both halves dropped: the client sees the connection end
+                        }
+                        if sw.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if cut.load(Ordering::SeqCst) || cw.write_all(&buf[..n]).await.is_err() {
+                            return; // the answer to the cut COMMIT never reaches the client
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            armed,
+            cuts,
+            accept,
+        }
+    }
+}
+
+impl Drop for CommitCutter {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_retried_and_writes_the_same() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    migrate(&pool).await;
+    register(&pool, "dev0").await;
+    register(&pool, "dev1").await;
+    let cutter = CommitCutter::start(db.port).await;
+    let mut target = Target::new(&db, shared_mqtt_port()).with("HISTORY_ENABLED", "true");
+    target.db_port = cutter.port;
+    let service = spawn_service(&target).await;
+    cutter.armed.store(true, Ordering::SeqCst);
+    // The same reading for two devices: the first commit's answer is lost, and the retry
+    // writes that batch again on another connection.
+    let reading = br#"{"temperature": 21.5, "humidity": 40, "timestamp": "2026-01-01T00:00:05Z"}"#;
+    for d in ["dev0", "dev1"] {
+        mqtt_publish(
+            target.mqtt_port,
+            &target.topic(d, "data"),
+            &reading[..],
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    }
+    let done = service.settled(2).await;
+    assert_eq!(cutter.cuts.load(Ordering::SeqCst), 1, "a commit was cut");
+    assert_eq!((done.succeeded, done.failed), (2, 0));
+    assert!(done.db_errors >= 1, "the lost answer was an error, retried");
+    // Written once in effect: the rows are what one write gives, history holds one row per
+    // reading (its unique key absorbs the repeat).
+    for d in ["dev0", "dev1"] {
+        let row = crate::app::device(&pool, d).await.unwrap().unwrap();
+        assert_eq!(
+            crate::app::sensor(&row, "temperature"),
+            Some(serde_json::json!(21.5)),
+            "{row:?}"
+        );
+        let history: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM device_history WHERE device_uuid = ?")
+                .bind(d)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(history, 2, "temperature and humidity, once each");
+    }
+    service.stop().await.unwrap();
 }
