@@ -85,10 +85,34 @@ is_local() {
     esac
 }
 
+# A list (the nodes of a cluster: "a,b:3307") is not managed here (scripts/cluster.sh starts a
+# local one): the probes below look at its first node.
+DB_LIST=false
+MQTT_LIST=false
+first_of_list() { # NAME_OF_HOST_VAR NAME_OF_PORT_VAR
+    local -n host_var=$1 port_var=$2
+    local first=${host_var%%,*}
+    first=${first// /}
+    if [[ $first =~ ^\[(.*)\]:([0-9]+)$ || $first =~ ^([^:]+):([0-9]+)$ ]]; then
+        host_var=${BASH_REMATCH[1]}
+        port_var=${BASH_REMATCH[2]}
+    else
+        host_var=$first
+    fi
+}
+if [[ $DB_HOST == *,* ]]; then
+    DB_LIST=true
+    first_of_list DB_HOST DB_PORT
+fi
+if [[ $MQTT_BROKER == *,* ]]; then
+    MQTT_LIST=true
+    first_of_list MQTT_BROKER MQTT_PORT
+fi
+
 DB_LOCAL=false
 MQTT_LOCAL=false
-is_local "$DB_HOST" && DB_LOCAL=true
-is_local "$MQTT_BROKER" && MQTT_LOCAL=true
+[[ $DB_LIST == false ]] && is_local "$DB_HOST" && DB_LOCAL=true
+[[ $MQTT_LIST == false ]] && is_local "$MQTT_BROKER" && MQTT_LOCAL=true
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -202,7 +226,11 @@ if [[ $MQTT_LOCAL == true ]]; then
         say "mosquitto: listening on $MQTT_BROKER:$MQTT_PORT"
     fi
 else
-    say "mosquitto: MQTT_BROKER=$MQTT_BROKER is remote, not managed here"
+    if [[ $MQTT_LIST == true ]]; then
+        say "mosquitto: MQTT_BROKER lists several brokers (a cluster), not managed here; probing the first, $MQTT_BROKER:$MQTT_PORT"
+    else
+        say "mosquitto: MQTT_BROKER=$MQTT_BROKER is remote, not managed here"
+    fi
 fi
 if mqtt_probe; then
     say "mosquitto: test publish to $MQTT_BROKER:$MQTT_PORT ok"
@@ -389,7 +417,11 @@ if [[ $DB_LOCAL == true ]]; then
         say "mariadb: database $DB_NAME created"
     fi
 else
-    say "mariadb: DB_HOST=$DB_HOST is remote, not managed here"
+    if [[ $DB_LIST == true ]]; then
+        say "mariadb: DB_HOST lists several nodes (a cluster), not managed here; probing the first, $DB_HOST:$DB_PORT"
+    else
+        say "mariadb: DB_HOST=$DB_HOST is remote, not managed here"
+    fi
     if tcp_open "$DB_HOST" "$DB_PORT"; then
         say "mariadb: $DB_HOST:$DB_PORT is reachable"
     else

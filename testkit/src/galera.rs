@@ -70,7 +70,8 @@ impl PrivateGalera {
         };
         for i in 0..n {
             let args = cluster.args(i, i == 0);
-            let node = PrivateMariaDb::install_only(args, JOIN_TIMEOUT).await?;
+            // A joiner starts empty: the state transfer brings everything.
+            let node = PrivateMariaDb::install_only(args, JOIN_TIMEOUT, i == 0).await?;
             node.open_data_dir()?;
             cluster.nodes.push(node);
         }

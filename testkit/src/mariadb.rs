@@ -90,11 +90,13 @@ impl PrivateMariaDb {
         Ok(server)
     }
 
-    /// A server whose data dir is made but that is not started yet: its options may depend on
-    /// ports handed out with [`free_port`](procs::free_port) before it starts (a Galera node's).
+    /// A server that is not started yet: its options may depend on ports handed out with
+    /// [`free_port`](procs::free_port) before it starts (a Galera node's). `install`: make
+    /// the system tables (a Galera joiner starts empty and receives them).
     pub(crate) async fn install_only(
         args: Vec<String>,
         start_timeout: Duration,
+        install: bool,
     ) -> anyhow::Result<Self> {
         let dir = procs::make_tmpdir("mariadb")?;
         let server = PrivateMariaDb {
@@ -104,7 +106,9 @@ impl PrivateMariaDb {
             extra_args: args,
             start_timeout,
         };
-        server.install().await?;
+        if install {
+            server.install().await?;
+        }
         Ok(server)
     }
 
@@ -113,22 +117,14 @@ impl PrivateMariaDb {
     /// user), and must write there. Test data only.
     pub(crate) fn open_data_dir(&self) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
-        fn open(path: &Path, mode: u32) -> anyhow::Result<()> {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                .with_context(|| format!("chmod {}", path.display()))
-        }
-        open(self.dir.path(), 0o755)?;
-        let mut dirs = vec![self.data_dir()];
-        while let Some(dir) = dirs.pop() {
-            open(&dir, 0o777)?;
-            for entry in std::fs::read_dir(&dir)? {
-                let entry = entry?;
-                if entry.file_type()?.is_dir() {
-                    dirs.push(entry.path());
-                } else {
-                    open(&entry.path(), 0o666)?;
-                }
-            }
+        for (path, mode) in [
+            (self.dir.path().to_owned(), 0o755),
+            (self.data_dir(), 0o777),
+            (self.tmp_dir(), 0o777),
+        ] {
+            std::fs::create_dir_all(&path)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {}", path.display()))?;
         }
         Ok(())
     }
