@@ -415,6 +415,9 @@ async fn prepare_database(
 ) -> anyhow::Result<bool> {
     let pool = nodes.pool();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    // Moves to the next node without a wait since the last wait: at most one round of the
+    // nodes, so that a cluster whose every node refuses at once is not asked in a tight loop.
+    let mut moved_at_once = 0;
     loop {
         let turn = nodes.turn();
         let attempt = async {
@@ -429,14 +432,25 @@ async fn prepare_database(
                 info!(migrations = auto_migrate, "database ready");
                 return Ok(true);
             }
-            Err(e) if is_migration_error(&e) => return Err(e),
-            Err(e) => {
-                let cause = e.downcast_ref::<sqlx::Error>();
-                if let Some(cause) = cause
-                    && nodes.failed(turn, cause)
-                {
+            // A node that cannot be used (read-only, outside the cluster's primary component)
+            // may fail the migrations after it answered the ping: the next node may not.
+            Err(e) if node_failure_in(&e).is_some_and(|c| nodes.failed(turn, c)) => {
+                if moved_at_once + 1 < nodes.len() {
+                    moved_at_once += 1;
                     continue; // the next node, at once
                 }
+                moved_at_once = 0;
+                let delay = unavailable_retry(None, &mut backoff);
+                error!(error = %e, retry_in_secs = delay.as_secs_f32(), "no node of DB_HOST is usable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(false),
+                }
+            }
+            Err(e) if is_migration_error(&e) => return Err(e),
+            Err(e) => {
+                moved_at_once = 0;
+                let cause = e.downcast_ref::<sqlx::Error>();
                 let refused = cause.is_some_and(store::is_refusal);
                 let delay = unavailable_retry(cause, &mut backoff);
                 let hint = cause.and_then(store::settings_hint).unwrap_or("");
@@ -458,6 +472,16 @@ async fn prepare_database(
 
 /// A migration that the database refused (bad SQL, a checksum mismatch) will not succeed by
 /// waiting; one that failed to connect will.
+/// The database error behind a failed start-up step (the ping's, or a migration's statement).
+fn node_failure_in(e: &anyhow::Error) -> Option<&sqlx::Error> {
+    match e.downcast_ref::<sqlx::migrate::MigrateError>() {
+        Some(sqlx::migrate::MigrateError::Execute(inner))
+        | Some(sqlx::migrate::MigrateError::ExecuteMigration(inner, _)) => Some(inner),
+        Some(_) => None,
+        None => e.downcast_ref::<sqlx::Error>(),
+    }
+}
+
 fn is_migration_error(e: &anyhow::Error) -> bool {
     match e.downcast_ref::<sqlx::migrate::MigrateError>() {
         Some(sqlx::migrate::MigrateError::Execute(inner)) => inner.as_database_error().is_some(),

@@ -174,7 +174,13 @@ impl Health {
                     nodes.failed(turn, &e);
                     Err(e.to_string())
                 }
-                Err(_) => Err(format!("no answer within {}s", DB_CHECK_TIMEOUT.as_secs())),
+                Err(_) => {
+                    // No connection within the check's time while the pool had room to open
+                    // one: the node refuses or does not answer (the pool's own wait for a
+                    // connection, DB_CONNECT_TIMEOUT_SECS, may be longer than the check's).
+                    nodes.failed(turn, &sqlx::Error::PoolTimedOut);
+                    Err(format!("no answer within {}s", DB_CHECK_TIMEOUT.as_secs()))
+                }
             };
             self.record_db_check(outcome);
         }

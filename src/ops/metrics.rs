@@ -161,7 +161,7 @@ impl Collector for Scrape {
             ),
             (
                 "db_conflicts",
-                "Transactions the database rolled back because another met the same rows (deadlock, lock wait timeout, Galera certification failure); each batch is retried at once, never rejected.",
+                "Transactions the database rolled back because another met the same rows (deadlock, lock wait timeout, Galera certification failure); each batch is retried after a pause of about 20 ms, never rejected.",
                 Counter(s.db_conflicts),
             ),
             (

@@ -121,7 +121,7 @@ pub struct Snapshot {
     pub undated: Vec<(&'static str, u64)>,
     /// Failed database attempts (each retried), conflicts not included.
     pub db_errors: u64,
-    /// Transactions rolled back by a conflict (each retried at once).
+    /// Transactions rolled back by a conflict (each retried after a short pause).
     pub db_conflicts: u64,
     /// Committed batches (transactions).
     pub batches: u64,

@@ -9,8 +9,8 @@
 //! options, and the `before_acquire` / `after_release` hooks drop the connections older than
 //! the move.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
@@ -62,6 +62,9 @@ pub struct Nodes {
     current: AtomicUsize,
     moves: AtomicU64,
     clock: Arc<MoveClock>,
+    /// Held while moving: the new options and the move's time are in place before another
+    /// attempt can see the new node.
+    moving: Mutex<()>,
 }
 
 /// Which node a database attempt used, taken before it (see [`Nodes::failed`]).
@@ -80,6 +83,7 @@ impl Nodes {
             current: AtomicUsize::new(0),
             moves: AtomicU64::new(0),
             clock,
+            moving: Mutex::new(()),
         }
     }
 
@@ -120,16 +124,21 @@ impl Nodes {
         if self.nodes.len() < 2 || !is_node_failure(error) {
             return false;
         }
-        let next = (turn.0 + 1) % self.nodes.len();
-        if self
-            .current
-            .compare_exchange(turn.0, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
+        // A pool whose every connection is busy times out too: that is load, not the node.
+        if matches!(error, sqlx::Error::PoolTimedOut)
+            && self.pool.num_idle() == 0
+            && self.pool.size() >= self.pool.options().get_max_connections()
         {
+            return false;
+        }
+        let _moving = self.moving.lock().unwrap_or_else(|e| e.into_inner());
+        if self.current.load(Ordering::Acquire) != turn.0 {
             return false; // another attempt moved it already
         }
+        let next = (turn.0 + 1) % self.nodes.len();
         self.pool.set_connect_options(self.nodes[next].1.clone());
         self.clock.mark();
+        self.current.store(next, Ordering::Release);
         self.moves.fetch_add(1, Ordering::Relaxed);
         warn!(
             from = %self.nodes[turn.0].0,
@@ -142,8 +151,9 @@ impl Nodes {
 }
 
 /// Whether an error says the node is at fault rather than the statement: the connection is
-/// gone or could not be made, the server is shutting down, or a cluster node is not ready to
-/// serve (Galera outside the primary component answers 1047) or takes no writes.
+/// gone or could not be made (a pool timeout while connections were free to open), the server
+/// is shutting down, or a cluster node is not ready to serve (Galera outside the primary
+/// component answers 1047) or takes no writes.
 pub fn is_node_failure(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,

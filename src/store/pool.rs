@@ -1,8 +1,8 @@
 //! The connection pool: options from the settings (TLS, the session's time zone), the
 //! migrations, and the check that the database answers.
 
-use sqlx::Executor;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode};
+use sqlx::{Connection as _, Executor};
 
 use std::sync::Arc;
 
@@ -59,6 +59,9 @@ fn node_options(db: &DbSettings, node: &Endpoint) -> MySqlConnectOptions {
     }
 }
 
+/// How long the ping before a pooled connection's use may take.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A pool like the seed's: `pool_min` kept, up to `pool_max`, recycled, pinged before use.
 /// It connects lazily, so the service starts while the database is down.
 ///
@@ -81,7 +84,9 @@ pub fn nodes(db: &DbSettings) -> Arc<Nodes> {
         .max_connections(db.pool_max)
         .max_lifetime(db.recycle)
         .acquire_timeout(db.connect_timeout)
-        .test_before_acquire(true)
+        // The ping before use is ours (below), bounded: a server that stopped answering
+        // without closing the connection must not hold an acquire until TCP gives up.
+        .test_before_acquire(false)
         .after_connect(move |conn, _| {
             // The offset is digits and a sign, from `Zone`: safe to put in the text.
             let offset = zone.session_offset();
@@ -92,9 +97,15 @@ pub fn nodes(db: &DbSettings) -> Arc<Nodes> {
             })
         })
         // A connection opened before the pool moved to another node is to the node it left.
-        .before_acquire(move |_, meta| {
-            let keep = !acquire_clock.predates_move(meta.age);
-            Box::pin(async move { Ok(keep) })
+        .before_acquire(move |conn, meta| {
+            let fresh = !acquire_clock.predates_move(meta.age);
+            Box::pin(async move {
+                Ok(fresh
+                    && matches!(
+                        tokio::time::timeout(PING_TIMEOUT, conn.ping()).await,
+                        Ok(Ok(()))
+                    ))
+            })
         })
         .after_release(move |_, meta| {
             let keep = !release_clock.predates_move(meta.age);

@@ -118,9 +118,10 @@ async fn two_instances_through_two_galera_nodes_retry_conflicts_and_keep_the_new
         rb.succeeded
     );
     // The newest reading is on both nodes, for every device.
+    // (The other node applies what it certified a moment later: wait for it.)
     let other = pool_on(&db, n1.port()).await;
     assert_eq!(devices_at_seq(&pool, seq - 1).await.unwrap(), DEVICES);
-    assert_eq!(devices_at_seq(&other, seq - 1).await.unwrap(), DEVICES);
+    wait_devices_at_seq(&other, DEVICES, seq - 1, Duration::from_secs(30)).await;
     other.close().await;
     first.stop().await.unwrap();
     second.stop().await.unwrap();
@@ -144,17 +145,21 @@ async fn the_instance_moves_to_the_next_node_when_its_node_is_killed() {
         .unwrap();
     wait_devices_at_seq(&pool, DEVICES, 1, Duration::from_secs(30)).await;
 
-    // The node in use dies; the other (weighing more) stays the primary component.
+    // The node in use dies; the other (weighing more) stays the primary component. The
+    // instance is idle: its periodic database check finds the node gone and moves the pool.
     cluster.node_mut(0).kill().await;
     cluster.wait_synced(1, 1).await.unwrap();
+    service
+        .wait_for_log(
+            "moving to the next node of DB_HOST",
+            Duration::from_secs(30),
+        )
+        .await;
     let survivor = pool_on(&db, cluster.node(1).port()).await;
     publish_many(target.mqtt_port, round(&target, 2), QoS::AtLeastOnce)
         .await
         .unwrap();
     wait_devices_at_seq(&survivor, DEVICES, 2, Duration::from_secs(60)).await;
-    service
-        .wait_for_log("moving to the next node of DB_HOST", Duration::from_secs(5))
-        .await;
     let log = service.log();
     assert_eq!(
         log.matches("moving to the next node of DB_HOST").count(),
