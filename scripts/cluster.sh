@@ -23,7 +23,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-CLUSTER_DIR=${CLUSTER_DIR:-$PWD/target/cluster}
+CLUSTER_DIR=$(realpath -m "${CLUSTER_DIR:-$PWD/target/cluster}")
 CLUSTER_STRATEGY=${CLUSTER_STRATEGY:-round_robin}
 RMQTT_VERSION=0.24.0
 NODES=(1 2 3)
@@ -176,6 +176,10 @@ laddr = "127.0.0.1:${PORT[raft$n]}"
 # With 0 (the default), nodes started together may each become their own leader.
 leader_id = 1
 try_lock_timeout = "8s"
+# How long a node waits on another's answer (10 s by default): a client that reconnects with
+# its client id after its node died waits for the takeover of its session there, and its
+# connect times out first.
+node_grpc_client_timeout = "2s"
 compression = "zstd"
 EOF
     cat >"$dir/plugins/rmqtt-http-api.toml" <<EOF
@@ -200,7 +204,7 @@ start_broker() {
 
 broker_healthy() {
     local n=$1
-    curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:${PORT[http$n]}/api/v1/health/check/$n"
+    curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:${PORT[http$n]}/api/v1/health/check/$n" 2>/dev/null
 }
 
 wait_brokers() {

@@ -81,6 +81,8 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
         connected: false,
     };
     let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
+    // Brokers of MQTT_BROKER tried since the last wait (reset by a connection that lasted).
+    let mut tried_in_round = 0;
     let mut first_connection = true;
     // Since when the current connection is subscribed (whether it got its CONNACK is
     // `outbox.connected`).
@@ -214,16 +216,20 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                 let stable = up.is_some_and(|up| up >= STABLE_AFTER);
                 if stable {
                     backoff.reset();
+                    tried_in_round = 0;
                 }
-                // With several brokers (the nodes of a cluster), the next one is tried, and at
-                // once after a connection that had lasted: while this instance is away, a
-                // clustered broker may go on choosing its share of a shared subscription and
-                // deliver it to no one.
+                // With several brokers (the nodes of a cluster), the next one is tried at once,
+                // until each has been tried in this round; the wait (growing) comes between
+                // rounds. While this instance is away, a clustered broker may go on choosing
+                // its share of a shared subscription and deliver it to no one, so the seconds
+                // it takes to be subscribed on another node are lost messages.
                 let failed = connection.broker().clone();
                 connection.next_broker();
-                let delay = if stable && connection.brokers() > 1 {
+                tried_in_round += 1;
+                let delay = if tried_in_round < connection.brokers() {
                     Duration::ZERO
                 } else {
+                    tried_in_round = 0;
                     backoff.next_delay()
                 };
                 if was_connected && !stable {

@@ -60,6 +60,14 @@ struct Cli {
     /// Write the rows as JSON here too
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The node (1-3) the db-node and broker-node faults kill (node 1 is RMQTT's raft leader);
+    /// the instance watched for the failover is the one on that node
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    fault_node: u8,
+    /// Data messages carry a real reading time (ISO 8601) besides the firmware's uptime, so
+    /// that the stored state is ordered by when a reading was taken, not when it arrived
+    #[arg(long)]
+    dated: bool,
 }
 
 /// The topology, read from scripts/cluster.sh's files.
@@ -473,9 +481,19 @@ fn run_script(cli: &Cli, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU seconds of the processes of a kind (brokers, databases) so far.
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|&p| cpu_seconds(p)).sum()
+/// CPU seconds of the processes of a kind (brokers, databases) so far, by pid.
+fn cpu_of(pids: &[u32]) -> HashMap<u32, f64> {
+    pids.iter()
+        .filter_map(|&p| Some((p, cpu_seconds(p)?)))
+        .collect()
+}
+
+/// CPU seconds used since `before` by the processes of a kind now (a node started again is a
+/// new pid, counted from zero; a node that died is counted up to its last reading: not at all).
+fn cpu_since(before: &HashMap<u32, f64>, now: &HashMap<u32, f64>) -> f64 {
+    now.iter()
+        .map(|(pid, c)| c - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
 }
 
 async fn scenario(
@@ -510,6 +528,7 @@ async fn scenario(
         &format!("{prefix}/devices"),
         cli.devices,
         pace,
+        cli.dated,
     );
     let mut failover: Option<f64> = None;
     let mut resumed: Option<f64> = None;
@@ -523,7 +542,14 @@ async fn scenario(
             let half = Duration::from_secs(cli.secs / 2);
             tokio::time::sleep(half).await;
             let t0 = Instant::now();
-            let before = inst[0].metrics().await.unwrap_or_default();
+            // The instance on the node a fault kills (instance faults: the first).
+            let w = match fault {
+                Fault::DbNode | Fault::BrokerNode => usize::from(cli.fault_node - 1),
+                _ => 0,
+            }
+            .min(inst.len() - 1);
+            let node = cli.fault_node.to_string();
+            let before = inst[w].metrics().await.unwrap_or_default();
             match fault {
                 Fault::None => {}
                 Fault::InstanceRestart => {
@@ -535,10 +561,10 @@ async fn scenario(
                 }
                 Fault::InstanceLost => inst[0].kill().await,
                 Fault::DbNode => {
-                    run_script(cli, &["kill", "db", "1"])?;
+                    run_script(cli, &["kill", "db", &node])?;
                     // Until the instance on that node has moved, and written again.
                     while t0.elapsed() < Duration::from_secs(60) {
-                        let m = inst[0].metrics().await.unwrap_or_default();
+                        let m = inst[w].metrics().await.unwrap_or_default();
                         if failover.is_none() && m.node_moves > before.node_moves {
                             failover = Some(t0.elapsed().as_secs_f64());
                         }
@@ -549,12 +575,12 @@ async fn scenario(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     tokio::time::sleep(Duration::from_secs(5)).await;
-                    run_script(cli, &["start", "db", "1"])?;
+                    run_script(cli, &["start", "db", &node])?;
                 }
                 Fault::BrokerNode => {
-                    run_script(cli, &["kill", "broker", "1"])?;
+                    run_script(cli, &["kill", "broker", &node])?;
                     while t0.elapsed() < Duration::from_secs(60) {
-                        let m = inst[0].metrics().await.unwrap_or_default();
+                        let m = inst[w].metrics().await.unwrap_or_default();
                         if m.reconnects > before.reconnects && m.subscribed >= 1.0 {
                             failover = Some(t0.elapsed().as_secs_f64());
                             break;
@@ -562,7 +588,7 @@ async fn scenario(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     tokio::time::sleep(Duration::from_secs(5)).await;
-                    run_script(cli, &["start", "broker", "1"])?;
+                    run_script(cli, &["start", "broker", &node])?;
                 }
             }
             let rest = Duration::from_secs(cli.secs).saturating_sub(started.elapsed());
@@ -571,6 +597,23 @@ async fn scenario(
     }
     let ledger = devices.finish().await;
     let published_for = started.elapsed();
+    // A flood's rate: until the instances have written every message the brokers took.
+    let mut written_at = None;
+    if let Pace::Flood { .. } = pace {
+        let acked = ledger.sent as f64;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Instant::now() < deadline {
+            let mut written = 0.0;
+            for i in &inst {
+                written += i.total().await.written;
+            }
+            if written >= acked {
+                written_at = Some(started.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let result = check(&pool, &ledger, Duration::from_secs(180)).await?;
     let committed_at = started.elapsed();
     let mut per_instance = Vec::new();
@@ -586,7 +629,7 @@ async fn scenario(
         }));
     }
     let elapsed = match pace {
-        Pace::Flood { .. } => committed_at,
+        Pace::Flood { .. } => written_at.unwrap_or(committed_at),
         Pace::Firmware => published_for,
     }
     .as_secs_f64();
@@ -598,6 +641,8 @@ async fn scenario(
         "scenario": match pace { Pace::Flood { .. } => "scale", Pace::Firmware => fault.name() },
         "instances": instances,
         "strategy": topo.strategy,
+        "dated": cli.dated,
+        "fault_node": cli.fault_node,
         "devices": cli.devices,
         "seconds": elapsed,
         "published": ledger.sent,
@@ -618,8 +663,8 @@ async fn scenario(
         "writes_resumed_secs": resumed,
         "publisher_reconnects": ledger.reconnects,
         "cpu_share": {
-            "brokers": (cpu_of(&brokers) - broker_cpu0) / elapsed,
-            "databases": (cpu_of(&dbs) - db_cpu0) / elapsed,
+            "brokers": cpu_since(&broker_cpu0, &cpu_of(&topo.pids("rmqtt"))) / elapsed,
+            "databases": cpu_since(&db_cpu0, &cpu_of(&topo.pids("galera"))) / elapsed,
             "instances": sum.cpu / elapsed,
             "runner": (cpu_seconds(std::process::id()).unwrap_or(0.0) - self_cpu0) / elapsed,
         },
@@ -689,7 +734,9 @@ fn print_table(rows: &[serde_json::Value]) {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<bool> {
+async fn run(mut cli: Cli) -> anyhow::Result<bool> {
+    // The script and the nodes take it from any directory.
+    cli.cluster_dir = std::path::absolute(&cli.cluster_dir)?;
     let topo = Topology::read(&cli.cluster_dir)?;
     anyhow::ensure!(
         cli.service_bin.exists(),
@@ -743,6 +790,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     ] {
         if wants(fault.name()) {
             rows.push(scenario(&cli, &topo, 3, Pace::Firmware, fault).await?);
+            if let Some(path) = &cli.json {
+                std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+            }
         }
     }
     print_table(&rows);

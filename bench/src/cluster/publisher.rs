@@ -64,7 +64,7 @@ impl Ledger {
 impl Devices {
     /// One publisher per broker (`ports`), publisher `k` owning the devices `d` with
     /// `d % ports.len() == k`, on its own node first and the next on a failure.
-    pub fn start(ports: &[u16], prefix: &str, devices: usize, pace: Pace) -> Self {
+    pub fn start(ports: &[u16], prefix: &str, devices: usize, pace: Pace, dated: bool) -> Self {
         let counts = Arc::new(Counts::default());
         let acked = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
@@ -80,6 +80,7 @@ impl Devices {
                     prefix.to_owned(),
                     mine,
                     pace,
+                    dated,
                     counts.clone(),
                     acked.clone(),
                     stop.clone(),
@@ -130,9 +131,18 @@ struct Schedule {
 
 const DEVICE_ID: &str = "AIOT-ESP32-6E0067F6";
 
-fn data(seq: u64, uptime: u64) -> String {
+/// A data message as the firmware formats it; `dated`: with a reading time instead of the uptime
+/// (what the docs advise for several instances): a day ago plus `seq` seconds, so that each
+/// reading of a device has its own time, in the order of its seq.
+fn data(seq: u64, uptime: u64, dated: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    let timestamp = if let Some(base) = dated {
+        let t = base + chrono::Duration::seconds(seq as i64);
+        format!("\"{}\"", t.format("%Y-%m-%dT%H:%M:%SZ"))
+    } else {
+        uptime.to_string()
+    };
     format!(
-        "{{\"device_id\":\"{DEVICE_ID}\",\"sensor\":\"DHT11\",\"seq\":{seq},\"temperature\":24.3,\"humidity\":55.0,\"timestamp\":{uptime}}}"
+        "{{\"device_id\":\"{DEVICE_ID}\",\"sensor\":\"DHT11\",\"seq\":{seq},\"temperature\":24.3,\"humidity\":55.0,\"timestamp\":{timestamp}}}"
     )
 }
 
@@ -152,6 +162,7 @@ async fn publish(
     prefix: String,
     devices: Vec<usize>,
     pace: Pace,
+    dated: bool,
     counts: Arc<Counts>,
     acked: Arc<Mutex<Vec<(usize, u64)>>>,
     stop: CancellationToken,
@@ -159,6 +170,7 @@ async fn publish(
 ) {
     const WINDOW: usize = 500;
     let started = Instant::now();
+    let dated = dated.then(|| chrono::Utc::now() - chrono::Duration::days(1));
     let now = Instant::now();
     let mut schedules: Vec<Schedule> = devices
         .iter()
@@ -243,7 +255,7 @@ async fn publish(
                                 flood_next = (flood_next + 1) % count;
                                 out.push((
                                     format!("{prefix}/dev{}/data", s.device),
-                                    data(s.seq, uptime),
+                                    data(s.seq, uptime, dated),
                                     Some((s.device, s.seq)),
                                 ));
                                 s.seq += 1;
@@ -259,7 +271,7 @@ async fn publish(
                                 if s.next_data <= now {
                                     out.push((
                                         format!("{prefix}/dev{}/data", s.device),
-                                        data(s.seq, uptime),
+                                        data(s.seq, uptime, dated),
                                         Some((s.device, s.seq)),
                                     ));
                                     s.seq += 1;
