@@ -174,6 +174,12 @@ if [[ $FOR_TESTS == true ]]; then
     [[ -e /usr/lib/galera/libgalera_smm.so || -e /usr/lib/libgalera_smm.so ]] || packages+=(galera-4)
     have rsync || packages+=(rsync)
 fi
+# promtool checks the alert rules (tests/it/alerting.rs); it is taken out of Debian's prometheus
+# package below, so that no Prometheus server is installed or started for the tests.
+NEED_PROMTOOL=false
+if [[ $FOR_TESTS == true ]] && ! have promtool && [[ ! -x $REPO_ROOT/target/tools/promtool ]]; then
+    NEED_PROMTOOL=true
+fi
 # The build needs a C compiler and linker: crates such as ring compile C, and rustc links with cc.
 if ! have cc; then
     say "no C compiler (cc): the build needs one (ring's C code, and linking); adding gcc and libc6-dev"
@@ -187,6 +193,20 @@ if ((${#packages[@]} > 0)); then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
 else
     say "packages: nothing to install"
+fi
+
+if [[ $NEED_PROMTOOL == true ]]; then
+    have apt-get || die "promtool is missing and apt-get is not available: put promtool on PATH"
+    say "promtool: taking it out of Debian's prometheus package into target/tools (no server is installed)"
+    tmp=$(mktemp -d)
+    chmod 0755 "$tmp" # apt's download sandbox user must write there
+    if ! (cd "$tmp" && apt-get download -q prometheus >/dev/null 2>&1); then
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        (cd "$tmp" && apt-get download -q prometheus) || die "apt-get download prometheus failed"
+    fi
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+    install -D -m 0755 "$tmp/root/usr/bin/promtool" "$REPO_ROOT/target/tools/promtool"
+    rm -rf "$tmp"
 fi
 
 # --------------------------------------------------------------- mosquitto --

@@ -2,6 +2,7 @@
 //! against the real Mosquitto and MariaDB (`common`: private brokers and databases, ports,
 //! waiting; `app`: the service under test; `ledger`: the chaos tests' record of what was sent).
 
+mod alerting;
 mod app;
 use mqtt_ingest_testkit as common;
 use mqtt_ingest_testkit::ledger;
