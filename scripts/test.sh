@@ -18,6 +18,18 @@ if [[ -f target/test-db.env ]]; then
     . target/test-db.env
     set +a
 fi
+# The tests' own account (made by setup.sh where root cannot log in over TCP) may create users
+# and holds every right on mi_* databases: it is dropped when the tests end, and made anew by the
+# next run.
+drop_test_account() {
+    [[ ${TEST_DB_USER:-} == mqtt_ingest_test ]] || return 0
+    local cli sudo=()
+    cli=$(command -v mariadb || command -v mysql) || return 0
+    [[ $(id -u) -ne 0 ]] && sudo=(sudo)
+    "${sudo[@]}" "$cli" -e "DROP USER IF EXISTS 'mqtt_ingest_test'@'localhost', 'mqtt_ingest_test'@'127.0.0.1'" &&
+        echo "test: the tests' database account mqtt_ingest_test dropped"
+}
+trap drop_test_account EXIT
 
 # cargo-nextest when it is installed (a process per test, the "ci" profile's timeouts); plain
 # cargo test otherwise: compiling nextest from source would take longer than the whole suite.

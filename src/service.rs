@@ -441,7 +441,7 @@ async fn prepare_database(
                 }
                 moved_at_once = 0;
                 let delay = unavailable_retry(None, &mut backoff);
-                error!(error = %e, retry_in_secs = delay.as_secs_f32(), "no node of DB_HOST is usable; retrying");
+                error!(error = %e, retry_in_secs = crate::ops::telemetry::secs(delay), "no node of DB_HOST is usable; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return Ok(false),
@@ -457,9 +457,9 @@ async fn prepare_database(
                 // The error once: sqlx's text already holds the server's message, which its
                 // source repeats.
                 if refused {
-                    error!(error = %e, retry_in_secs = delay.as_secs_f32(), "database refused the service; {hint}; retrying");
+                    error!(error = %e, retry_in_secs = crate::ops::telemetry::secs(delay), "database refused the service; {hint}; retrying");
                 } else {
-                    error!(error = %e, retry_in_secs = delay.as_secs_f32(), "database not reachable; {hint}; retrying");
+                    error!(error = %e, retry_in_secs = crate::ops::telemetry::secs(delay), "database not reachable; {hint}; retrying");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -540,7 +540,7 @@ fn render_stats(stats: &Stats, zone: &crate::intake::zone::Zone) -> String {
     if stats.warnings().codehubot_wording() {
         snap.render_codehubot(zone)
     } else {
-        snap.render()
+        snap.render(zone)
     }
 }
 

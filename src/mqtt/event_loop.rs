@@ -237,8 +237,8 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                         broker = %failed,
                         error = %e,
                         subscribed = up.is_some(),
-                        subscribed_secs = up.map(|d| d.as_secs_f32()),
-                        retry_in_secs = delay.as_secs_f32(),
+                        subscribed_secs = up.map(crate::ops::telemetry::secs),
+                        retry_in_secs = crate::ops::telemetry::secs(delay),
                         "the broker closed the connection soon after it was made; the wait before each retry grows until a connection lasts {}s",
                         STABLE_AFTER.as_secs()
                     );
@@ -247,7 +247,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                         broker = %failed,
                         error = %e,
                         next = %connection.broker(),
-                        retry_in_secs = delay.as_secs_f32(),
+                        retry_in_secs = crate::ops::telemetry::secs(delay),
                         "MQTT connection failed; retrying"
                     );
                 }

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Local, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::config::LogStyle;
 use crate::intake::rejection::Rejection;
@@ -296,7 +296,7 @@ impl Snapshot {
 
     /// The seed's statistics block (uptime, connection, total, succeeded, failed, rate, last
     /// message), plus the rejection reasons that occurred.
-    pub fn render(&self) -> String {
+    pub fn render(&self, zone: &Zone) -> String {
         let secs = self.uptime.as_secs();
         let uptime = format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
         let connection = match (self.connected, self.subscribed) {
@@ -307,12 +307,14 @@ impl Snapshot {
         let rate = self
             .success_rate()
             .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}%"));
+        // On the clock of the DATETIME columns (last_seen beside it), named.
         let last = self.last_message.map_or_else(
             || "-".to_owned(),
             |t| {
-                t.with_timezone(&Local)
-                    .format("%Y-%m-%d %H:%M:%S")
-                    .to_string()
+                format!(
+                    "{} ({zone}, as last_seen)",
+                    zone.naive(t).format("%Y-%m-%d %H:%M:%S")
+                )
             },
         );
         let rule = "=".repeat(70);
@@ -426,7 +428,7 @@ mod tests {
         let snap = s.snapshot();
         assert_eq!((snap.received, snap.succeeded, snap.failed), (4, 3, 1));
         assert_eq!(snap.success_rate(), Some(75.0));
-        let text = snap.render();
+        let text = snap.render(&Zone::default());
         for line in [
             "uptime:        0:00:00",
             "connection:    connected, subscribed",
@@ -445,7 +447,7 @@ mod tests {
     fn empty_stats_render_dashes() {
         let snap = Stats::default().snapshot();
         assert_eq!(snap.success_rate(), None);
-        let text = snap.render();
+        let text = snap.render(&Zone::default());
         assert!(text.contains("success rate:  -") && text.contains("last message:  -"));
         assert!(text.contains("DISCONNECTED"));
     }

@@ -71,7 +71,7 @@ pub async fn notify_ready_then_feed_watchdog(
         return;
     };
     info!(
-        watchdog_secs = limit.as_secs_f32(),
+        watchdog_secs = crate::ops::telemetry::secs(limit),
         "systemd watchdog on: fed while the event loop and the database checks make progress"
     );
     let patience = Patience::new(limit, keepalive, db_check_interval);

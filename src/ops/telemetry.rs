@@ -106,3 +106,23 @@ pub fn init(settings: &LogSettings) -> Result<Option<String>, String> {
     }
     Ok(note)
 }
+
+/// A duration in seconds as a person reads it in a log line: to a tenth (`29.7`, not
+/// `29.729949951171875`).
+pub fn secs(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod secs_tests {
+    use super::secs;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_are_logged_to_a_tenth() {
+        assert_eq!(secs(Duration::from_secs_f64(29.729949951171875)), 29.7);
+        assert_eq!(secs(Duration::from_millis(50)), 0.1);
+        assert_eq!(secs(Duration::ZERO), 0.0);
+        assert_eq!(format!("{}", secs(Duration::from_secs(2))), "2");
+    }
+}

@@ -218,7 +218,7 @@ async fn write_batch(store: &Store, batch: Vec<Held>, out: &Outcomes<'_>, retry_
                     error!(
                         error = %e,
                         messages = batch.len(),
-                        retry_in_secs = delay.as_secs_f32(),
+                        retry_in_secs = crate::ops::telemetry::secs(delay),
                         "database write failed; the messages wait, unacknowledged"
                     );
                     tokio::time::sleep(delay).await;

@@ -217,12 +217,17 @@ async fn a_wrong_db_password_names_the_settings_once() {
     assert!(line.contains("check DB_USER and DB_PASSWORD"), "{line}");
     assert_eq!(line.matches("Access denied").count(), 1, "{line}");
     assert!(!line.contains("surely-not-the-password"), "{line}");
-    let wait: f64 = line
+    let raw = line
         .split("retry_in_secs=")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no retry_in_secs in {line}"));
+    // As a person reads it: to a tenth of a second.
+    assert!(
+        raw.split('.').nth(1).is_none_or(|d| d.len() <= 1),
+        "{raw} in {line}"
+    );
+    let wait: f64 = raw.parse().unwrap();
     assert!(
         wait >= 24.0,
         "the first retry already waits the longest (with jitter): {wait}"
