@@ -379,7 +379,7 @@ async fn store_options(
         Some(name) => match sensors::discover(pool, name).await {
             Ok(Discovery::Found(table)) => {
                 info!(table = %name, "every reading also updates its row in the per-sensor table");
-                Some(table)
+                Some(table.with_renames(settings.ingest.sensor_table_renames.clone()))
             }
             Ok(Discovery::Absent) => {
                 info!(table = %name, "no per-sensor table in this database: readings go to device_main only");

@@ -16,7 +16,7 @@ use clap::{ArgAction, Args, Command, FromArgMatches};
 
 use super::hosts::HostList;
 use super::{DbSslMode, LogFormat, LogStyle, MqttProtocol, Secret};
-use crate::intake::payload::{Renames, SensorRanges, parse_sensor_ranges};
+use crate::intake::payload::{RenameScope, Renames, SensorRanges, parse_sensor_ranges};
 use crate::intake::topic::TopicLayout;
 use crate::intake::zone::Zone;
 
@@ -319,6 +319,10 @@ pub struct IngestArgs {
     /// gives CodeHubot's current names for the rain board; empty: none
     #[arg(long, env = "SENSOR_RENAMES", default_value = Renames::CODEHUBOT, value_parser = renames)]
     pub sensor_renames: Renames,
+    /// Where SENSOR_RENAMES apply: `device_sensors` (the backend's per-sensor table; `last_report_data`
+    /// and history keep the firmware's names) or `everywhere`
+    #[arg(long, env = "SENSOR_RENAMES_IN", default_value = "device_sensors", value_parser = RenameScope::parse)]
+    pub sensor_renames_in: RenameScope,
     /// The backend's one-row-per-sensor table, written in the same transaction when it exists
     /// (found at start-up); empty: off
     #[arg(long, env = "DEVICE_SENSORS_TABLE", default_value = "device_sensors", value_parser = table_name)]

@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::intake::payload::Rules;
+use crate::intake::payload::{RenameScope, Renames, Rules};
 use crate::intake::timestamp::TimeRules;
 use crate::intake::topic::TopicLayout;
 
@@ -199,6 +199,9 @@ pub struct IngestSettings {
     pub register_unknown_devices: bool,
     /// `MQTT_MAX_PAYLOAD_BYTES` and `INGEST_SENSOR_RANGES`.
     pub rules: Rules,
+    /// `SENSOR_RENAMES` applied when `device_sensors` is written (`SENSOR_RENAMES_IN`
+    /// `device_sensors`, the default); empty when they apply on the way in.
+    pub sensor_table_renames: Renames,
     /// `SHUTDOWN_TIMEOUT_SECS`: how long a stop may take to commit and acknowledge.
     pub shutdown_timeout: Duration,
 }
@@ -483,7 +486,14 @@ impl Settings {
                     zone: db.zone.clone(),
                     max_clock_skew: secs(i.ingest_max_clock_skew_secs),
                 },
-                renames: i.sensor_renames,
+                renames: match i.sensor_renames_in {
+                    RenameScope::Everywhere => i.sensor_renames.clone(),
+                    RenameScope::DeviceSensors => Renames::default(),
+                },
+            },
+            sensor_table_renames: match i.sensor_renames_in {
+                RenameScope::Everywhere => Renames::default(),
+                RenameScope::DeviceSensors => i.sensor_renames,
             },
             shutdown_timeout: secs(i.shutdown_timeout_secs),
         };
@@ -927,10 +937,19 @@ mod tests {
         assert_eq!(s.db.zone.to_string(), "Asia/Shanghai");
         assert_eq!(s.ingest.rules.time.zone, s.db.zone);
         assert_eq!(s.ingest.rules.time.max_clock_skew, Duration::from_secs(300));
-        assert_eq!(s.ingest.rules.renames, Renames::codehubot());
+        // The renames apply to device_sensors only: the firmware's names reach last_report_data.
+        assert_eq!(s.ingest.rules.renames, Renames::default());
+        assert_eq!(s.ingest.sensor_table_renames, Renames::codehubot());
         assert_eq!(
             s.keep.device_sensors_table.as_deref(),
             Some("device_sensors")
+        );
+        let everywhere = settings(&[("SENSOR_RENAMES_IN", "everywhere")]).unwrap();
+        assert_eq!(everywhere.ingest.rules.renames, Renames::codehubot());
+        assert_eq!(everywhere.ingest.sensor_table_renames, Renames::default());
+        assert_eq!(
+            settings(&[("SENSOR_RENAMES_IN", "both")]).unwrap_err().var,
+            "SENSOR_RENAMES_IN"
         );
         assert_eq!(s.log.style, LogStyle::Default);
         let s = settings(&[
@@ -945,6 +964,7 @@ mod tests {
         assert_eq!(s.ingest.rules.time.zone, Zone::utc());
         assert!(s.ingest.rules.time.max_clock_skew.is_zero());
         assert_eq!(s.ingest.rules.renames, Renames::default());
+        assert_eq!(s.ingest.sensor_table_renames, Renames::default());
         assert_eq!(s.keep.device_sensors_table, None);
         assert_eq!(s.log.style, LogStyle::Codehubot);
         for (var, value) in [

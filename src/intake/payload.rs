@@ -40,7 +40,8 @@ pub struct Rules {
     pub sensor_ranges: HashMap<String, RangeInclusive<f64>>,
     /// How device timestamps are read.
     pub time: TimeRules,
-    /// Sensor names changed on the way in.
+    /// Sensor names changed on the way in (`SENSOR_RENAMES` with `SENSOR_RENAMES_IN=everywhere`;
+    /// by default the renames apply to `device_sensors` only, at the write).
     pub renames: Renames,
 }
 
@@ -50,7 +51,8 @@ impl Default for Rules {
             max_payload_bytes: 256 * 1024,
             sensor_ranges: HashMap::new(),
             time: TimeRules::default(),
-            renames: Renames::codehubot(),
+            // The firmware's own names reach last_report_data (SENSOR_RENAMES_IN).
+            renames: Renames::default(),
         }
     }
 }
@@ -109,8 +111,13 @@ impl Renames {
         Ok(Self(all))
     }
 
+    /// Whether there is no rename.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The name a reading called `name`, of a sensor of type `sensor_type`, is stored as.
-    fn apply(&self, sensor_type: &str, name: String) -> String {
+    pub fn apply(&self, sensor_type: &str, name: String) -> String {
         self.0
             .iter()
             .find(|r| {
@@ -120,6 +127,32 @@ impl Renames {
                         .is_none_or(|t| t.eq_ignore_ascii_case(sensor_type))
             })
             .map_or(name, |r| r.to.clone())
+    }
+}
+
+/// Where `SENSOR_RENAMES` apply (`SENSOR_RENAMES_IN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RenameScope {
+    /// In `device_sensors` only, the table CodeHubot's current backend reads by those names;
+    /// `last_report_data` and history keep the firmware's names (`is_raining`, `level`), which
+    /// the Python service of the seed's version stored there and the frontend's product
+    /// definitions read.
+    #[default]
+    DeviceSensors,
+    /// Everywhere: the readings are renamed on the way in.
+    Everywhere,
+}
+
+impl RenameScope {
+    /// Parses `device_sensors` or `everywhere`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        match raw.trim() {
+            "device_sensors" => Ok(Self::DeviceSensors),
+            "everywhere" => Ok(Self::Everywhere),
+            other => Err(format!(
+                "must be device_sensors or everywhere, got {other:?}"
+            )),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use sqlx::{MySql, MySqlPool, Transaction};
 
 use crate::intake::merge::is_older;
 use crate::intake::model::{Change, Update};
+use crate::intake::payload::Renames;
 use crate::intake::zone::Zone;
 use crate::store::sql::{StoreError, fit_chars, placeholders, shaped_chunks};
 
@@ -36,6 +37,15 @@ pub struct SensorTable {
     value_chars: usize,
     unit_chars: usize,
     type_chars: usize,
+    /// `SENSOR_RENAMES` as they apply to this table (`SENSOR_RENAMES_IN=device_sensors`).
+    pub renames: Renames,
+}
+
+impl SensorTable {
+    /// The table, its rows written under `renames`' names.
+    pub fn with_renames(self, renames: Renames) -> Self {
+        Self { renames, ..self }
+    }
 }
 
 /// What start-up found.
@@ -116,6 +126,7 @@ pub async fn discover(pool: &MySqlPool, name: &str) -> Result<Discovery, sqlx::E
         value_chars: chars("sensor_value"),
         unit_chars: chars("sensor_unit"),
         type_chars: chars("sensor_type"),
+        renames: Renames::default(),
     }))
 }
 
@@ -145,7 +156,7 @@ pub fn rows_of<'a>(
     table: &SensorTable,
     zone: &Zone,
 ) -> Vec<SensorRow> {
-    let mut latest: HashMap<(&str, &str), &crate::intake::model::SensorReading> = HashMap::new();
+    let mut latest: HashMap<(&str, String), &crate::intake::model::SensorReading> = HashMap::new();
     for update in updates {
         let Change::Data(report) = &update.change else {
             continue;
@@ -155,11 +166,13 @@ pub fn rows_of<'a>(
             continue;
         }
         for (name, reading) in &report.sensors {
+            // The backend's names for this table (the firmware's stay in last_report_data).
+            let name = table.renames.apply(reading.sensor_type(), name.clone());
             if name.chars().count() > table.name_chars {
                 continue;
             }
             latest
-                .entry((device, name.as_str()))
+                .entry((device, name))
                 .and_modify(|held| {
                     if !is_older(&reading.timestamp, &held.timestamp) {
                         *held = reading;
@@ -175,7 +188,7 @@ pub fn rows_of<'a>(
             let time = DateTime::parse_from_rfc3339(&r.timestamp).ok()?;
             Some(SensorRow {
                 device: device.to_owned(),
-                sensor: sensor.to_owned(),
+                sensor,
                 value: fit_chars(&r.value.to_db_text(), table.value_chars).to_owned(),
                 unit: fit_chars(&r.unit, table.unit_chars).to_owned(),
                 sensor_type: fit_chars(r.sensor_type(), table.type_chars).to_owned(),
@@ -251,6 +264,7 @@ mod tests {
             value_chars: 255,
             unit_chars: 20,
             type_chars: 5,
+            renames: Renames::default(),
         }
     }
 
@@ -273,6 +287,42 @@ mod tests {
             reading_time: None,
             change: Change::Data(report),
         }
+    }
+
+    #[test]
+    fn renames_give_the_tables_names_only_here() {
+        let update = data(
+            "rainy",
+            "2026-11-22T10:00:00Z",
+            &[
+                (
+                    "is_raining",
+                    SensorValue::Bool(true),
+                    "2026-11-22T10:00:00Z",
+                ),
+                (
+                    "level",
+                    SensorValue::Number(Number::from(0)),
+                    "2026-11-22T10:00:00Z",
+                ),
+            ],
+        );
+        let plain = rows_of([&update], &table(), &Zone::default());
+        assert_eq!(
+            plain.iter().map(|r| r.sensor.as_str()).collect::<Vec<_>>(),
+            ["is_raining", "level"]
+        );
+        let renamed = table().with_renames(Renames::codehubot());
+        let rows = rows_of([&update], &renamed, &Zone::default());
+        assert_eq!(
+            rows.iter().map(|r| r.sensor.as_str()).collect::<Vec<_>>(),
+            ["rain", "rain_level"]
+        );
+        // The update itself keeps the firmware's names (device_main's last_report_data).
+        let Change::Data(report) = &update.change else {
+            panic!()
+        };
+        assert!(report.sensors.contains_key("is_raining"));
     }
 
     #[test]

@@ -311,15 +311,18 @@ async fn the_firmwares_messages_on_the_current_schema() {
         json!(55.0)
     );
 
+    // last_report_data keeps the firmware's names (what the seed's Python service stored there
+    // and the frontend's product definitions read); device_sensors gets the backend's.
     let rain = device(&pool, rain_uuid).await.unwrap().unwrap();
     assert_eq!(
-        rain.data.as_ref().unwrap()["sensors"]["rain"]["value"],
+        rain.data.as_ref().unwrap()["sensors"]["is_raining"]["value"],
         json!(true)
     );
     assert_eq!(
-        rain.data.as_ref().unwrap()["sensors"]["rain_level"]["value"],
+        rain.data.as_ref().unwrap()["sensors"]["level"]["value"],
         json!(0)
     );
+    assert!(rain.data.as_ref().unwrap()["sensors"].get("rain").is_none());
     assert_eq!(
         sensor_values(&pool, rain_uuid).await,
         triples(&[
