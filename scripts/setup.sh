@@ -173,6 +173,8 @@ fi
 if [[ $FOR_TESTS == true ]]; then
     [[ -e /usr/lib/galera/libgalera_smm.so || -e /usr/lib/libgalera_smm.so ]] || packages+=(galera-4)
     have rsync || packages+=(rsync)
+    # The status page's test renders it in a real headless browser (tests/it/status_page.rs).
+    have chromium || [[ -x /usr/bin/chromium ]] || packages+=(chromium)
 fi
 # promtool checks the alert rules (tests/it/alerting.rs); it is taken out of Debian's prometheus
 # package below, so that no Prometheus server is installed or started for the tests.

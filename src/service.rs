@@ -18,6 +18,7 @@ use crate::mqtt;
 use crate::ops::health::Health;
 use crate::ops::http;
 use crate::ops::stats::Stats;
+use crate::ops::status::RejectsShown;
 use crate::ops::systemd;
 use crate::store::sensors::{self, Discovery};
 use crate::store::sql::unavailable_retry;
@@ -100,6 +101,21 @@ impl Service {
         // Tasks that run beside the pipeline and end with it (aborted when the set is dropped).
         let mut background = JoinSet::new();
         if let Some(listener) = http {
+            // The kept rejects are device input: on the status page only on a local listener,
+            // or where the operator asks for them.
+            let local = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+            health.set_rejects_shown(
+                match (
+                    settings.keep.rejects,
+                    local || settings.ops.status_show_rejects,
+                ) {
+                    (false, _) => RejectsShown::NotKept,
+                    (true, false) => RejectsShown::Hidden,
+                    (true, true) => RejectsShown::Shown,
+                },
+            );
+            health.sample_trend();
+            background.spawn(health.clone().sample_trend_every(shutdown.clone()));
             background.spawn(http::serve(listener, health.clone(), shutdown.clone()));
         }
         let nodes = store::nodes(db);

@@ -393,9 +393,14 @@ pub struct OpsArgs {
     /// JSON-error lines in the Python service's words (`📊 MQTT服务统计信息`, `⚠️ 设备不存在: …`)
     #[arg(long, env = "LOG_STYLE", default_value = "default", value_parser = log_style)]
     pub log_style: LogStyle,
-    /// Address of the `/metrics`, `/healthz`, `/readyz` listener (IP and port); empty turns it off
+    /// Address of the status page (`/`, `/status.json`) and `/metrics`, `/healthz`, `/readyz`
+    /// (IP and port); empty turns it off
     #[arg(long, env = "HTTP_LISTEN", default_value = "127.0.0.1:9464", value_parser = http_listen)]
     pub http_listen: Off<SocketAddr>,
+    /// Show the latest kept rejects (device input) on the status page even when HTTP_LISTEN is
+    /// not a loopback address (on 127.0.0.1 / ::1 they are shown when REJECTS_ENABLED)
+    #[arg(long, env = "STATUS_SHOW_REJECTS", default_value_t = false, value_parser = switch, action = ArgAction::Set)]
+    pub status_show_rejects: bool,
     /// How often the database is checked (and devices online counted) for `/readyz` and `/metrics`
     #[arg(long, env = "HEALTH_DB_CHECK_SECS", default_value_t = 5, value_parser = whole(1u64, 3600))]
     pub health_db_check_secs: u64,

@@ -288,6 +288,8 @@ pub struct OpsSettings {
     /// `HTTP_LISTEN`: address of the `/metrics`, `/healthz`, `/readyz` listener; `None` (empty)
     /// turns it off.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// `STATUS_SHOW_REJECTS`: the status page shows kept rejects on any listener address.
+    pub status_show_rejects: bool,
     /// `HEALTH_DB_CHECK_SECS`: how often the database is checked (and devices online counted)
     /// for readiness, metrics and the watchdog.
     pub db_check_interval: Duration,
@@ -522,6 +524,7 @@ impl Settings {
         };
         let ops = OpsSettings {
             http_listen: o.http_listen.0,
+            status_show_rejects: o.status_show_rejects,
             db_check_interval: secs(o.health_db_check_secs),
         };
         Ok(Settings {

@@ -167,6 +167,7 @@ pub async fn run_event_loop(parts: EventLoopParts) -> Result<(), Fatal> {
                 outbox.acks.new_connection();
                 outbox.in_flight.reset();
                 stats.connected(first_connection);
+                stats.connection_to(&connection.broker().to_string(), connack.session_present);
                 outbox.connected = true;
                 subscribed_at = None;
                 info!(

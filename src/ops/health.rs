@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::ops::metrics::Gauges;
 use crate::ops::stats::Stats;
+use crate::ops::status::{self, RejectsShown, Sample, TREND_EVERY_SECS, Trend};
 use crate::writer::QueueDepth;
 
 /// The longest a database check may take before it counts as failed.
@@ -28,6 +29,12 @@ pub struct Health {
     queues: OnceLock<QueueDepth>,
     nodes: OnceLock<Arc<Nodes>>,
     stopping: AtomicBool,
+    /// The counters over the last hour, for the status page.
+    trend: Mutex<Trend>,
+    /// Whether the status page shows the kept rejects.
+    rejects_shown: OnceLock<RejectsShown>,
+    /// The latest kept rejects as last read (shown while the database is down).
+    latest_rejects: Mutex<Vec<crate::store::rejects::StoredReject>>,
 }
 
 /// The outcome of the latest database check.
@@ -52,6 +59,9 @@ impl Health {
             queues: OnceLock::new(),
             nodes: OnceLock::new(),
             stopping: AtomicBool::new(false),
+            trend: Mutex::new(Trend::default()),
+            rejects_shown: OnceLock::new(),
+            latest_rejects: Mutex::new(Vec::new()),
         }
     }
 
@@ -68,6 +78,72 @@ impl Health {
     /// Makes the writers' queues measurable (once they exist).
     pub fn set_queues(&self, queues: QueueDepth) {
         let _ = self.queues.set(queues);
+    }
+
+    /// Whether the status page shows the kept rejects (set once at start-up).
+    pub fn set_rejects_shown(&self, shown: RejectsShown) {
+        let _ = self.rejects_shown.set(shown);
+    }
+
+    /// Samples the counters for the status page's trend.
+    pub fn sample_trend(&self) {
+        let s = self.stats.snapshot();
+        self.trend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Sample {
+                at: chrono::Utc::now(),
+                received: s.received,
+                written: s.succeeded,
+                rejected: s.failed,
+            });
+    }
+
+    /// Samples the trend every [`TREND_EVERY_SECS`] until `shutdown`.
+    pub async fn sample_trend_every(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut ticks = tokio::time::interval(Duration::from_secs(TREND_EVERY_SECS));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => self.sample_trend(),
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// The status page's data ([`status::data`]): the counters and gauges of `/metrics`, the
+    /// trend, and the latest kept rejects where they are shown.
+    pub async fn status(&self) -> serde_json::Value {
+        let shown = self
+            .rejects_shown
+            .get()
+            .copied()
+            .unwrap_or(RejectsShown::NotKept);
+        if shown == RejectsShown::Shown
+            && let Some(nodes) = self.nodes.get()
+        {
+            // Bounded: the page answers while the database is down, with what was read last.
+            let query = crate::store::rejects::latest(nodes.pool(), None, None, 10);
+            if let Ok(Ok(latest)) = tokio::time::timeout(Duration::from_secs(1), query).await {
+                *self
+                    .latest_rejects
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = latest;
+            }
+        }
+        let rejects = self
+            .latest_rejects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let trend = self.trend.lock().unwrap_or_else(|e| e.into_inner());
+        status::data(
+            &self.stats.snapshot(),
+            &self.gauges(),
+            &trend,
+            shown,
+            &rejects,
+        )
     }
 
     /// Makes the database nodes in use visible.

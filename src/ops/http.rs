@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::ops::health::Health;
-use crate::ops::metrics;
+use crate::ops::{metrics, status};
 
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,7 +42,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Serves requests until `shutdown` fires.
 pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
-        info!(address = %addr, "HTTP listener: /metrics /healthz /readyz");
+        info!(address = %addr, "HTTP listener: / (status page) /status.json /metrics /healthz /readyz");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -69,8 +69,31 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, shutdown: Cancell
         let health = health.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let answer = route(req.method(), req.uri().path(), &health);
-                async move { Ok::<_, Infallible>(answer.into_response()) }
+                let health = health.clone();
+                let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                async move {
+                    let answer = match (&method, path.as_str()) {
+                        // The status page reads the kept rejects: the only asynchronous answer.
+                        (&Method::GET | &Method::HEAD, "/" | "/status.json") => {
+                            let data = health.status().await;
+                            if path == "/" {
+                                Answer {
+                                    status: StatusCode::OK,
+                                    content_type: "text/html; charset=utf-8",
+                                    body: status::page(&data),
+                                }
+                            } else {
+                                Answer {
+                                    status: StatusCode::OK,
+                                    content_type: "application/json",
+                                    body: data.to_string(),
+                                }
+                            }
+                        }
+                        _ => route(&method, &path, &health),
+                    };
+                    Ok::<_, Infallible>(answer.into_response())
+                }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -146,7 +169,7 @@ fn route(method: &Method, path: &str, health: &Health) -> Answer {
         },
         _ => Answer::text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /healthz, /readyz\n",
+            "not found; try /, /status.json, /metrics, /healthz, /readyz\n",
         ),
     }
 }

@@ -62,13 +62,15 @@ enum Value<'a> {
     Gauge(i64),
     /// A gauge in seconds.
     Seconds(f64),
+    /// An information gauge: 1, with one label saying what.
+    Info(&'static str, &'a str),
     /// Left out: not known yet (before the writers exist, before the first database check).
     Unknown,
 }
 
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        use Value::{ByReason, Counter, Gauge, Seconds, Unknown};
+        use Value::{ByReason, Counter, Gauge, Info, Seconds, Unknown};
         let (s, g) = (&self.snap, &self.gauges);
         let flag = |b: bool| Gauge(i64::from(b));
         let known = |v: Option<i64>| v.map_or(Unknown, Gauge);
@@ -83,7 +85,10 @@ impl Collector for Scrape {
         .encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?
         .encode_gauge(&1u64)?;
         // In the order they are shown; the flush histogram goes after rows_written.
-        let families: [(&str, &str, Value<'_>); 19] = [
+        let unix = |t: Option<chrono::DateTime<chrono::Utc>>| {
+            t.map_or(Unknown, |t| Seconds(t.timestamp_millis() as f64 / 1000.0))
+        };
+        let families: [(&str, &str, Value<'_>); 24] = [
             (
                 "uptime_seconds",
                 "Seconds since the service started.",
@@ -145,6 +150,25 @@ impl Collector for Scrape {
                 flag(s.subscribed),
             ),
             (
+                "mqtt_connected_since_seconds",
+                "When the current connection to the broker was made (Unix time); absent while disconnected.",
+                unix(s.connected_since),
+            ),
+            (
+                "mqtt_session_present",
+                "1 when the broker kept the persistent session at the current connection (its CONNACK's session_present).",
+                flag(s.session_present),
+            ),
+            (
+                "mqtt_broker",
+                "The broker of the current (or last) connection, in its label.",
+                if s.broker.is_empty() {
+                    Unknown
+                } else {
+                    Info("broker", s.broker.as_str())
+                },
+            ),
+            (
                 "mqtt_reconnects",
                 "Connections to the broker after the first.",
                 Counter(s.reconnects),
@@ -171,6 +195,19 @@ impl Collector for Scrape {
                     Some((_, moves)) => Counter(*moves),
                     None => Unknown,
                 },
+            ),
+            (
+                "db_node",
+                "The database node in use (host:port of DB_HOST), in its label.",
+                match &g.db_node {
+                    Some((node, _)) => Info("node", node.as_str()),
+                    None => Unknown,
+                },
+            ),
+            (
+                "last_commit_timestamp_seconds",
+                "When a batch last committed (Unix time); absent before the first.",
+                unix(s.last_commit),
             ),
             (
                 "db_up",
@@ -202,6 +239,10 @@ impl Collector for Scrape {
                 Seconds(v) => e
                     .encode_descriptor(name, help, None, MetricType::Gauge)?
                     .encode_gauge(&v)?,
+                Info(label, value) => e
+                    .encode_descriptor(name, help, None, MetricType::Gauge)?
+                    .encode_family(&[(label, value)])?
+                    .encode_gauge(&1i64)?,
                 Unknown => {}
             }
             if name == "rows_written" {
@@ -324,8 +365,13 @@ mod tests {
 
     #[test]
     fn the_family_names_are_the_ones_dashboards_use() {
+        // Every family shown: connected, a commit made.
+        let stats = Stats::default();
+        stats.connected(true);
+        stats.connection_to("broker:1883", true);
+        stats.batch_committed(1);
         let text = render(
-            &Stats::default().snapshot(),
+            &stats.snapshot(),
             &Gauges {
                 queue: Some((0, 1)),
                 db_up: false,
@@ -354,11 +400,16 @@ mod tests {
                 "queue_capacity gauge",
                 "mqtt_connected gauge",
                 "mqtt_subscribed gauge",
+                "mqtt_connected_since_seconds gauge",
+                "mqtt_session_present gauge",
+                "mqtt_broker gauge",
                 "mqtt_reconnects_total counter",
                 "mqtt_sessions_lost_total counter",
                 "db_errors_total counter",
                 "db_conflicts_total counter",
                 "db_node_moves_total counter",
+                "db_node gauge",
+                "last_commit_timestamp_seconds gauge",
                 "db_up gauge",
                 "devices_online gauge",
             ]

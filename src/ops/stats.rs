@@ -38,6 +38,14 @@ pub struct Stats {
     sessions_lost: AtomicU64,
     /// Milliseconds since the Unix epoch of the last message, 0 before the first.
     last_message_ms: AtomicI64,
+    /// Milliseconds since the Unix epoch of the last commit, 0 before the first.
+    last_commit_ms: AtomicI64,
+    /// Since when the current connection is up (ms since the epoch), 0 while disconnected.
+    connected_since_ms: AtomicI64,
+    /// Whether the current connection's CONNACK said the session was kept.
+    session_present: AtomicBool,
+    /// The broker of the current (or last) connection, `host:port`.
+    broker: std::sync::Mutex<String>,
     connected: AtomicBool,
     subscribed: AtomicBool,
     warnings: Warnings,
@@ -78,6 +86,10 @@ impl Stats {
             reconnects: AtomicU64::new(0),
             sessions_lost: AtomicU64::new(0),
             last_message_ms: AtomicI64::new(0),
+            last_commit_ms: AtomicI64::new(0),
+            connected_since_ms: AtomicI64::new(0),
+            session_present: AtomicBool::new(false),
+            broker: std::sync::Mutex::new(String::new()),
             connected: AtomicBool::new(false),
             subscribed: AtomicBool::new(false),
             warnings: Warnings::new(warn_interval, style),
@@ -133,6 +145,14 @@ pub struct Snapshot {
     pub sessions_lost: u64,
     /// When the last message arrived.
     pub last_message: Option<DateTime<Utc>>,
+    /// When the last batch committed.
+    pub last_commit: Option<DateTime<Utc>>,
+    /// Since when the current connection is up.
+    pub connected_since: Option<DateTime<Utc>>,
+    /// Whether the current connection's broker kept the session.
+    pub session_present: bool,
+    /// The broker of the current (or last) connection.
+    pub broker: String,
     /// Flushes that took at most each of [`FLUSH_BUCKETS`] (cumulative, as Prometheus counts).
     pub flush_buckets: Vec<u64>,
     /// Every timed flush.
@@ -164,6 +184,8 @@ impl Stats {
     pub fn batch_committed(&self, rows: u64) {
         self.batches.fetch_add(1, Relaxed);
         self.rows_written.fetch_add(rows, Relaxed);
+        self.last_commit_ms
+            .store(Utc::now().timestamp_millis(), Relaxed);
     }
 
     /// A batch took `took` to write and commit.
@@ -214,9 +236,19 @@ impl Stats {
     /// The broker accepted a connection; `first` is false for every reconnection.
     pub fn connected(&self, first: bool) {
         self.connected.store(true, Relaxed);
+        self.connected_since_ms
+            .store(Utc::now().timestamp_millis(), Relaxed);
         if !first {
             self.reconnects.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Which broker the connection is to, and whether it kept the session.
+    pub fn connection_to(&self, broker: &str, session_present: bool) {
+        self.session_present.store(session_present, Relaxed);
+        let mut b = self.broker.lock().unwrap_or_else(|e| e.into_inner());
+        b.clear();
+        b.push_str(broker);
     }
 
     /// A reconnection found the persistent session gone (`session_present=false`).
@@ -228,6 +260,7 @@ impl Stats {
     pub fn disconnected(&self) {
         self.connected.store(false, Relaxed);
         self.subscribed.store(false, Relaxed);
+        self.connected_since_ms.store(0, Relaxed);
     }
 
     /// The broker acknowledged the subscriptions.
@@ -280,11 +313,26 @@ impl Stats {
             last_message: (ms != 0)
                 .then(|| DateTime::from_timestamp_millis(ms))
                 .flatten(),
+            last_commit: millis(self.last_commit_ms.load(Relaxed)),
+            connected_since: millis(self.connected_since_ms.load(Relaxed)),
+            session_present: self.session_present.load(Relaxed),
+            broker: self
+                .broker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             flush_buckets,
             flush_count,
             flush_sum: Duration::from_micros(self.flush_micros.load(Relaxed)),
         }
     }
+}
+
+/// A time in milliseconds since the epoch; 0 is none.
+fn millis(ms: i64) -> Option<DateTime<Utc>> {
+    (ms != 0)
+        .then(|| DateTime::from_timestamp_millis(ms))
+        .flatten()
 }
 
 impl Snapshot {

@@ -23,6 +23,7 @@ mod ops;
 mod payload_fuzz;
 mod scale;
 mod soak;
+mod status_page;
 mod strict;
 mod systemd;
 mod tls;
