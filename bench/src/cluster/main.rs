@@ -661,7 +661,7 @@ async fn scenario(
         "history_duplicates": result.history_duplicates,
         "failover_secs": failover,
         "writes_resumed_secs": resumed,
-        "publisher_reconnects": ledger.reconnects,
+        "publisher_reconnects": ledger.connects.saturating_sub(topo.brokers.len() as u64),
         "cpu_share": {
             "brokers": cpu_since(&broker_cpu0, &cpu_of(&topo.pids("rmqtt"))) / elapsed,
             "databases": cpu_since(&db_cpu0, &cpu_of(&topo.pids("galera"))) / elapsed,

@@ -15,6 +15,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use mqtt_ingest_testkit::ledger::Ledger;
+
 /// How the devices report.
 #[derive(Clone, Copy, Debug)]
 pub enum Pace {
@@ -30,7 +32,8 @@ pub struct Counts {
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub data_acked: AtomicU64,
-    pub reconnects: AtomicU64,
+    /// Connections made, the first included.
+    pub connects: AtomicU64,
 }
 
 /// The publishers of one scenario.
@@ -40,25 +43,6 @@ pub struct Devices {
     stop: CancellationToken,
     done: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
-}
-
-/// What was acknowledged: every (device, seq) of a data message the broker took.
-pub struct Ledger {
-    pub acked: Vec<(usize, u64)>,
-    pub sent: u64,
-    pub reconnects: u64,
-}
-
-impl Ledger {
-    /// The last acknowledged seq of each device.
-    pub fn last(&self) -> HashMap<usize, u64> {
-        let mut m = HashMap::new();
-        for &(d, s) in &self.acked {
-            let e = m.entry(d).or_insert(s);
-            *e = (*e).max(s);
-        }
-        m
-    }
 }
 
 impl Devices {
@@ -111,7 +95,7 @@ impl Devices {
         Ledger {
             acked: std::mem::take(&mut *self.acked.lock().unwrap()),
             sent: self.counts.sent.load(Relaxed),
-            reconnects: self.counts.reconnects.load(Relaxed),
+            connects: self.counts.connects.load(Relaxed),
         }
     }
 }
@@ -225,7 +209,10 @@ async fn publish(
             }
             tokio::select! {
                 event = eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connected = true;
+                        counts.connects.fetch_add(1, Relaxed);
+                    }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(m) = queued.pop_front() {
                             in_flight.insert(pkid, m);
@@ -310,7 +297,6 @@ async fn publish(
         }
         // The node is gone or dropped us: what was in flight is not acknowledged; on to the
         // next node.
-        counts.reconnects.fetch_add(1, Relaxed);
         node += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
