@@ -344,12 +344,22 @@ fn service_env(v: &str) -> anyhow::Result<(String, String)> {
     if OWN_VARS.contains(&k) {
         bail!("{k} is set by the benchmark itself");
     }
+    // The HTTP listener (status page, metrics) only on loopback: the benchmark stays on this
+    // machine.
+    let loopback_listener = k == "HTTP_LISTEN"
+        && val
+            .trim()
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
     let allowed = k.starts_with("INGEST_")
         || k.starts_with("DB_POOL_")
         || k.starts_with("REJECTS_")
-        || k == "LOG_LEVEL";
+        || k == "LOG_LEVEL"
+        || loopback_listener;
     if !allowed {
-        bail!("only INGEST_*, DB_POOL_*, REJECTS_* and LOG_LEVEL may be passed, got {k}");
+        bail!(
+            "only INGEST_*, DB_POOL_*, REJECTS_*, LOG_LEVEL and HTTP_LISTEN on 127.0.0.1 may be passed, got {k}"
+        );
     }
     Ok((k.to_owned(), val.to_owned()))
 }
