@@ -1,5 +1,5 @@
 //! The benchmark's own Mosquitto (the test kit's, on a free 127.0.0.1 port), session clean-up, and the
-//! do-nothing `mosquitto_sub` subscriber that measures the broker's own limit.
+//! subscribers that measure the broker's own limit: a do-nothing rumqttc one, and `mosquitto_sub`.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -47,6 +47,11 @@ impl Broker {
     /// Its loopback port.
     pub fn port(&self) -> u16 {
         self.server.port()
+    }
+
+    /// CPU seconds the broker has used so far.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        self.server.pid().and_then(mqtt_ingest_testkit::cpu_seconds)
     }
 
     /// Remembers a client id whose persistent session must be removed after the scenario.
@@ -178,6 +183,82 @@ impl Sub<'_> {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        Ok(took)
+    }
+}
+
+/// A subscriber that does nothing but take messages: rumqttc at QoS 1 with a persistent
+/// session, a PUBACK for each (rumqttc's own), nothing parsed beyond the packet, nothing
+/// printed. What the broker can deliver on one connection: the drains' yardstick.
+pub struct NullSub<'a> {
+    pub port: u16,
+    pub client_id: &'a str,
+    pub filter: &'a str,
+}
+
+impl NullSub<'_> {
+    fn client(&self) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+        let mut o = rumqttc::MqttOptions::new(self.client_id, "127.0.0.1", self.port);
+        o.set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        rumqttc::AsyncClient::new(o, 100)
+    }
+
+    /// Connects, subscribes, and disconnects: creates the persistent session.
+    pub async fn create_session(&self) -> anyhow::Result<()> {
+        let (client, mut events) = self.client();
+        client
+            .subscribe(self.filter, rumqttc::QoS::AtLeastOnce)
+            .await?;
+        let subscribe = async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) = events.poll().await? {
+                    return anyhow::Ok(());
+                }
+            }
+        };
+        tokio::time::timeout(SESSION_TIMEOUT, subscribe)
+            .await
+            .context("no SUBACK within 10 s")??;
+        client.disconnect().await?;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while !matches!(
+                events.poll().await,
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+            ) {}
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Takes `count` messages from the session; the time from connecting to the last.
+    pub async fn consume(&self, count: u64, limit: Duration) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let (client, mut events) = self.client();
+        let mut received = 0u64;
+        let take = async {
+            while received < count {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(_)) = events.poll().await?
+                {
+                    received += 1;
+                }
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(limit, take).await.with_context(|| {
+            format!("the subscriber did not receive {count} messages within {limit:?}")
+        })??;
+        let took = started.elapsed();
+        // The last PUBACKs go out with the disconnect.
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while !matches!(
+                events.poll().await,
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+            ) {}
+        })
+        .await;
         Ok(took)
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::args::{Options, Scenario, Size};
-use crate::broker::{Broker, Sub};
+use crate::broker::{Broker, NullSub, Sub};
 use crate::db::BenchDb;
 use crate::progress::Progress;
 use crate::publisher;
@@ -170,6 +170,7 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
     ctx.progress
         .phase(format!("{name}: the service drains the backlog"), m);
     let started = Instant::now();
+    let broker_cpu0 = ctx.broker.cpu_seconds();
     let mut svc = ctx.spawn_service(s)?;
     let deadline = started + ctx.opts.timeout;
     let mut tick = tokio::time::interval(ctx.opts.poll);
@@ -216,6 +217,9 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
         }
     };
     let cpu = mqtt_ingest_testkit::cpu_seconds(svc.pid());
+    let broker_cpu = broker_cpu0
+        .zip(ctx.broker.cpu_seconds())
+        .map(|(a, b)| b - a);
     ctx.progress
         .phase(format!("{name}: stopping the service"), 0);
     let stopped = svc.stop().await?;
@@ -227,6 +231,8 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
             c * 1e6 / m as f64,
             c * 100.0 / secs
         )
+    }) + &broker_cpu.map_or_else(String::new, |c| {
+        format!(", broker CPU {:.0}% of one core", c * 100.0 / secs)
     });
     Ok(Row {
         scenario: name.to_owned(),
@@ -249,13 +255,23 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
     })
 }
 
-/// (c): the same backlog drained by `mosquitto_sub` at QoS 1 with a persistent session.
+/// (c): the same backlog drained by a do-nothing subscriber (rumqttc, QoS 1, persistent
+/// session, a PUBACK each, nothing printed): the broker's own limit. `mosquitto_sub` drains a
+/// second copy, for the figure earlier runs called the broker's limit (it formats every
+/// message). The broker's CPU share during each drain goes in the note: a drain is at the
+/// broker's ceiling when the broker is the busy process.
 async fn broker_limit(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
     let name = s.name();
     let m = size.messages();
     let prefix = ctx.prefix(s);
-    let id = ctx.client_id(s, "sub");
     let filter = format!("{prefix}/+/+");
+    let null_id = ctx.client_id(s, "null");
+    let null = NullSub {
+        port: ctx.broker.port(),
+        client_id: &null_id,
+        filter: &filter,
+    };
+    let id = ctx.client_id(s, "sub");
     let sub = Sub {
         bin: &ctx.opts.mosquitto_sub,
         port: ctx.broker.port(),
@@ -263,14 +279,31 @@ async fn broker_limit(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<
         filter: &filter,
     };
     ctx.progress
-        .phase(format!("{name}: creating mosquitto_sub's session"), 0);
+        .phase(format!("{name}: creating the subscribers' sessions"), 0);
+    ctx.broker.track(&null_id);
     ctx.broker.track(&id);
+    null.create_session().await?;
     sub.create_session().await?;
     publish_backlog(ctx, s, size, &prefix).await?;
-    ctx.progress
-        .phase(format!("{name}: mosquitto_sub drains the backlog"), m);
-    let took = sub.consume(m, ctx.opts.timeout).await?;
+    ctx.progress.phase(
+        format!("{name}: the do-nothing subscriber drains the backlog"),
+        m,
+    );
+    let cpu0 = ctx.broker.cpu_seconds();
+    let took = null.consume(m, ctx.opts.timeout).await?;
     let secs = took.as_secs_f64();
+    let share = cpu0
+        .zip(ctx.broker.cpu_seconds())
+        .map(|(a, b)| (b - a) / secs);
+    ctx.progress
+        .phase(format!("{name}: mosquitto_sub drains its copy"), m);
+    let sub_took = sub.consume(m, ctx.opts.timeout).await?.as_secs_f64();
+    eprintln!(
+        "[bench]   {name}: do-nothing subscriber {:.0} msg/s (broker CPU {}), mosquitto_sub {:.0} msg/s",
+        m as f64 / secs,
+        share.map_or("?".into(), |c| format!("{c:.2} cores")),
+        m as f64 / sub_took
+    );
     Ok(Row {
         scenario: name.to_owned(),
         kind: kind(s).to_owned(),
@@ -278,6 +311,11 @@ async fn broker_limit(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<
         messages: m,
         seconds: secs,
         rate: m as f64 / secs,
+        note: Some(format!(
+            "do-nothing subscriber; broker CPU {}; mosquitto_sub {:.0} msg/s",
+            share.map_or("?".into(), |c| format!("{c:.2} cores")),
+            m as f64 / sub_took
+        )),
         ..Row::default()
     })
 }
