@@ -222,13 +222,7 @@ impl NullSub<'_> {
             .await
             .context("no SUBACK within 10 s")??;
         client.disconnect().await?;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while !matches!(
-                events.poll().await,
-                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
-            ) {}
-        })
-        .await;
+        disconnected(&mut events).await;
         Ok(())
     }
 
@@ -252,15 +246,20 @@ impl NullSub<'_> {
         let took = started.elapsed();
         // The last PUBACKs go out with the disconnect.
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while !matches!(
-                events.poll().await,
-                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
-            ) {}
-        })
-        .await;
+        disconnected(&mut events).await;
         Ok(took)
     }
+}
+
+/// Polls until the DISCONNECT asked for has gone out (at most 2 s).
+async fn disconnected(events: &mut rumqttc::EventLoop) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while !matches!(
+            events.poll().await,
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+        ) {}
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -118,6 +118,12 @@ impl Renames {
 
     /// The name a reading called `name`, of a sensor of type `sensor_type`, is stored as.
     pub fn apply(&self, sensor_type: &str, name: String) -> String {
+        self.rename(sensor_type, &name).map_or(name, str::to_owned)
+    }
+
+    /// The new name of a reading called `name`, of a sensor of type `sensor_type`, if a rename
+    /// applies (borrowing: nothing is allocated for the names that stay).
+    pub fn rename(&self, sensor_type: &str, name: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|r| {
@@ -126,7 +132,7 @@ impl Renames {
                         .as_deref()
                         .is_none_or(|t| t.eq_ignore_ascii_case(sensor_type))
             })
-            .map_or(name, |r| r.to.clone())
+            .map(|r| r.to.as_str())
     }
 }
 

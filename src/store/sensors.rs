@@ -156,7 +156,7 @@ pub fn rows_of<'a>(
     table: &SensorTable,
     zone: &Zone,
 ) -> Vec<SensorRow> {
-    let mut latest: HashMap<(&str, String), &crate::intake::model::SensorReading> = HashMap::new();
+    let mut latest: HashMap<(&str, &str), &crate::intake::model::SensorReading> = HashMap::new();
     for update in updates {
         let Change::Data(report) = &update.change else {
             continue;
@@ -167,7 +167,10 @@ pub fn rows_of<'a>(
         }
         for (name, reading) in &report.sensors {
             // The backend's names for this table (the firmware's stay in last_report_data).
-            let name = table.renames.apply(reading.sensor_type(), name.clone());
+            let name = table
+                .renames
+                .rename(reading.sensor_type(), name)
+                .unwrap_or(name);
             if name.chars().count() > table.name_chars {
                 continue;
             }
@@ -188,7 +191,7 @@ pub fn rows_of<'a>(
             let time = DateTime::parse_from_rfc3339(&r.timestamp).ok()?;
             Some(SensorRow {
                 device: device.to_owned(),
-                sensor,
+                sensor: sensor.to_owned(),
                 value: fit_chars(&r.value.to_db_text(), table.value_chars).to_owned(),
                 unit: fit_chars(&r.unit, table.unit_chars).to_owned(),
                 sensor_type: fit_chars(r.sensor_type(), table.type_chars).to_owned(),

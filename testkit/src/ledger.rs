@@ -144,6 +144,48 @@ impl LedgerPublisher {
     }
 }
 
+/// What a publisher handed to its rumqttc client and what the broker acknowledged: rumqttc
+/// names a publish's packet id only when it goes out (`Outgoing::Publish`), in the order the
+/// publishes were handed over, so each message waits in `queued` until then, and in
+/// `in_flight` under its packet id until its PUBACK.
+pub struct PubAcks<T> {
+    queued: VecDeque<T>,
+    in_flight: HashMap<u16, T>,
+}
+
+impl<T> Default for PubAcks<T> {
+    fn default() -> Self {
+        Self {
+            queued: VecDeque::new(),
+            in_flight: HashMap::new(),
+        }
+    }
+}
+
+impl<T> PubAcks<T> {
+    /// A message handed to the client.
+    pub fn handed(&mut self, m: T) {
+        self.queued.push_back(m);
+    }
+
+    /// The client sent the next handed message under `pkid`.
+    pub fn sent(&mut self, pkid: u16) {
+        if let Some(m) = self.queued.pop_front() {
+            self.in_flight.insert(pkid, m);
+        }
+    }
+
+    /// The broker acknowledged `pkid`: the message, if it was ours.
+    pub fn acked(&mut self, pkid: u16) -> Option<T> {
+        self.in_flight.remove(&pkid)
+    }
+
+    /// Messages handed and not yet acknowledged.
+    pub fn pending(&self) -> usize {
+        self.queued.len() + self.in_flight.len()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run(
     port: u16,
@@ -170,12 +212,11 @@ async fn run(
             .set_clean_session(true)
             .set_inflight(WINDOW as u16);
         let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2);
-        let mut queued: VecDeque<(usize, u64)> = VecDeque::new();
-        let mut in_flight: HashMap<u16, (usize, u64)> = HashMap::new();
+        let mut pending: PubAcks<(usize, u64)> = PubAcks::default();
         let mut connected = false;
         let mut tick = tokio::time::interval(TICK);
         loop {
-            if stopping && queued.is_empty() && in_flight.is_empty() && connected {
+            if stopping && pending.pending() == 0 && connected {
                 let _ = client.try_disconnect();
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
                     while let Ok(e) = eventloop.poll().await {
@@ -193,13 +234,9 @@ async fn run(
                         connected = true;
                         counts.connects.fetch_add(1, Relaxed);
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(m) = queued.pop_front() {
-                            in_flight.insert(pkid, m);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => pending.sent(pkid),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(m) = in_flight.remove(&ack.pkid) {
+                        if let Some(m) = pending.acked(ack.pkid) {
                             acked.lock().unwrap().push(m);
                             counts.acked.fetch_add(1, Relaxed);
                         }
@@ -210,7 +247,7 @@ async fn run(
                 _ = tick.tick(), if connected && !stopping && !paused.load(Relaxed) => {
                     credit += per_tick;
                     while credit >= 1.0
-                        && queued.len() + in_flight.len() < WINDOW
+                        && pending.pending() < WINDOW
                         && counts.sent.load(Relaxed) < limit
                     {
                         credit -= 1.0;
@@ -222,7 +259,7 @@ async fn run(
                             break;
                         }
                         next_seq[d] += 1;
-                        queued.push_back((d, seq));
+                        pending.handed((d, seq));
                         counts.sent.fetch_add(1, Relaxed);
                     }
                     // Do not bank credit while the window is full.

@@ -23,6 +23,7 @@
 mod db;
 mod galera;
 pub mod generators;
+mod http;
 pub mod ledger;
 mod mariadb;
 mod mosquitto;
@@ -33,6 +34,7 @@ mod wait;
 pub use self::{
     db::TestDb,
     galera::PrivateGalera,
+    http::{http_get, metric},
     mariadb::PrivateMariaDb,
     mosquitto::{MosquittoConfig, PrivateMosquitto},
     mqtt::{

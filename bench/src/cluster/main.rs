@@ -21,7 +21,6 @@ use clap::Parser;
 use serde_json::json;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{AssertSqlSafe, Row as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
 use mqtt_ingest_testkit::{cpu_seconds, free_port, unique_name};
@@ -226,7 +225,7 @@ impl std::ops::Add for Metrics {
 }
 
 impl Instance {
-    fn new(cli: &Cli, topo: &Topology, k: usize, db: &str, prefix: &str, work: &Path) -> Self {
+    fn new(topo: &Topology, k: usize, db: &str, prefix: &str, work: &Path) -> Self {
         let http = free_port();
         let env: Vec<(String, String)> = [
             ("MQTT_BROKER", Topology::list(&topo.brokers, k)),
@@ -252,7 +251,6 @@ impl Instance {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        let _ = cli;
         Instance {
             k,
             env,
@@ -293,7 +291,8 @@ impl Instance {
     }
 
     async fn metrics(&self) -> Option<Metrics> {
-        let text = http_get(self.http, "/metrics").await.ok()?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.http));
+        let (_, text) = mqtt_ingest_testkit::http_get(addr, "/metrics").await.ok()?;
         let get = |name: &str| {
             text.lines()
                 .filter(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -356,18 +355,6 @@ impl Instance {
             }
         }
     }
-}
-
-async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await?;
-        anyhow::Ok(body)
-    };
-    tokio::time::timeout(Duration::from_secs(2), io).await?
 }
 
 /// The faults of the live scenarios.
@@ -508,7 +495,7 @@ async fn scenario(
     let work = cli.cluster_dir.join("runs").join(&prefix);
     std::fs::create_dir_all(&work)?;
     let mut inst: Vec<Instance> = (0..instances)
-        .map(|k| Instance::new(cli, topo, k, &db, &prefix, &work))
+        .map(|k| Instance::new(topo, k, &db, &prefix, &work))
         .collect();
     for i in &mut inst {
         i.spawn(&cli.service_bin)?;

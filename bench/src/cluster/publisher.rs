@@ -6,7 +6,6 @@
 //! Each data message carries the device's sequence number as sensor `seq`: the check reads it
 //! back from `device_main`, `device_sensors` and `device_history`.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use mqtt_ingest_testkit::ledger::Ledger;
+use mqtt_ingest_testkit::ledger::PubAcks;
 
 /// How the devices report.
 #[derive(Clone, Copy, Debug)]
@@ -191,16 +191,15 @@ async fn publish(
             .set_inflight(WINDOW as u16);
         let (client, mut eventloop) = AsyncClient::new(opts, WINDOW * 2);
         // What was handed to the client, in order: the device and seq of a data message.
-        let mut queued: VecDeque<Option<(usize, u64)>> = VecDeque::new();
-        let mut in_flight: HashMap<u16, Option<(usize, u64)>> = HashMap::new();
+        let mut pending: PubAcks<Option<(usize, u64)>> = PubAcks::default();
         let mut connected = false;
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
-            if stopping && queued.is_empty() && in_flight.is_empty() {
+            if stopping && pending.pending() == 0 {
                 let _ = client.try_disconnect();
                 return;
             }
-            let flood_over = flood_sent >= flood_total && queued.is_empty() && in_flight.is_empty();
+            let flood_over = flood_sent >= flood_total && pending.pending() == 0;
             if !reported && flood_total > 0 && flood_over {
                 reported = true;
                 if finished.fetch_add(1, Relaxed) + 1 == publishers {
@@ -213,13 +212,9 @@ async fn publish(
                         connected = true;
                         counts.connects.fetch_add(1, Relaxed);
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(m) = queued.pop_front() {
-                            in_flight.insert(pkid, m);
-                        }
-                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => pending.sent(pkid),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(m) = in_flight.remove(&ack.pkid) {
+                        if let Some(m) = pending.acked(ack.pkid) {
                             counts.acked.fetch_add(1, Relaxed);
                             if let Some(m) = m {
                                 counts.data_acked.fetch_add(1, Relaxed);
@@ -232,7 +227,7 @@ async fn publish(
                 },
                 _ = tick.tick(), if connected && !stopping => {
                     let uptime = started.elapsed().as_secs();
-                    let room = WINDOW.saturating_sub(queued.len() + in_flight.len());
+                    let room = WINDOW.saturating_sub(pending.pending());
                     let mut out: Vec<OutMessage> = Vec::new();
                     match pace {
                         Pace::Flood { .. } => {
@@ -285,7 +280,7 @@ async fn publish(
                             // device moves on: its seq is not acknowledged, so not checked).
                             break;
                         }
-                        queued.push_back(m);
+                        pending.handed(m);
                         counts.sent.fetch_add(1, Relaxed);
                     }
                 }
