@@ -16,6 +16,7 @@
 //! * [`ops`]: what an operator sees: HTTP (health, metrics), counters and the statistics block,
 //!   systemd, log output.
 //! * [`service`]: wires them together and runs until a shutdown token fires.
+//! * [`switch`]: a shadow run's comparison with the Python service it replaces.
 
 pub mod backoff;
 pub mod config;
@@ -24,5 +25,6 @@ pub mod mqtt;
 pub mod ops;
 pub mod service;
 pub mod store;
+pub mod switch;
 pub mod work;
 pub mod writer;

@@ -72,6 +72,43 @@ enum Command {
     CheckConfig,
     /// Print the latest kept rejected messages, newest first (REJECTS_ENABLED=true keeps them)
     Rejects(RejectsQuery),
+    /// Compare the tables CodeHubot's Python service writes with those mqtt-ingest writes (a
+    /// shadow run's), device by device and field by field; exit 1 on an unexpected difference
+    Compare(CompareArgs),
+    /// Copy DB_NAME's device_main and device_sensors, with their rows, into another database:
+    /// what a shadow run does at its first start, and where the Python service can shadow
+    /// mqtt-ingest after the switch
+    ShadowCopy(ShadowCopyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CompareArgs {
+    /// The database the Python service writes [default: DB_NAME; with SHADOW_DATABASE set,
+    /// the live DB_NAME it shadows]
+    #[arg(long, value_name = "DATABASE")]
+    python: Option<String>,
+    /// The database mqtt-ingest writes [default: SHADOW_DATABASE when set, else DB_NAME]
+    #[arg(long, value_name = "DATABASE")]
+    ingest: Option<String>,
+    /// Times closer than this many seconds are the same
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    tolerance_secs: u32,
+    /// `text` (a summary line, then each difference) or `json`
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct ShadowCopyArgs {
+    /// The database to copy into (created when missing; a copy already there is kept)
+    #[arg(long, value_name = "DATABASE")]
+    into: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -191,8 +228,109 @@ fn main() -> ExitCode {
     match command {
         Command::CheckConfig => runtime.block_on(check_config(settings)),
         Command::Run => runtime.block_on(run(settings)),
+        Command::Compare(args) => runtime.block_on(compare_command(&settings, args)),
+        Command::ShadowCopy(args) => runtime.block_on(shadow_copy_command(&settings, args)),
         Command::Rejects(_) => unreachable!("handled before the settings are read"),
     }
+}
+
+/// sysexits' EX_UNAVAILABLE: a database could not be read.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// `compare`: reads both databases and prints what differs.
+async fn compare_command(settings: &Settings, args: CompareArgs) -> ExitCode {
+    use mqtt_ingest::store::shadow;
+    let db = &settings.db;
+    let python = args
+        .python
+        .or_else(|| db.shadow_of.clone())
+        .unwrap_or_else(|| db.name.clone());
+    let ingest = args.ingest.unwrap_or_else(|| db.name.clone());
+    if python == ingest {
+        eprintln!(
+            "compare: both sides are the database {python}: name the other with --python or --ingest (or set SHADOW_DATABASE)"
+        );
+        return ExitCode::from(2);
+    }
+    let table = settings.keep.device_sensors_table.as_deref();
+    let read = async {
+        let p = shadow::read_tables(db, &python, table).await?;
+        let i = shadow::read_tables(db, &ingest, table).await?;
+        Ok::<_, shadow::ShadowError>((p, i))
+    };
+    let (p, i) = match read.await {
+        Ok(tables) => tables,
+        Err(e) => {
+            eprintln!("compare: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let options = mqtt_ingest::switch::Options {
+        now: db.zone.naive(chrono::Utc::now()),
+        zone: db.zone.clone(),
+        tolerance: chrono::TimeDelta::seconds(i64::from(args.tolerance_secs)),
+        presence_timeout: Some(settings.presence.timeout)
+            .filter(|t| !t.is_zero())
+            .and_then(|t| chrono::TimeDelta::from_std(t).ok()),
+    };
+    let report = mqtt_ingest::switch::compare(&p, &i, &options);
+    match args.format {
+        Format::Text => {
+            let text = report.text();
+            let (summary, details) = text.split_once('\n').unwrap_or((&text, ""));
+            println!("{summary}\npython: {python}, mqtt-ingest: {ingest}");
+            print!("{details}");
+        }
+        Format::Json => println!("{:#}", report.json()),
+    }
+    if report.unexpected() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `shadow-copy`: the copy a shadow run makes at its first start.
+async fn shadow_copy_command(settings: &Settings, args: ShadowCopyArgs) -> ExitCode {
+    let db = &settings.db;
+    let live = db.shadow_of.as_deref().unwrap_or(&db.name);
+    if args.into == live {
+        eprintln!("shadow-copy: --into names DB_NAME itself ({live})");
+        return ExitCode::from(2);
+    }
+    match shadow_copy(settings, live, &args.into).await {
+        Ok(said) => {
+            println!("{said}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shadow-copy: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// Makes (or keeps) the shadow copy of `live` in `into`, and says which.
+async fn shadow_copy(
+    settings: &Settings,
+    live: &str,
+    into: &str,
+) -> Result<String, mqtt_ingest::store::shadow::ShadowError> {
+    use mqtt_ingest::store::shadow::{Prepared, prepare};
+    let table = settings.keep.device_sensors_table.as_deref();
+    Ok(match prepare(&settings.db, live, into, table).await? {
+        Prepared::Copied { devices, sensors } => {
+            let sensors = sensors
+                .map(|n| format!(" and {n} {} rows", table.unwrap_or("device_sensors")))
+                .unwrap_or_default();
+            format!(
+                "shadow copy made: {devices} device_main rows{sensors} copied from {live} into {into}"
+            )
+        }
+        Prepared::Kept => {
+            format!("shadow copy kept: {into} already holds one (drop it to start afresh)")
+        }
+    })
 }
 
 /// `rejects`: reads only the database settings (and whether rejects are kept), so a broker's
@@ -218,6 +356,21 @@ fn rejects_command(query: RejectsQuery) -> ExitCode {
 }
 
 async fn run(settings: Settings) -> ExitCode {
+    if let Some(live) = &settings.db.shadow_of {
+        info!(
+            live = %live,
+            shadow = %settings.db.name,
+            client_id = %settings.mqtt.client_id,
+            "shadow run: the live tables are read once, to copy them; everything is written into the shadow database"
+        );
+        match shadow_copy(&settings, live, &settings.db.name).await {
+            Ok(said) => info!("{said}"),
+            Err(e) => {
+                error!(error = %e, "cannot make the shadow copy");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let service = Service::build(settings).await;

@@ -121,6 +121,14 @@ fn table_name(raw: &str) -> Result<Off<String>, String> {
     Ok(Off(Some(raw.to_owned()).filter(|t| !t.is_empty())))
 }
 
+fn database_name(raw: &str) -> Result<Off<String>, String> {
+    table_name(raw).map_err(|_| {
+        format!(
+            "must be a database name of up to 64 of [A-Za-z0-9_$], or empty for off, got {raw:?}"
+        )
+    })
+}
+
 fn log_level(raw: &str) -> Result<String, String> {
     let level = non_empty(raw)?;
     tracing_subscriber::EnvFilter::try_new(&level)
@@ -241,6 +249,11 @@ pub struct DbArgs {
     /// Database name (CodeHubot's is `aiot_admin`)
     #[arg(long, env = "DB_NAME", default_value = "aiot_admin", value_parser = non_empty)]
     pub db_name: String,
+    /// Shadow run (beside the service it replaces): write into this database instead, never into
+    /// `DB_NAME`, whose `device_main` and `device_sensors` are copied there with their rows at the
+    /// first start; the client id gets `-shadow` and no shared group. Empty: off
+    #[arg(long, env = "SHADOW_DATABASE", default_value = "", value_parser = database_name)]
+    pub shadow_database: Off<String>,
     /// Database user
     #[arg(long, env = "DB_USER", default_value = "root", value_parser = non_empty)]
     pub db_user: String,

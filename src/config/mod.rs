@@ -179,6 +179,9 @@ pub struct DbSettings {
     /// `DB_TIMEZONE`: the zone DATETIME columns are written in (and the session's
     /// `time_zone`); Beijing time by default, as CodeHubot's backend reads them.
     pub zone: Zone,
+    /// In a shadow run, the live database (`DB_NAME`) whose tables `name` copies; `name` is then
+    /// `SHADOW_DATABASE`, where everything is written.
+    pub shadow_of: Option<String>,
 }
 
 /// How validated messages flow into the database.
@@ -475,6 +478,16 @@ impl Settings {
             session_expiry: secs(m.mqtt_session_expiry_secs),
         };
         let db = db_settings(d)?;
+        // A shadow run must see every message beside the live service (not share them out with
+        // it) and must not take over its session.
+        let mqtt = match db.shadow_of {
+            Some(_) => MqttSettings {
+                client_id: format!("{}-shadow", mqtt.client_id),
+                shared_group: None,
+                ..mqtt
+            },
+            None => mqtt,
+        };
         let ingest = IngestSettings {
             queue_capacity: i.ingest_queue_capacity,
             writers: i.ingest_writers,
@@ -611,9 +624,20 @@ fn db_settings(d: DbArgs) -> Result<DbSettings, ConfigError> {
             problem: "must be set for DB_SSL_MODE verify_ca or verify_identity".into(),
         });
     }
+    let (name, shadow_of) = match d.shadow_database.0 {
+        Some(shadow) if shadow == d.db_name => {
+            return Err(ConfigError {
+                var: "SHADOW_DATABASE".into(),
+                problem: "must not be DB_NAME: a shadow run writes beside the live tables".into(),
+            });
+        }
+        Some(shadow) => (shadow, Some(d.db_name)),
+        None => (d.db_name, None),
+    };
     Ok(DbSettings {
         hosts: d.db_host.endpoints(d.db_port),
-        name: d.db_name,
+        name,
+        shadow_of,
         user: d.db_user,
         password: d.db_password.unwrap_or_default(),
         pool_min: d.db_pool_min,

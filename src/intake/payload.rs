@@ -26,6 +26,11 @@ static SENSOR_NAME: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^[a-z][a-z0-9_]{0,49}$").expect("sensor name pattern compiles")
 });
 
+/// Whether `name` passes the seed's sensor-name rule.
+pub fn valid_sensor_name(name: &str) -> bool {
+    SENSOR_NAME.is_match(name)
+}
+
 /// Keys of a simple-format message that are never readings: the reading time, the device's
 /// own name, the sensor's type, and the two keys the Python service also passed over.
 const SIMPLE_FORMAT_METADATA: [&str; 5] =

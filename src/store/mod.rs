@@ -6,7 +6,7 @@
 //!   `device_main` at start-up;
 //! * [`sql`]: error classes and the retry policy, statement shapes, placeholders;
 //! * [`sensors`] (`device_sensors`), [`history`] (`device_history`), [`rejects`] (kept rejects),
-//!   [`presence`] (the offline sweep).
+//!   [`presence`] (the offline sweep), [`shadow`] (a shadow run's copy, and what `compare` reads).
 
 pub mod history;
 pub mod nodes;
@@ -15,6 +15,7 @@ pub mod presence;
 pub mod rejects;
 mod schema;
 pub mod sensors;
+pub mod shadow;
 pub mod sql;
 mod write;
 

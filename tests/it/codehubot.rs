@@ -20,14 +20,14 @@ const DEVICE_ID: &str = "AIOT-ESP32-6E0067F6";
 
 /// Which version of the backend's schema.
 #[derive(Clone, Copy)]
-enum Schema {
+pub(crate) enum Schema {
     /// The seed's: `device_main` with `school_id`, no `device_sensors`.
     Seed,
     /// The current: `device_main` with `team_id`, and `device_sensors`.
     Current,
 }
 
-async fn create_schema(pool: &MySqlPool, schema: Schema) {
+pub(crate) async fn create_schema(pool: &MySqlPool, schema: Schema) {
     let team = match schema {
         Schema::Seed => "school_id",
         Schema::Current => "team_id",

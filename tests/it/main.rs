@@ -25,5 +25,6 @@ mod scale;
 mod soak;
 mod status_page;
 mod strict;
+mod switch;
 mod systemd;
 mod tls;
