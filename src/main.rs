@@ -463,29 +463,37 @@ async fn check_config(settings: Settings) -> ExitCode {
     // Every node of a list is tried: the check passes when any answers (the service moves to
     // the next when the one in use fails), and names each that does not.
     let mut any_db = false;
+    // A shadow run's database may not exist before its first start: the live one is checked.
+    let checked = db.shadow_of.as_deref().unwrap_or(&db.name);
+    if let Some(live) = &db.shadow_of {
+        println!(
+            "  SHADOW_DATABASE: {} (a shadow run: {live}'s tables are copied there and {live} is never written)",
+            db.name
+        );
+    }
     for host in &db.hosts {
         let node = mqtt_ingest::config::DbSettings {
             hosts: vec![host.clone()],
+            name: checked.to_owned(),
             ..db.clone()
         };
         let pool = store::pool(&node);
         match tokio::time::timeout(timeout, store::ping(&pool)).await {
             Ok(Ok(())) => {
                 any_db = true;
-                println!("database {host}/{} as {}: ok", db.name, db.user);
+                println!("database {host}/{checked} as {}: ok", db.user);
             }
             Ok(Err(e)) => {
                 let hint = store::settings_hint(&e)
                     .map(|h| format!("\n  {h}"))
                     .unwrap_or_default();
                 println!(
-                    "database {host}/{} as {}: FAILED: {e}{hint}",
-                    db.name, db.user
+                    "database {host}/{checked} as {}: FAILED: {e}{hint}",
+                    db.user
                 );
             }
             Err(_) => println!(
-                "database {host}/{}: FAILED: no answer within {}s\n  check DB_HOST and DB_PORT, and that the server is running and reachable",
-                db.name,
+                "database {host}/{checked}: FAILED: no answer within {}s\n  check DB_HOST and DB_PORT, and that the server is running and reachable",
                 timeout.as_secs()
             ),
         }

@@ -688,6 +688,32 @@ mod tests {
     }
 
     #[test]
+    fn a_shadow_run_writes_elsewhere_under_its_own_client_id() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.db.shadow_of, None);
+        let s = settings(&[
+            ("SHADOW_DATABASE", "aiot_shadow"),
+            ("MQTT_CLIENT_ID", "ingest-1"),
+            ("MQTT_SHARED_GROUP", "g"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (s.db.name.as_str(), s.db.shadow_of.as_deref()),
+            ("aiot_shadow", Some("aiot_admin"))
+        );
+        assert_eq!(s.mqtt.client_id, "ingest-1-shadow");
+        assert_eq!(s.mqtt.shared_group, None);
+        let e = settings(&[("SHADOW_DATABASE", "aiot_admin")]).unwrap_err();
+        assert_eq!(e.var, "SHADOW_DATABASE");
+        let e = settings(&[("SHADOW_DATABASE", "x`; DROP")]).unwrap_err();
+        assert_eq!(e.var, "SHADOW_DATABASE");
+        assert_eq!(
+            settings(&[("SHADOW_DATABASE", "")]).unwrap().db.shadow_of,
+            None
+        );
+    }
+
+    #[test]
     fn http_listener_can_be_turned_off_or_moved() {
         assert_eq!(
             settings(&[("HTTP_LISTEN", "")]).unwrap().ops.http_listen,
