@@ -114,9 +114,10 @@ rust_context() {
     echo "$ctx"
 }
 
-# Pulls docker.io/library/NAME, or builds its stand-in.
+# Pulls NAME from Docker Hub, or builds its stand-in; fails for one that has none.
 image() {
     local name=$1 full=docker.io/library/$1
+    [[ $name == */* ]] && full=docker.io/$name
     if engine image exists "$full" 2>/dev/null || engine image inspect "$full" >/dev/null 2>&1; then
         return 0
     fi
@@ -135,20 +136,32 @@ image() {
         mysql:8.0)
             engine build -q -f docker/standins/Containerfile.mysql -t "$full" docker/standins >>"$WORK/standins.log" 2>&1
             ;;
+        prom/prometheus:v2.53.3)
+            engine build -q -f docker/standins/Containerfile.prometheus -t "$full" docker/standins >>"$WORK/standins.log" 2>&1
+            ;;
         rust:1.95-bookworm)
             local ctx
             ctx=$(rust_context)
             engine build -q -f "$ctx/Containerfile.rust" -t "$full" "$ctx" >>"$WORK/standins.log" 2>&1
             rm -rf "$ctx"
             ;;
-        *) die "no stand-in for $name" ;;
+        *) return 1 ;;
     esac
 }
 
 t=$(date +%s)
-for name in debian:bookworm-slim rust:1.95-bookworm eclipse-mosquitto:2 mysql:8.0; do
+for name in debian:bookworm-slim rust:1.95-bookworm eclipse-mosquitto:2 mysql:8.0 prom/prometheus:v2.53.3; do
     image "$name"
 done
+# Grafana has no stand-in: it is in no Debian release, and no other registry answers here.
+SERVICES=(mosquitto mysql mqtt-ingest prometheus)
+GRAFANA=false
+if image grafana/grafana-oss:11.3.0; then
+    GRAFANA=true
+    SERVICES+=(grafana)
+else
+    say "no grafana image can be pulled (and there is no stand-in): the stack runs without it"
+fi
 IMAGES_SECS=$(($(date +%s) - t))
 say "base images ready (${IMAGES_SECS}s)"
 
@@ -172,10 +185,12 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 PROJECT=mitest$$
-export MQTT_PUBLISH_PORT DB_PUBLISH_PORT HTTP_PUBLISH_PORT
+export MQTT_PUBLISH_PORT DB_PUBLISH_PORT HTTP_PUBLISH_PORT PROMETHEUS_PUBLISH_PORT GRAFANA_PUBLISH_PORT
 MQTT_PUBLISH_PORT=$(free_port)
 DB_PUBLISH_PORT=$(free_port)
 HTTP_PUBLISH_PORT=$(free_port)
+PROMETHEUS_PUBLISH_PORT=$(free_port)
+GRAFANA_PUBLISH_PORT=$(free_port)
 export DB_PASSWORD="pw-$PROJECT-$RANDOM"
 export DB_NAME=aiot_admin
 export MQTT_INGEST_IMAGE=$IMAGE
@@ -189,9 +204,9 @@ sed -e "s/^DB_PASSWORD=.*/DB_PASSWORD=$DB_PASSWORD/" \
 
 compose() {
     if [[ $ENGINE == docker ]]; then
-        docker compose -p "$PROJECT" -f docker/docker-compose.yml "$@"
+        docker compose -p "$PROJECT" -f docker/docker-compose.yml -f docker/monitoring.yml "$@"
     else
-        podman-compose -p "$PROJECT" -f docker/docker-compose.yml "$@"
+        podman-compose -p "$PROJECT" -f docker/docker-compose.yml -f docker/monitoring.yml "$@"
     fi
 }
 
@@ -233,8 +248,8 @@ service_container() {
 
 trap on_exit EXIT
 t=$(date +%s)
-say "up: project $PROJECT, MQTT on $MQTT_PUBLISH_PORT, MySQL on 127.0.0.1:$DB_PUBLISH_PORT, HTTP on 127.0.0.1:$HTTP_PUBLISH_PORT"
-compose up -d >"$WORK/up.log" 2>&1 || {
+say "up: project $PROJECT (${SERVICES[*]}), MQTT on $MQTT_PUBLISH_PORT, MySQL on 127.0.0.1:$DB_PUBLISH_PORT, HTTP on 127.0.0.1:$HTTP_PUBLISH_PORT, Prometheus on 127.0.0.1:$PROMETHEUS_PUBLISH_PORT"
+compose up -d "${SERVICES[@]}" >"$WORK/up.log" 2>&1 || {
     tail -20 "$WORK/up.log" >&2
     die "compose up failed: $WORK/up.log"
 }
@@ -314,6 +329,31 @@ wait_for "the heartbeat" 30 want \
 written() { [[ $(metric mqtt_ingest_messages_written_total) -ge $1 ]]; }
 wait_for "/metrics: $PUBLISHED messages written" 30 written $PUBLISHED
 say "the firmware's and the seed's payloads are in device_main; /metrics counts $(metric mqtt_ingest_messages_written_total) written"
+
+# -------------------------------------------------------------- monitoring --
+
+# A PromQL query's first value, through the published port.
+promql() {
+    curl -fsS --get --data-urlencode "query=$1" "http://127.0.0.1:$PROMETHEUS_PUBLISH_PORT/api/v1/query" |
+        python3 -c 'import json, sys; r = json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else "")'
+}
+alerting_rules() {
+    curl -fsS "http://127.0.0.1:$PROMETHEUS_PUBLISH_PORT/api/v1/rules?type=alert" |
+        python3 -c 'import json, sys; print(sum(len(g["rules"]) for g in json.load(sys.stdin)["data"]["groups"]))'
+}
+scraped() { [[ $(promql 'up{job="mqtt-ingest"}') == 1 && $(promql 'mqtt_ingest_messages_written_total') -ge $PUBLISHED ]]; }
+wait_for "Prometheus scraping the service (job mqtt-ingest)" 90 scraped
+RULES=$(grep -c '^ *- alert:' ops/prometheus/alerts.yml)
+[[ $(alerting_rules) == "$RULES" ]] || die "Prometheus loaded $(alerting_rules) alert rules, ops/prometheus/alerts.yml has $RULES"
+firing=$(curl -fsS "http://127.0.0.1:$PROMETHEUS_PUBLISH_PORT/api/v1/alerts" |
+    python3 -c 'import json, sys; print(" ".join(a["labels"]["alertname"] for a in json.load(sys.stdin)["data"]["alerts"] if a["state"] == "firing") or "none")')
+say "Prometheus scrapes the service (job mqtt-ingest up, $(promql mqtt_ingest_messages_written_total) written) with the $RULES alert rules loaded; firing: $firing"
+if [[ $GRAFANA == true ]]; then
+    grafana() { curl -fsS -u "admin:${GRAFANA_ADMIN_PASSWORD:-admin}" "http://127.0.0.1:$GRAFANA_PUBLISH_PORT$1"; }
+    wait_for "Grafana's API" 90 grafana /api/health
+    grafana "/api/search?query=mqtt-ingest" | grep -q '"type":"dash-db"' || die "the dashboard is not provisioned in Grafana"
+    say "Grafana has the dashboard and the Prometheus data source"
+fi
 
 # ------------------------------------------------- SIGTERM while publishing --
 

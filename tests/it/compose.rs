@@ -393,3 +393,82 @@ fn the_readme_gives_the_defaults() {
         "only {checked} settings found in the README's table"
     );
 }
+
+/// The target of a `host:container[:ro]` volume whose host side is `host`.
+fn mount_of<'a>(service: &'a Value, host: &str) -> Option<&'a str> {
+    service["volumes"]
+        .as_sequence()?
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|v| v.strip_prefix(host)?.strip_prefix(':'))
+        .map(|rest| rest.trim_end_matches(":ro"))
+}
+
+/// The monitoring override (`docker/monitoring.yml`): Prometheus gets the rules and scrapes the
+/// service as the rules and the dashboard expect; Grafana gets the Prometheus data source and
+/// the dashboard. (scripts/compose-test.sh runs Prometheus for real; Grafana only where its image
+/// can be pulled.)
+#[test]
+fn the_monitoring_stack_is_wired_to_the_files_the_tests_check() {
+    let m: Value =
+        serde_yaml::from_str(&read("docker/monitoring.yml")).expect("monitoring.yml is YAML");
+    let prom = &m["services"]["prometheus"];
+    let grafana = &m["services"]["grafana"];
+    for (name, s) in [("prometheus", prom), ("grafana", grafana)] {
+        assert_eq!(s["restart"].as_str(), Some("unless-stopped"), "{name}");
+        let ports = s["ports"].as_sequence().unwrap();
+        assert!(
+            ports
+                .iter()
+                .all(|p| p.as_str().unwrap().starts_with("127.0.0.1:${")),
+            "{name}: published on loopback from a variable: {ports:?}"
+        );
+    }
+    // Prometheus: its configuration and the rule file it names.
+    let config_path = mount_of(prom, "./prometheus/prometheus.yml").expect("prometheus.yml mounted");
+    assert!(
+        prom["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str() == Some(&format!("--config.file={config_path}"))),
+        "prometheus reads the mounted configuration"
+    );
+    let config: Value = serde_yaml::from_str(&read("docker/prometheus/prometheus.yml")).unwrap();
+    let rules_at = mount_of(prom, "../ops/prometheus/alerts.yml").expect("the alert rules mounted");
+    assert_eq!(config["rule_files"][0].as_str(), Some(rules_at));
+    let scrape = &config["scrape_configs"][0];
+    // The rules' MqttIngestDown and the dashboard's variables select job="mqtt-ingest".
+    assert_eq!(scrape["job_name"].as_str(), Some("mqtt-ingest"));
+    assert!(read("ops/prometheus/alerts.yml").contains(r#"up{job="mqtt-ingest"}"#));
+    let docker_env = read("docker/.env.example");
+    let listen_port = docker_env
+        .lines()
+        .find_map(|l| l.strip_prefix("HTTP_LISTEN="))
+        .and_then(|v| v.rsplit(':').next())
+        .expect("HTTP_LISTEN in docker/.env.example");
+    assert_eq!(
+        scrape["static_configs"][0]["targets"][0].as_str(),
+        Some(format!("mqtt-ingest:{listen_port}").as_str())
+    );
+    // Grafana: the data source points at the stack's Prometheus, the provider at the dashboards.
+    let datasources: Value = serde_yaml::from_str(&read("docker/grafana/datasources.yml")).unwrap();
+    let ds = &datasources["datasources"][0];
+    assert_eq!(ds["type"].as_str(), Some("prometheus"));
+    assert_eq!(ds["url"].as_str(), Some("http://prometheus:9090"));
+    assert_eq!(ds["isDefault"].as_bool(), Some(true));
+    assert!(
+        mount_of(grafana, "./grafana/datasources.yml")
+            .is_some_and(|p| p.starts_with("/etc/grafana/provisioning/datasources/"))
+    );
+    assert!(
+        mount_of(grafana, "./grafana/dashboards.yml")
+            .is_some_and(|p| p.starts_with("/etc/grafana/provisioning/dashboards/"))
+    );
+    let providers: Value = serde_yaml::from_str(&read("docker/grafana/dashboards.yml")).unwrap();
+    assert_eq!(
+        mount_of(grafana, "../ops/grafana"),
+        providers["providers"][0]["options"]["path"].as_str()
+    );
+    assert!(repo("ops/grafana/mqtt-ingest.json").is_file());
+}
