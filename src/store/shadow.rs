@@ -15,7 +15,8 @@ use sqlx::{Connection, MySqlConnection, Row};
 
 use crate::config::DbSettings;
 
-/// The table beside the shadow copy that records each device's `last_report_data` as copied.
+/// The table beside the shadow copy that records each device's `last_report_data` as copied;
+/// its row with the empty uuid marks the copy whole.
 pub const START_TABLE: &str = "mqtt_ingest_shadow_start";
 
 /// Why a shadow copy could not be made.
@@ -125,7 +126,7 @@ async fn copy(
     }
     let (l, s) = (quoted(live), quoted(shadow));
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE IF NOT EXISTS {s}"
+        "CREATE DATABASE IF NOT EXISTS {s} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
     )))
     .execute(&mut *conn)
     .await
@@ -146,25 +147,31 @@ async fn copy(
         .await
         .map_err(read())?
     {
-        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT COUNT(*) FROM {s}.{start}"
+        let whole: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {s}.{start} WHERE uuid = ''"
         )))
         .fetch_one(&mut *conn)
         .await
         .map_err(read())?;
-        if rows > 0 {
+        if whole > 0 {
             return Ok(Prepared::Kept);
         }
-        // A copy cut short (its rows are written in one transaction): made again.
+        // A copy cut short (its record is made first, its mark of completion last): made again.
         drop_copy(conn, &s, &tables).await;
-    }
-    if table_exists(conn, shadow, "device_main")
+    } else if table_exists(conn, shadow, "device_main")
         .await
         .map_err(read())?
     {
         return Err(ShadowError::NotAShadow(shadow.to_owned()));
     }
     let made = async {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {s}.{start} (uuid VARCHAR(255) NOT NULL PRIMARY KEY, \
+             last_report_data LONGTEXT NULL, copied_at DATETIME NOT NULL) \
+             DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci"
+        )))
+        .execute(&mut *conn)
+        .await?;
         for t in &tables {
             let t = quoted(t);
             sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -173,12 +180,12 @@ async fn copy(
             .execute(&mut *conn)
             .await?;
         }
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE TABLE {s}.{start} (uuid VARCHAR(255) NOT NULL PRIMARY KEY, \
-             last_report_data LONGTEXT NULL, copied_at DATETIME NOT NULL)"
-        )))
-        .execute(&mut *conn)
-        .await?;
+        // READ COMMITTED: the live rows are read as a consistent read, without the shared locks
+        // INSERT … SELECT takes under REPEATABLE READ, which would hold the live service's
+        // writes (or deadlock with them) while the copy runs.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await?;
         let mut tx = conn.begin().await?;
         let mut counts = Vec::new();
         for t in &tables {
@@ -190,9 +197,16 @@ async fn copy(
             .await?;
             counts.push(done.rows_affected());
         }
+        // What was copied, from the copy itself; then the mark that the copy is whole.
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO {s}.{start} (uuid, last_report_data, copied_at) \
-             SELECT uuid, CAST(last_report_data AS CHAR), NOW() FROM {l}.device_main"
+             SELECT uuid, CAST(last_report_data AS CHAR), NOW() FROM {s}.device_main \
+             WHERE uuid <> ''"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {s}.{start} (uuid, last_report_data, copied_at) VALUES ('', NULL, NOW())"
         )))
         .execute(&mut *tx)
         .await?;
@@ -336,7 +350,7 @@ pub async fn read_tables(
         .map_err(failed())?
     {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT uuid, last_report_data FROM {d}.{}",
+            "SELECT uuid, last_report_data FROM {d}.{} WHERE uuid <> ''",
             quoted(START_TABLE)
         )))
         .fetch_all(&mut conn)

@@ -243,6 +243,11 @@ fn same_json(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// Two JSON values of the same kind (both numbers, both texts, …).
+fn same_kind(a: &Value, b: &Value) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
 fn same_opt(a: Option<&Value>, b: Option<&Value>) -> bool {
     match (a, b) {
         (None, None) => true,
@@ -302,8 +307,8 @@ struct Device<'a> {
     ingest: &'a DeviceRow,
     /// `last_report_data` as copied (`None`: no record of the copy).
     start: Option<Option<&'a Value>>,
-    /// The Python side stored a reading that is not JSON.
-    python_not_json: bool,
+    /// When the Python side last stored a reading that is not JSON (`nan`, `inf`).
+    python_not_json_at: Option<NaiveDateTime>,
 }
 
 impl Device<'_> {
@@ -338,12 +343,22 @@ impl Device<'_> {
         later(self.python.last_seen, self.ingest.last_seen, o.tolerance)
     }
 
-    /// The class of a later time on one side.
-    fn later_class(&self, which: Later) -> Option<Class> {
+    /// The class of a later time on one side: on ours, a message the Python service lost
+    /// (unless ours is in the future: no message explains that); on the Python side, only a
+    /// message that is not JSON, which it took at that time and we rejected.
+    fn later_class(&self, which: Later, o: &Options) -> Option<Class> {
+        let (p, i) = (self.python, self.ingest);
         match which {
+            Later::Ingest if i.last_seen.is_some_and(|t| t - o.now > o.tolerance) => None,
             Later::Ingest => Some(Class::PythonLostMessage),
-            Later::Python if self.python_not_json => Some(Class::NotJson),
-            _ => None,
+            Later::Python => {
+                let took_it = match (self.python_not_json_at, p.last_seen) {
+                    (Some(at), Some(seen)) => (seen - at).abs() <= o.tolerance,
+                    _ => false,
+                };
+                took_it.then_some(Class::NotJson)
+            }
+            Later::Same => None,
         }
     }
 
@@ -355,23 +370,26 @@ impl Device<'_> {
         ] {
             let which = later(pt, it, o.tolerance);
             if which != Later::Same {
-                out.push(self.finding(
-                    field,
-                    show_time(pt),
-                    show_time(it),
-                    self.later_class(which),
-                ));
+                // A heartbeat is never a message that is not JSON.
+                let class = match (field, which) {
+                    ("last_heartbeat", Later::Python) => None,
+                    _ => self.later_class(which, o),
+                };
+                out.push(self.finding(field, show_time(pt), show_time(it), class));
             }
         }
         self.online(o, out);
         if p.device_status != i.device_status {
-            let fitted = i.device_status.as_deref().is_some_and(|s| {
-                s.chars().count() == DEVICE_STATUS_CHARS || s.parse::<f64>().is_ok()
-            });
+            // Cut to the column, where the Python service's write failed (its value is then
+            // an earlier one). A number's text is what both write, so no excuse.
+            let fitted = i
+                .device_status
+                .as_deref()
+                .is_some_and(|s| s.chars().count() == DEVICE_STATUS_CHARS);
             let class = if fitted {
                 Some(Class::DeviceStatusFitted)
             } else {
-                self.later_class(self.seen(o))
+                self.later_class(self.seen(o), o)
             };
             let show = |s: &Option<String>| s.clone().unwrap_or_else(|| "NULL".into());
             out.push(self.finding(
@@ -391,7 +409,7 @@ impl Device<'_> {
             let class = if self.python_left("location") {
                 Some(Class::NotInLastReportData)
             } else {
-                self.later_class(self.seen(o))
+                self.later_class(self.seen(o), o)
             };
             out.push(self.finding(
                 "last_report_data.location",
@@ -400,6 +418,29 @@ impl Device<'_> {
                 class,
             ));
         }
+    }
+
+    /// Whether our `device_sensors` row of `name` says what our `last_report_data` says of it
+    /// (value and time), where the latter has it under that name.
+    fn agrees(&self, name: &str, row: &SensorRow, o: &Options) -> bool {
+        let Some(entry) = part(part(self.ingest.last_report_data.as_ref(), "sensors"), name) else {
+            return true;
+        };
+        let value = match part(Some(entry), "value") {
+            Some(Value::Bool(true)) => row.value == "True",
+            Some(Value::Bool(false)) => row.value == "False",
+            Some(Value::Number(n)) => row.value.parse::<f64>().ok() == n.as_f64(),
+            Some(Value::String(t)) => *t == row.value,
+            _ => false,
+        };
+        let time = match (
+            instant(part(Some(entry), "timestamp"), &o.zone),
+            o.zone.from_naive(row.timestamp),
+        ) {
+            (Some(a), Some(b)) => (a - b).abs() <= o.tolerance,
+            _ => true,
+        };
+        value && time
     }
 
     /// `is_online` as the backend judges it.
@@ -421,10 +462,10 @@ impl Device<'_> {
             } else if !i.is_online && seen == Later::Same && silent {
                 Some(Class::PresenceSweep)
             } else {
-                self.later_class(seen)
+                self.later_class(seen, o)
             }
         } else {
-            self.later_class(seen)
+            self.later_class(seen, o)
         };
         let show = |on: bool, row: &DeviceRow| {
             format!(
@@ -450,7 +491,7 @@ impl Device<'_> {
         let class = if lost {
             Some(Class::LostStatusMerge)
         } else {
-            self.later_class(self.seen(o))
+            self.later_class(self.seen(o), o)
         };
         let keys: BTreeSet<&String> = [ps, is]
             .into_iter()
@@ -472,14 +513,30 @@ impl Device<'_> {
             let same_time = key == "timestamp"
                 && instant(a, &o.zone).is_some()
                 && instant(a, &o.zone) == instant(b, &o.zone);
-            if !same_opt(a, b) && !same_time {
-                out.push(self.finding(
-                    format!("last_report_data.status.{key}"),
-                    show_json(a),
-                    show_json(b),
-                    class,
-                ));
+            if same_opt(a, b) || same_time {
+                continue;
             }
+            // A lost merge explains a key we have from a later message: one the Python service
+            // lacks, or holds an earlier value of (of the same kind). Never a key we lack.
+            let class = match (a, b) {
+                (_, Some(b)) if lost && a.is_none_or(|a| same_kind(a, b)) => class,
+                (_, Some(_)) if lost => None,
+                (Some(a), None)
+                    if key == "timestamp"
+                        && a.is_string()
+                        && instant(Some(a), &o.zone).is_none() =>
+                {
+                    Some(Class::StatusTimestamp)
+                }
+                (_, None) if lost => None,
+                _ => class,
+            };
+            out.push(self.finding(
+                format!("last_report_data.status.{key}"),
+                show_json(a),
+                show_json(b),
+                class,
+            ));
         }
     }
 
@@ -564,7 +621,7 @@ fn compare_sensor_rows(
                 out.push(device.finding(field(""), p.value.clone(), "(no row)".into(), class));
             }
             (None, Some(i)) => {
-                let class = device.later_class(device.seen(o));
+                let class = device.later_class(device.seen(o), o);
                 out.push(device.finding(field(""), "(no row)".into(), i.value.clone(), class));
             }
             (Some(p), Some(i)) => {
@@ -573,17 +630,19 @@ fn compare_sensor_rows(
                     (p.value.parse::<f64>(), i.value.parse::<f64>()),
                     (Ok(a), Ok(b)) if a == b
                 );
-                // A reading kept out (or lost) brings its unit and type with its value.
+                // A reading dated otherwise, or kept out as older, is expected only where our
+                // two tables agree on it (the row is not merely stale beside last_report_data).
+                let ours_agree = device.agrees(name, i, o);
                 let reading_class = match when {
-                    Later::Python if device.seen(o) != Later::Python => {
+                    Later::Python if device.seen(o) != Later::Python && ours_agree => {
                         Some(Class::LateOlderReading)
                     }
-                    Later::Ingest => Some(Class::PythonLostMessage),
+                    Later::Ingest => device.later_class(Later::Ingest, o),
                     _ => None,
                 };
                 let show =
                     |r: &SensorRow, v: &str| format!("{v} at {}", show_time(Some(r.timestamp)));
-                let mut differs = false;
+                let mut reading_differs = false;
                 for (what, a, b) in [
                     (".value", &p.value, &i.value),
                     (".unit", &p.unit, &i.unit),
@@ -592,20 +651,20 @@ fn compare_sensor_rows(
                     if a == b {
                         continue;
                     }
-                    differs = true;
                     let class = if what == ".value" && same_number {
                         Some(Class::NumberText)
                     } else {
+                        reading_differs = true;
                         reading_class
                     };
                     out.push(device.finding(field(what), show(p, a), show(i, b), class));
                 }
-                if !differs && when != Later::Same {
+                if !reading_differs && when != Later::Same {
                     out.push(device.finding(
                         field(".timestamp"),
                         show_time(Some(p.timestamp)),
                         show_time(Some(i.timestamp)),
-                        Some(Class::DeviceTime),
+                        ours_agree.then_some(Class::DeviceTime),
                     ));
                 }
             }
@@ -614,11 +673,12 @@ fn compare_sensor_rows(
     }
 }
 
-/// `device_sensors`' rows by device, then by sensor name.
-fn by_device(t: &Tables) -> BTreeMap<&str, BTreeMap<&str, &SensorRow>> {
-    let mut m: BTreeMap<&str, BTreeMap<&str, &SensorRow>> = BTreeMap::new();
+/// `device_sensors`' rows by device (its uuid in lower case: the tables' collation ignores
+/// case, so the backend joins them so), then by sensor name.
+fn by_device(t: &Tables) -> BTreeMap<String, BTreeMap<&str, &SensorRow>> {
+    let mut m: BTreeMap<String, BTreeMap<&str, &SensorRow>> = BTreeMap::new();
     for ((uuid, name), row) in t.sensors.iter().flatten() {
-        m.entry(uuid.as_str())
+        m.entry(uuid.to_lowercase())
             .or_default()
             .insert(name.as_str(), row);
     }
@@ -642,17 +702,21 @@ pub fn compare(python: &Tables, ingest: &Tables, o: &Options) -> Report {
             continue;
         };
         report.devices += 1;
-        let ps = p_sensors.get(uuid.as_str()).unwrap_or(&empty);
+        let ps = p_sensors.get(&uuid.to_lowercase()).unwrap_or(&empty);
         let device = Device {
             uuid,
             python: p,
             ingest: i,
             start: start.map(|s| s.get(uuid).and_then(Option::as_ref)),
-            python_not_json: ps.values().any(|r| not_json_text(&r.value)),
+            python_not_json_at: ps
+                .values()
+                .filter(|r| not_json_text(&r.value))
+                .map(|r| r.timestamp)
+                .max(),
         };
         device.compare(o, &mut report.differences);
         if both_sensors {
-            let is = i_sensors.get(uuid.as_str()).unwrap_or(&empty);
+            let is = i_sensors.get(&uuid.to_lowercase()).unwrap_or(&empty);
             compare_sensor_rows(&device, ps, is, o, &mut report.differences);
         }
     }

@@ -27,6 +27,8 @@ pub enum Class {
     DeviceTime,
     /// The same number written as different text.
     NumberText,
+    /// A status `timestamp` text that dates nothing, which mqtt-ingest leaves out.
+    StatusTimestamp,
     /// A sensor name the Python service takes and the seed's rule does not.
     SensorNameRule,
     /// A numeric `device_id` stored by the Python service as a reading.
@@ -37,7 +39,7 @@ pub enum Class {
 
 impl Class {
     /// Every class, in the order the summary lists them.
-    pub const ALL: [Class; 12] = [
+    pub const ALL: [Class; 13] = [
         Class::PythonLostMessage,
         Class::LostStatusMerge,
         Class::OfflineStatus,
@@ -47,6 +49,7 @@ impl Class {
         Class::LateOlderReading,
         Class::DeviceTime,
         Class::NumberText,
+        Class::StatusTimestamp,
         Class::SensorNameRule,
         Class::NumericDeviceId,
         Class::NotJson,
@@ -64,6 +67,7 @@ impl Class {
             Class::LateOlderReading => "late_older_reading",
             Class::DeviceTime => "device_time",
             Class::NumberText => "number_text",
+            Class::StatusTimestamp => "status_timestamp",
             Class::SensorNameRule => "sensor_name_rule",
             Class::NumericDeviceId => "numeric_device_id",
             Class::NotJson => "not_json",
@@ -74,10 +78,10 @@ impl Class {
     pub fn seen_as(self) -> &'static str {
         match self {
             Class::PythonLostMessage => {
-                "mqtt-ingest's `last_seen`, `last_heartbeat` or reading is later than the Python service's (beyond the tolerance)"
+                "mqtt-ingest's `last_seen`, `last_heartbeat` or reading is later than the Python service's (beyond the tolerance), and not in the future"
             }
             Class::LostStatusMerge => {
-                "the status in the Python service's `last_report_data` is what it was when the shadow copy was made, or the copy had none"
+                "a status key mqtt-ingest holds and the Python service lacks or holds an earlier value of the same kind, where the Python service's status is what the shadow copy held (or the copy had none)"
             }
             Class::OfflineStatus => {
                 "offline in mqtt-ingest, whose stored status says `offline`; online in the Python service"
@@ -92,10 +96,15 @@ impl Class {
                 "the Python service's sensors or location in `last_report_data` are what they were when the shadow copy was made"
             }
             Class::LateOlderReading => {
-                "a reading's value, unit or type differs and the Python service's is dated later than mqtt-ingest's, which saw the device as recently"
+                "a reading's value, unit or type differs and the Python service's is dated later than mqtt-ingest's, which saw the device as recently and whose two tables agree on the reading"
             }
-            Class::DeviceTime => "the same value with times further apart than the tolerance",
+            Class::DeviceTime => {
+                "the same value with times further apart than the tolerance, where mqtt-ingest's two tables agree on the reading's time"
+            }
             Class::NumberText => "two texts of the same number (`1e+20`, `1e20`)",
+            Class::StatusTimestamp => {
+                "a status `timestamp` text that reads as no time, stored by the Python service and not by mqtt-ingest"
+            }
             Class::SensorNameRule => {
                 "a `device_sensors` row only the Python service has, named against the seed's rule"
             }
@@ -103,7 +112,7 @@ impl Class {
                 "a `device_sensors` row `device_id` only the Python service has"
             }
             Class::NotJson => {
-                "a `nan` or `inf` reading the Python service stored, and its later `last_seen`"
+                "a `nan` or `inf` reading the Python service stored, and the later `last_seen` it set then"
             }
         }
     }
@@ -210,7 +219,7 @@ pub const DIFFERENCES: &[Difference] = &[
         "stored as sent",
         "stored as read (`…+08:00`); text that dates nothing is left out of the stored status, a number is kept",
         "the stored status time orders later statuses: garbage must not",
-        None,
+        Some(Class::StatusTimestamp),
     ),
     row(
         "Receive times inside `last_report_data`",
@@ -227,7 +236,7 @@ pub const DIFFERENCES: &[Difference] = &[
         None,
     ),
     row(
-        "A bad part of a message (a sensor entry that is not an object, a non-object payload)",
+        "A bad part of a message (a sensor entry that is not an object, a data or status payload that is not an object)",
         "the whole message is rolled back, `last_seen` not updated, counted as a success",
         "the part is skipped with a warning, the rest is written",
         "one bad field does not hide a device",

@@ -425,7 +425,8 @@ fn the_monitoring_stack_is_wired_to_the_files_the_tests_check() {
         );
     }
     // Prometheus: its configuration and the rule file it names.
-    let config_path = mount_of(prom, "./prometheus/prometheus.yml").expect("prometheus.yml mounted");
+    let config_path =
+        mount_of(prom, "./prometheus/prometheus.yml").expect("prometheus.yml mounted");
     assert!(
         prom["command"]
             .as_sequence()

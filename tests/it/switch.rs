@@ -4,7 +4,9 @@
 //! The stand-in ([`PythonStandIn`]) writes the live tables the way `service/mqtt-service/main.py`
 //! does (read from its source, written here from those facts): naive Beijing times, `str()`
 //! values in `device_sensors`, a status merged into `last_report_data` only while the column is
-//! empty (the later merges SQLAlchemy never sees), `is_online = 1` for every message.
+//! empty (the later merges SQLAlchemy never sees), `is_online = 1` for every message. It follows
+//! main.py for what these tests publish (the firmware's payloads, the seed README's examples);
+//! its rollbacks on malformed input (a sensor entry that is not an object, say) are not copied.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -200,7 +202,7 @@ async fn handle(pool: &MySqlPool, uuid: &str, kind: &str, data: &serde_json::Map
                             at,
                         ));
                     }
-                    if let Some(v) = data.get("level").filter(|v| v.is_number()) {
+                    if let Some(v) = data.get("level").filter(|v| python_number(v)) {
                         upsert.push(("rain_level".into(), python_str(v), String::new(), kind, at));
                     }
                 } else {

@@ -433,3 +433,117 @@ fn the_summary_counts_by_class_and_the_json_form_carries_it_all() {
         && f["mqtt_ingest"] == "1e20 at 2026-12-02 17:59:55"
         && f["class"] == "number_text"));
 }
+
+#[test]
+fn what_a_lost_merge_cannot_explain() {
+    let copied = json!({"status": {"uptime": 30, "wifi_connected": true, "timestamp": "boot"}});
+    let p = with_start(tables(row(5, Some(copied.clone())), &[]), Some(copied));
+    // A key we dropped, a value that changed kind: not a later message.
+    let i = tables(
+        row(
+            5,
+            Some(json!({"status": {"wifi_connected": "true", "timestamp": "boot"}})),
+        ),
+        &[],
+    );
+    assert_eq!(
+        found(&p, &i),
+        [
+            field("last_report_data.status.uptime", None),
+            field("last_report_data.status.wifi_connected", None),
+        ]
+    );
+    // A status time that reads as no time, left out on our side: documented.
+    let i = tables(
+        row(
+            5,
+            Some(json!({"status": {"uptime": 90, "wifi_connected": true}})),
+        ),
+        &[],
+    );
+    assert_eq!(
+        found(&p, &i),
+        [
+            field(
+                "last_report_data.status.timestamp",
+                Some("status_timestamp")
+            ),
+            field("last_report_data.status.uptime", Some("lost_status_merge")),
+        ]
+    );
+}
+
+#[test]
+fn excuses_hold_only_where_their_cause_can_be() {
+    // A number's text in device_status is what both write: no excuse.
+    let mut p = row(5, None);
+    p.device_status = Some("pending".into());
+    let mut i = row(5, None);
+    i.device_status = Some("1".into());
+    assert_eq!(
+        found(&tables(p, &[]), &tables(i, &[])),
+        [field("device_status", None)]
+    );
+    // A `nan` stored long before does not explain a later last_seen on the Python side.
+    let p = tables(row(5, None), &[("broken", sensor("nan", 3600))]);
+    let i = tables(row(200, None), &[]);
+    assert!(
+        found(&p, &i)
+            .iter()
+            .any(|(f, c)| f == "last_seen" && c.is_none()),
+        "{:?}",
+        found(&p, &i)
+    );
+    // Nor a heartbeat.
+    assert!(
+        found(&p, &i)
+            .iter()
+            .any(|(f, c)| f == "last_heartbeat" && c.is_none())
+    );
+    // Our last_seen in the future is no message the Python service lost.
+    let mut future = row(5, None);
+    future.last_seen = Some(now() + TimeDelta::hours(8));
+    assert!(
+        found(&tables(row(5, None), &[]), &tables(future, &[]))
+            .iter()
+            .any(|(f, c)| f == "last_seen" && c.is_none())
+    );
+}
+
+#[test]
+fn a_stale_row_beside_our_own_last_report_data_is_unexpected() {
+    let reading =
+        |v: Value, at: &str| json!({"sensors": {"t": {"value": v, "unit": "", "timestamp": at}}});
+    let p = tables(row(5, None), &[("t", sensor("1", 5))]);
+    // Our row is an hour old while our last_report_data read the same value just now.
+    let i = tables(
+        row(5, Some(reading(json!(1), "2026-12-02T17:59:55+08:00"))),
+        &[("t", sensor("1", 3600))],
+    );
+    let f = found(&p, &i);
+    assert!(
+        f.contains(&field("device_sensors.t.timestamp", None)),
+        "{f:?}"
+    );
+    // Where both our tables say the hour-old time, it is how the reading was dated.
+    let i = tables(
+        row(5, Some(reading(json!(1), "2026-12-02T17:00:00+08:00"))),
+        &[("t", sensor("1", 3600))],
+    );
+    let f = found(&p, &i);
+    assert!(
+        f.contains(&field("device_sensors.t.timestamp", Some("device_time"))),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn rows_of_a_uuid_in_other_case_are_the_devices() {
+    let mut p = tables(row(5, None), &[]);
+    p.sensors = Some(BTreeMap::from([(
+        (UUID.to_uppercase(), "t".to_owned()),
+        sensor("1", 5),
+    )]));
+    let i = tables(row(5, None), &[("t", sensor("2", 5))]);
+    assert_eq!(found(&p, &i), [field("device_sensors.t.value", None)]);
+}
