@@ -115,7 +115,7 @@ fn a_timestamp_that_dates_nothing_costs_no_reading() {
         assert!(a.skipped.is_empty(), "{ts}: {:?}", a.skipped);
         assert_eq!(a.undated.len(), 1);
         assert_eq!(
-            (a.undated[0].part.as_str(), a.undated[0].reason),
+            (a.undated[0].part.as_ref(), a.undated[0].reason),
             ("timestamp", reason)
         );
         let Change::Data(d) = a.update.change else {
@@ -624,8 +624,53 @@ fn any_kind() -> impl Strategy<Value = TopicKind> {
     ]
 }
 
+/// What the full parse makes of a heartbeat: its `timestamp` (null as none), or the refusal.
+fn heartbeat_by_the_full_parse(text: &str) -> Result<Option<Value>, Rejection> {
+    parse_object(text).map(|o| o.get("timestamp").filter(|v| !v.is_null()).cloned())
+}
+
+#[test]
+fn the_light_heartbeat_parse_agrees_with_the_full_one() {
+    for text in [
+        r#"{"sequence":7,"timestamp":90512,"status":1}"#,
+        r#"{"timestamp": "2025-12-19T14:30:00+08:00"}"#,
+        r#"{"timestamp": null, "x": [1, {"y": 2}]}"#,
+        r#"{"timestamp": 1, "timestamp": 2}"#,
+        r#"  {"a": 1}"#,
+        "{}",
+        "[1]",
+        "5",
+        r#"{"a": 1"#,
+        r#"{"a": 1} x"#,
+        r#""text""#,
+    ] {
+        assert_eq!(
+            heartbeat_timestamp(text),
+            heartbeat_by_the_full_parse(text),
+            "{text}"
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn the_sensor_name_check_is_the_seed_rule(name in prop_oneof![
+        "[a-z_0-9]{0,55}",
+        "[a-z][a-z0-9_]{0,52}",
+        ".{0,12}",
+        "[a-z]{1,3}\n?",
+    ]) {
+        let rule = regex::Regex::new(r"^[a-z][a-z0-9_]{0,49}$").unwrap();
+        prop_assert_eq!(valid_sensor_name(&name), rule.is_match(&name), "{:?}", name);
+    }
+
+    #[test]
+    fn the_light_heartbeat_parse_agrees_on_any_json(v in arb_json()) {
+        let text = v.to_string();
+        prop_assert_eq!(heartbeat_timestamp(&text), heartbeat_by_the_full_parse(&text));
+    }
 
     #[test]
     fn arbitrary_bytes_never_panic(kind in any_kind(), bytes in prop::collection::vec(any::<u8>(), 0..512)) {
@@ -640,7 +685,7 @@ proptest! {
         {
             prop_assert!(!d.sensors.is_empty() || d.status.is_some() || d.location.is_some());
             for (name, r) in &d.sensors {
-                prop_assert!(SENSOR_NAME.is_match(name));
+                prop_assert!(valid_sensor_name(name));
                 prop_assert!(r.value.as_f64().is_some_and(f64::is_finite));
                 prop_assert!(DateTime::parse_from_rfc3339(&r.timestamp).is_ok());
             }
