@@ -168,10 +168,12 @@ pub enum Scenario {
     /// drain-10k with sensor history on (HISTORY_ENABLED=true): two history rows per message.
     Drain10kHistory,
     Live,
+    /// The presence sweep on CodeHubot's own `device_main` at ten times drain-10k's devices.
+    Presence,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::DbLimit,
         Scenario::Broker100,
         Scenario::Drain100,
@@ -179,6 +181,7 @@ impl Scenario {
         Scenario::Drain10k,
         Scenario::Drain10kHistory,
         Scenario::Live,
+        Scenario::Presence,
     ];
 
     pub fn name(self) -> &'static str {
@@ -190,6 +193,7 @@ impl Scenario {
             Scenario::Drain10k => "drain-10k",
             Scenario::Drain10kHistory => "history-10k",
             Scenario::Live => "live",
+            Scenario::Presence => "presence",
         }
     }
 }
@@ -325,8 +329,9 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Scenarios> {
             "drain-10k" => &[Scenario::Drain10k],
             "history-10k" => &[Scenario::Drain10kHistory],
             "live" => &[Scenario::Live],
+            "presence" => &[Scenario::Presence],
             other => bail!(
-                "unknown scenario {other:?} (db-limit, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, all, drain, broker, db)"
+                "unknown scenario {other:?} (db-limit, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, presence, all, drain, broker, db)"
             ),
         };
         out.extend_from_slice(add);

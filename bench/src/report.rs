@@ -142,7 +142,7 @@ pub fn table(title: &str, rows: &[Row]) -> String {
         "lost"
     );
     for r in rows {
-        let rate = if r.kind == "db" {
+        let rate = if r.kind == "db" || r.kind == "presence" {
             format!("{:.0} rows", r.rate)
         } else {
             format!("{:.0}", r.rate)
@@ -162,6 +162,9 @@ pub fn table(title: &str, rows: &[Row]) -> String {
             opt(r.peak_rss_mb, 1),
             r.lost
         );
+        if let Some(note) = r.note.as_deref().filter(|n| !n.starts_with("median of")) {
+            let _ = writeln!(out, "    {note}");
+        }
         if let Some(e) = &r.error {
             let first = e.lines().next().unwrap_or("");
             let _ = writeln!(out, "    ERROR: {first}");

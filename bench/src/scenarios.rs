@@ -5,7 +5,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::fmt::Write as _;
+
 use anyhow::{Context as _, bail};
+use mqtt_ingest::intake::zone::Zone;
+use sqlx::AssertSqlSafe;
 
 use crate::args::{Options, Scenario, Size};
 use crate::broker::{Broker, NullSub, Sub};
@@ -19,6 +23,8 @@ use crate::service::{Service, Stopped};
 const LIVE_SETTLE: Duration = Duration::from_secs(10);
 /// The live scenario's database poll interval.
 const LIVE_POLL: Duration = Duration::from_millis(5);
+/// The service's default `PRESENCE_TIMEOUT_SECS`.
+const PRESENCE_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct Ctx<'a> {
     pub opts: &'a Options,
@@ -61,6 +67,7 @@ pub fn kind(s: Scenario) -> &'static str {
         Scenario::Broker100 | Scenario::Broker10k => "broker",
         Scenario::Drain100 | Scenario::Drain10k | Scenario::Drain10kHistory => "drain",
         Scenario::Live => "live",
+        Scenario::Presence => "presence",
     }
 }
 
@@ -72,6 +79,7 @@ pub async fn run(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
         Scenario::Drain100 => drain(ctx, s, ctx.opts.small).await,
         Scenario::Drain10k | Scenario::Drain10kHistory => drain(ctx, s, ctx.opts.large).await,
         Scenario::Live => live(ctx).await,
+        Scenario::Presence => presence(ctx).await,
     }
 }
 
@@ -349,6 +357,116 @@ async fn db_limit(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
         seconds: secs,
         rate: rows as f64 / secs,
         note: Some(format!("{} rows per statement", ctx.opts.db_batch)),
+        ..Row::default()
+    })
+}
+
+/// CodeHubot's `device_main` as its backend creates it (the integration tests' fixture, written
+/// from the real DDL): no index on `last_seen`, one on `is_online`.
+const CODEHUBOT_DEVICE_MAIN: &str =
+    include_str!("../../tests/it/fixtures/codehubot-device-main.sql");
+
+/// The median of five timed sweeps, in milliseconds, and what the last one changed.
+async fn timed_sweeps(pool: &sqlx::MySqlPool, zone: &Zone) -> anyhow::Result<(f64, u64)> {
+    let mut took = Vec::new();
+    let mut changed = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        changed = mqtt_ingest::store::presence::sweep(pool, PRESENCE_TIMEOUT, zone).await?;
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    took.sort_by(f64::total_cmp);
+    Ok((took[2], changed))
+}
+
+/// One stale device in a hundred: silent for an hour, still marked online.
+async fn make_stale(pool: &sqlx::MySqlPool, now: chrono::NaiveDateTime) -> anyhow::Result<u64> {
+    let done =
+        sqlx::query("UPDATE device_main SET is_online = 1, last_seen = ? WHERE MOD(id, 100) = 0")
+            .bind(now - chrono::TimeDelta::hours(1))
+            .execute(pool)
+            .await?;
+    Ok(done.rows_affected())
+}
+
+/// The sweep the service runs every `PRESENCE_SWEEP_SECS`, timed on CodeHubot's own table with
+/// ten times drain-10k's devices (100,000 at the default size), every one online and fresh:
+/// with nothing stale (the steady state), with one in a hundred stale, then the same with an
+/// index on `last_seen` added.
+async fn presence(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
+    let s = Scenario::Presence;
+    let devices = ctx.opts.large.devices * 10;
+    let t = &ctx.opts.db;
+    let db = mqtt_ingest_testkit::TestDb::try_named("bench", &t.host, t.port, &t.user, &t.password)
+        .await
+        .context("creating the presence scenario's database")?;
+    let pool = db.pool();
+    let ddl: String = CODEHUBOT_DEVICE_MAIN
+        .replace("{team}", "team_id")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for statement in ddl.split(';').filter(|x| !x.trim().is_empty()) {
+        sqlx::query(AssertSqlSafe(statement.to_owned()))
+            .execute(&pool)
+            .await
+            .context("creating CodeHubot's device_main")?;
+    }
+    ctx.progress.phase(
+        format!("{}: registering {devices} devices, all online", s.name()),
+        0,
+    );
+    let zone = Zone::default();
+    let now = zone.naive(chrono::Utc::now());
+    let stamp = now.format("%Y-%m-%d %H:%M:%S").to_string();
+    let mut start = 0;
+    while start < devices {
+        let end = (start + 5_000).min(devices);
+        let mut sql = String::from(
+            "INSERT INTO device_main (uuid, device_id, name, device_secret, is_online, last_seen) VALUES ",
+        );
+        for i in start..end {
+            if i > start {
+                sql.push(',');
+            }
+            let _ = write!(
+                sql,
+                "('presence-{i}','dev-{i}','Board {i}','s',1,'{stamp}')"
+            );
+        }
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await?;
+        start = end;
+    }
+    ctx.progress
+        .phase(format!("{}: timing the sweep", s.name()), 0);
+    let (quiet, _) = timed_sweeps(&pool, &zone).await?;
+    let stale = make_stale(&pool, now).await?;
+    let t0 = Instant::now();
+    let swept = mqtt_ingest::store::presence::sweep(&pool, PRESENCE_TIMEOUT, &zone).await?;
+    let stale_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    sqlx::query("ALTER TABLE device_main ADD INDEX idx_last_seen (last_seen)")
+        .execute(&pool)
+        .await?;
+    let (quiet_indexed, _) = timed_sweeps(&pool, &zone).await?;
+    make_stale(&pool, now).await?;
+    let t0 = Instant::now();
+    let swept_indexed = mqtt_ingest::store::presence::sweep(&pool, PRESENCE_TIMEOUT, &zone).await?;
+    let stale_indexed_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    anyhow::ensure!(
+        swept == stale && swept_indexed == stale,
+        "the sweep set {swept} and {swept_indexed} offline, not the {stale} stale devices"
+    );
+    Ok(Row {
+        scenario: s.name().to_owned(),
+        kind: kind(s).to_owned(),
+        devices,
+        messages: 0,
+        seconds: quiet / 1000.0,
+        rate: devices as f64 / (quiet / 1000.0),
+        note: Some(format!(
+            "sweep, median of 5: {quiet:.1} ms with nothing stale, {stale_ms:.1} ms setting {stale} stale devices offline; with an index on last_seen: {quiet_indexed:.1} ms and {stale_indexed_ms:.1} ms"
+        )),
         ..Row::default()
     })
 }

@@ -365,3 +365,49 @@ async fn the_sweep_sets_offline_in_sql_so_it_is_right_after_a_restart() {
             .is_online
     );
 }
+
+/// The sweep reads every online row (CodeHubot's table has no index on last_seen): it must not
+/// wait on a device a writer holds, only set the silent ones offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_does_not_wait_on_a_row_a_writer_holds() {
+    let (db, _) = setup().await;
+    let pool = db.pool();
+    register(&pool, "stale").await;
+    register(&pool, "held").await;
+    sqlx::query("UPDATE device_main SET is_online = 1, last_seen = UTC_TIMESTAMP() + INTERVAL 8 HOUR - INTERVAL 10 MINUTE WHERE uuid = 'stale'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE device_main SET is_online = 1, last_seen = UTC_TIMESTAMP() + INTERVAL 8 HOUR WHERE uuid = 'held'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // A writer's transaction holds the fresh device's row (as a batch does until its commit).
+    let mut writer = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM device_main WHERE uuid = 'held' FOR UPDATE")
+        .fetch_all(&mut *writer)
+        .await
+        .unwrap();
+    let swept = tokio::time::timeout(
+        Duration::from_secs(10),
+        mqtt_ingest::store::presence::sweep(
+            &pool,
+            Duration::from_secs(90),
+            &mqtt_ingest::intake::zone::Zone::default(),
+        ),
+    )
+    .await
+    .expect("the sweep waited on the held row (innodb_lock_wait_timeout is 50 s)")
+    .unwrap();
+    assert_eq!(swept, 1);
+    writer.rollback().await.unwrap();
+    assert!(
+        crate::app::device(&pool, "held")
+            .await
+            .unwrap()
+            .unwrap()
+            .is_online
+    );
+}
