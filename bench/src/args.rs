@@ -161,6 +161,10 @@ struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scenario {
     DbLimit,
+    /// The same upserts over the service's INGEST_WRITERS connections at once.
+    DbLimitWriters,
+    /// Multi-row INSERT into device_history: history-10k's rows.
+    HistoryLimit,
     Broker100,
     Drain100,
     Broker10k,
@@ -173,8 +177,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::DbLimit,
+        Scenario::DbLimitWriters,
+        Scenario::HistoryLimit,
         Scenario::Broker100,
         Scenario::Drain100,
         Scenario::Broker10k,
@@ -187,6 +193,8 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::DbLimit => "db-limit",
+            Scenario::DbLimitWriters => "db-writers",
+            Scenario::HistoryLimit => "db-history",
             Scenario::Broker100 => "broker-100",
             Scenario::Drain100 => "drain-100",
             Scenario::Broker10k => "broker-10k",
@@ -322,7 +330,14 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Scenarios> {
                 Scenario::Drain10kHistory,
             ],
             "broker" => &[Scenario::Broker100, Scenario::Broker10k],
-            "db" | "db-limit" => &[Scenario::DbLimit],
+            "db" => &[
+                Scenario::DbLimit,
+                Scenario::DbLimitWriters,
+                Scenario::HistoryLimit,
+            ],
+            "db-limit" => &[Scenario::DbLimit],
+            "db-writers" => &[Scenario::DbLimitWriters],
+            "db-history" => &[Scenario::HistoryLimit],
             "broker-100" => &[Scenario::Broker100],
             "broker-10k" => &[Scenario::Broker10k],
             "drain-100" => &[Scenario::Drain100],
@@ -331,7 +346,7 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Scenarios> {
             "live" => &[Scenario::Live],
             "presence" => &[Scenario::Presence],
             other => bail!(
-                "unknown scenario {other:?} (db-limit, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, presence, all, drain, broker, db)"
+                "unknown scenario {other:?} (db-limit, db-writers, db-history, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, presence, all, drain, broker, db)"
             ),
         };
         out.extend_from_slice(add);
@@ -461,6 +476,8 @@ mod tests {
             o.scenarios,
             [
                 Scenario::DbLimit,
+                Scenario::DbLimitWriters,
+                Scenario::HistoryLimit,
                 Scenario::Drain100,
                 Scenario::Drain10k,
                 Scenario::Drain10kHistory,

@@ -136,17 +136,18 @@ impl BenchDb {
         Ok(out)
     }
 
-    /// The database's own limit: `rows` upserts of the devices 0..devices (already registered)
-    /// over ONE connection, `batch` rows per statement, one fixed statement shape (so one
-    /// prepared statement), autocommit. Returns (rows written, time).
+    /// The database's own upsert limit: `rows` rows of the shape the service writes, upserted
+    /// over `conns` connections at once (the service's `INGEST_WRITERS`; each takes its own
+    /// devices, as the service's writers do), `batch` rows per statement, one fixed statement
+    /// shape (so one prepared statement), autocommit. Returns (rows written, time).
     pub async fn upsert_limit(
         &self,
         devices: u64,
         rows: u64,
         batch: usize,
-        progress: &Progress,
+        conns: u64,
+        progress: &std::sync::Arc<Progress>,
     ) -> anyhow::Result<(u64, Duration)> {
-        let mut conn = self.db.connect().await?;
         let mut sql = String::from(
             "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online) VALUES ",
         );
@@ -161,26 +162,104 @@ impl BenchDb {
              last_seen = VALUES(last_seen), is_online = VALUES(is_online)",
         );
         let sql: std::sync::Arc<str> = sql.into();
-        let statements = rows.div_ceil(batch as u64);
+        let per_conn = rows.div_ceil(conns);
+        let options = self.db.connect_options();
+        let mut conns_open = Vec::new();
+        for _ in 0..conns {
+            conns_open.push(sqlx::MySqlConnection::connect_with(&options).await?);
+        }
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (k, mut conn) in conns_open.into_iter().enumerate() {
+            let sql = sql.clone();
+            let progress = progress.clone();
+            tasks.spawn(async move {
+                let k = k as u64;
+                // This connection's devices: k, k + conns, k + 2 conns, …
+                let mine = devices.div_ceil(conns).max(1);
+                let mut done = 0u64;
+                while done < per_conn {
+                    let now = Utc::now();
+                    let ts = now.to_rfc3339_opts(SecondsFormat::Millis, true);
+                    let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
+                    for _ in 0..batch {
+                        let d = ((done % mine) * conns + k) % devices;
+                        let seq = done / mine + 1;
+                        q = q
+                            .bind(format!("bench-dev-{d}"))
+                            .bind(format!("dev{d}"))
+                            .bind(format!("Bench {d}"))
+                            .bind(stored_json(seq, &ts))
+                            .bind(now)
+                            .bind(true);
+                        done += 1;
+                    }
+                    q.execute(&mut conn).await.context("upsert")?;
+                    progress
+                        .committed
+                        .fetch_add(batch as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                let _ = conn.close().await;
+                Ok::<u64, anyhow::Error>(done)
+            });
+        }
+        let mut written = 0;
+        while let Some(done) = tasks.join_next().await {
+            written += done.context("an upsert task")??;
+        }
+        Ok((written, started.elapsed()))
+    }
+
+    /// The database's own limit for history rows: `rows` rows of the shape the service appends
+    /// (`INSERT IGNORE INTO device_history`, two sensors per message, each reading its own time)
+    /// over one connection, `batch` rows per statement, autocommit. Returns (rows, time).
+    pub async fn history_limit(
+        &self,
+        devices: u64,
+        rows: u64,
+        batch: usize,
+        progress: &Progress,
+    ) -> anyhow::Result<(u64, Duration)> {
+        sqlx::query("TRUNCATE TABLE device_history")
+            .execute(&self.pool())
+            .await?;
+        let mut conn = self.db.connect().await?;
+        let mut sql = String::from(
+            "INSERT IGNORE INTO device_history \
+             (device_uuid, sensor, value, unit, reading_time, received_at) VALUES ",
+        );
+        for i in 0..batch {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str("(?,?,?,?,?,?)");
+        }
+        let sql: std::sync::Arc<str> = sql.into();
+        let base = Utc::now().naive_utc() - chrono::TimeDelta::hours(1);
         let started = Instant::now();
         let mut row = 0u64;
-        for _ in 0..statements {
-            let now = Utc::now();
-            let ts = now.to_rfc3339_opts(SecondsFormat::Millis, true);
+        while row < rows {
+            let now = Utc::now().naive_utc();
             let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
             for _ in 0..batch {
-                let d = row % devices;
-                let seq = row / devices + 1;
+                let message = row / 2;
+                let d = message % devices;
+                let at = base + chrono::TimeDelta::milliseconds((message / devices) as i64);
+                let (sensor, value) = if row % 2 == 0 {
+                    ("seq", (message / devices + 1) as f64)
+                } else {
+                    ("temperature", 21.5)
+                };
                 q = q
-                    .bind(format!("bench-dev-{d}"))
                     .bind(format!("dev{d}"))
-                    .bind(format!("Bench {d}"))
-                    .bind(stored_json(seq, &ts))
-                    .bind(now)
-                    .bind(true);
+                    .bind(sensor)
+                    .bind(value)
+                    .bind("")
+                    .bind(at)
+                    .bind(now);
                 row += 1;
             }
-            q.execute(&mut conn).await.context("upsert")?;
+            q.execute(&mut conn).await.context("history insert")?;
             progress
                 .committed
                 .store(row, std::sync::atomic::Ordering::Relaxed);

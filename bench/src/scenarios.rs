@@ -63,7 +63,7 @@ impl Ctx<'_> {
 
 pub fn kind(s: Scenario) -> &'static str {
     match s {
-        Scenario::DbLimit => "db",
+        Scenario::DbLimit | Scenario::DbLimitWriters | Scenario::HistoryLimit => "db",
         Scenario::Broker100 | Scenario::Broker10k => "broker",
         Scenario::Drain100 | Scenario::Drain10k | Scenario::Drain10kHistory => "drain",
         Scenario::Live => "live",
@@ -73,7 +73,9 @@ pub fn kind(s: Scenario) -> &'static str {
 
 pub async fn run(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
     match s {
-        Scenario::DbLimit => db_limit(ctx).await,
+        Scenario::DbLimit | Scenario::DbLimitWriters | Scenario::HistoryLimit => {
+            db_limit(ctx, s).await
+        }
         Scenario::Broker100 => broker_limit(ctx, s, ctx.opts.small).await,
         Scenario::Broker10k => broker_limit(ctx, s, ctx.opts.large).await,
         Scenario::Drain100 => drain(ctx, s, ctx.opts.small).await,
@@ -328,26 +330,70 @@ async fn broker_limit(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<
     })
 }
 
-/// (d): the database's own limit over one connection.
-async fn db_limit(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
-    let s = Scenario::DbLimit;
+/// The number of writers the service runs: `INGEST_WRITERS` from `--service-env`, else its
+/// default (2).
+fn writers(opts: &Options) -> u64 {
+    opts.service_env
+        .iter()
+        .find(|(k, _)| k == "INGEST_WRITERS")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(2)
+}
+
+/// (d): the database's own limits: upserts over one connection and over the service's writers'
+/// connections, and history rows.
+async fn db_limit(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
     let devices = ctx.opts.large.devices;
     ctx.progress
         .phase(format!("{}: registering {devices} devices", s.name()), 0);
     ctx.db.reseed(devices).await?;
-    ctx.progress.phase(
-        format!(
-            "{}: {} rows upserted over one connection, {} rows per statement",
-            s.name(),
-            ctx.opts.db_rows,
-            ctx.opts.db_batch
-        ),
-        ctx.opts.db_rows,
-    );
-    let (rows, took) = ctx
-        .db
-        .upsert_limit(devices, ctx.opts.db_rows, ctx.opts.db_batch, ctx.progress)
-        .await?;
+    let batch = ctx.opts.db_batch;
+    let (rows, took, note) = match s {
+        Scenario::HistoryLimit => {
+            // history-10k's rows: two readings for each of drain-10k's messages.
+            let rows = ctx.opts.large.messages() * 2;
+            ctx.progress.phase(
+                format!(
+                    "{}: {rows} history rows inserted over one connection",
+                    s.name()
+                ),
+                rows,
+            );
+            let (rows, took) = ctx
+                .db
+                .history_limit(devices, rows, batch, ctx.progress)
+                .await?;
+            (
+                rows,
+                took,
+                format!("INSERT IGNORE, {batch} rows per statement, one connection"),
+            )
+        }
+        _ => {
+            let conns = if s == Scenario::DbLimit {
+                1
+            } else {
+                writers(ctx.opts)
+            };
+            ctx.progress.phase(
+                format!(
+                    "{}: {} rows upserted over {conns} connection(s), {batch} rows per statement",
+                    s.name(),
+                    ctx.opts.db_rows,
+                ),
+                ctx.opts.db_rows,
+            );
+            let (rows, took) = ctx
+                .db
+                .upsert_limit(devices, ctx.opts.db_rows, batch, conns, ctx.progress)
+                .await?;
+            (
+                rows,
+                took,
+                format!("{batch} rows per statement, {conns} connection(s)"),
+            )
+        }
+    };
     let secs = took.as_secs_f64();
     Ok(Row {
         scenario: s.name().to_owned(),
@@ -356,7 +402,7 @@ async fn db_limit(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
         messages: rows,
         seconds: secs,
         rate: rows as f64 / secs,
-        note: Some(format!("{} rows per statement", ctx.opts.db_batch)),
+        note: Some(note),
         ..Row::default()
     })
 }
