@@ -313,7 +313,9 @@ pub struct IngestArgs {
     /// Most updates per transaction (messages folded into one count once)
     #[arg(long, env = "INGEST_BATCH_MAX_MESSAGES", default_value_t = 500, value_parser = whole(1usize, 10_000))]
     pub ingest_batch_max_messages: usize,
-    /// How long a batch may wait to fill (never while the broker can send no more before an ack)
+    /// How long a batch may wait to fill, only while a backlog is worked off (the last batch was
+    /// full; at a steady rate a batch leaves at once), and never while the broker can send no
+    /// more before an ack
     #[arg(long, env = "INGEST_BATCH_MAX_WAIT_MS", default_value_t = 10, value_parser = whole(0u64, 60_000))]
     pub ingest_batch_max_wait_ms: u64,
     /// `true`: an unknown uuid gets a row (`device_id` = `name` = uuid) instead of
