@@ -35,7 +35,11 @@ const DRAIN_STATUS: &str = concat!(
 const DEVICE_SEQ: &str = concat!("SELECT ", seq_expr!(), " FROM device_main WHERE uuid = ?");
 
 /// Every device's uuid and stored seq.
-const SEQS: &str = concat!("SELECT uuid, ", seq_expr!(), " FROM device_main");
+const SEQS: &str = concat!(
+    "SELECT uuid, ",
+    seq_expr!(),
+    " FROM device_main WHERE id <= ?"
+);
 
 /// The benchmark's database: the test kit's throw-away database (dropped when this is
 /// dropped), with the service's tables.
@@ -123,8 +127,12 @@ impl BenchDb {
     }
 
     /// Every device's index (from `dev<i>`) and its stored `seq` (0 when none yet).
-    pub async fn seqs(&self) -> anyhow::Result<Vec<(usize, u64)>> {
-        let rows = sqlx::query(SEQS).fetch_all(&self.pool()).await?;
+    /// Each of the first `devices` devices (by registration) and its stored `seq`.
+    pub async fn seqs(&self, devices: u64) -> anyhow::Result<Vec<(usize, u64)>> {
+        let rows = sqlx::query(SEQS)
+            .bind(devices)
+            .fetch_all(&self.pool())
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let uuid: String = row.try_get(0)?;
