@@ -253,7 +253,7 @@ impl BenchDb {
                 let message = row / 2;
                 let d = message % devices;
                 let at = base + chrono::TimeDelta::milliseconds((message / devices) as i64);
-                let (sensor, value) = if row % 2 == 0 {
+                let (sensor, value) = if row.is_multiple_of(2) {
                     ("seq", (message / devices + 1) as f64)
                 } else {
                     ("temperature", 21.5)
