@@ -147,6 +147,32 @@ impl Drop for PythonStandIn {
     }
 }
 
+/// `last_seen` (and `last_heartbeat` for a heartbeat) now, `is_online = 1`.
+async fn seen(tx: &mut sqlx::MySqlConnection, uuid: &str, now: NaiveDateTime, heartbeat: bool) {
+    sqlx::query(
+        "UPDATE device_main SET last_seen = ?, last_heartbeat = IFNULL(?, last_heartbeat), \
+         is_online = 1 WHERE uuid = ?",
+    )
+    .bind(now)
+    .bind(heartbeat.then_some(now))
+    .bind(uuid)
+    .execute(tx)
+    .await
+    .expect("update the device");
+}
+
+/// One text column of the device's row.
+async fn set_text(tx: &mut sqlx::MySqlConnection, column: &str, value: &str, uuid: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE device_main SET {column} = ? WHERE uuid = ?"
+    )))
+    .bind(value)
+    .bind(uuid)
+    .execute(tx)
+    .await
+    .expect("update the device");
+}
+
 /// `process_device_message` of the Python service, for one message.
 async fn handle(pool: &MySqlPool, uuid: &str, kind: &str, data: &serde_json::Map<String, Value>) {
     let mut tx = pool.begin().await.expect("begin");
@@ -223,12 +249,7 @@ async fn handle(pool: &MySqlPool, uuid: &str, kind: &str, data: &serde_json::Map
                     }
                 }
             }
-            sqlx::query("UPDATE device_main SET last_seen = ?, is_online = 1 WHERE uuid = ?")
-                .bind(now)
-                .bind(uuid)
-                .execute(&mut *tx)
-                .await
-                .expect("update the device");
+            seen(&mut tx, uuid, now, false).await;
         }
         "status" => {
             // Merged into a non-empty column in place: SQLAlchemy never writes it.
@@ -237,40 +258,15 @@ async fn handle(pool: &MySqlPool, uuid: &str, kind: &str, data: &serde_json::Map
                 .and_then(|s| serde_json::from_str::<Value>(s).ok())
                 .is_none_or(|v| v.is_null() || v.as_object().is_some_and(|m| m.is_empty()));
             if empty {
-                sqlx::query("UPDATE device_main SET last_report_data = ? WHERE uuid = ?")
-                    .bind(json!({"status": data}).to_string())
-                    .bind(uuid)
-                    .execute(&mut *tx)
-                    .await
-                    .expect("store the first status");
+                let first = json!({"status": data}).to_string();
+                set_text(&mut tx, "last_report_data", &first, uuid).await;
             }
             if let Some(status) = data.get("status") {
-                sqlx::query("UPDATE device_main SET device_status = ? WHERE uuid = ?")
-                    .bind(python_str(status))
-                    .bind(uuid)
-                    .execute(&mut *tx)
-                    .await
-                    .expect("store device_status");
+                set_text(&mut tx, "device_status", &python_str(status), uuid).await;
             }
-            sqlx::query("UPDATE device_main SET last_seen = ?, is_online = 1 WHERE uuid = ?")
-                .bind(now)
-                .bind(uuid)
-                .execute(&mut *tx)
-                .await
-                .expect("update the device");
+            seen(&mut tx, uuid, now, false).await;
         }
-        "heartbeat" => {
-            sqlx::query(
-                "UPDATE device_main SET last_seen = ?, last_heartbeat = ?, is_online = 1 \
-                 WHERE uuid = ?",
-            )
-            .bind(now)
-            .bind(now)
-            .bind(uuid)
-            .execute(&mut *tx)
-            .await
-            .expect("update the device");
-        }
+        "heartbeat" => seen(&mut tx, uuid, now, true).await,
         _ => {}
     }
     for (name, value, unit, kind, at) in upsert {
