@@ -171,13 +171,15 @@ pub enum Scenario {
     Drain10k,
     /// drain-10k with sensor history on (HISTORY_ENABLED=true): two history rows per message.
     Drain10kHistory,
+    /// drain-10k with CodeHubot's `device_sensors` table present (the service writes it).
+    Drain10kSensors,
     Live,
     /// The presence sweep on CodeHubot's own `device_main` at ten times drain-10k's devices.
     Presence,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::DbLimit,
         Scenario::DbLimitWriters,
         Scenario::HistoryLimit,
@@ -186,6 +188,7 @@ impl Scenario {
         Scenario::Broker10k,
         Scenario::Drain10k,
         Scenario::Drain10kHistory,
+        Scenario::Drain10kSensors,
         Scenario::Live,
         Scenario::Presence,
     ];
@@ -200,6 +203,7 @@ impl Scenario {
             Scenario::Broker10k => "broker-10k",
             Scenario::Drain10k => "drain-10k",
             Scenario::Drain10kHistory => "history-10k",
+            Scenario::Drain10kSensors => "sensors-10k",
             Scenario::Live => "live",
             Scenario::Presence => "presence",
         }
@@ -343,10 +347,11 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Scenarios> {
             "drain-100" => &[Scenario::Drain100],
             "drain-10k" => &[Scenario::Drain10k],
             "history-10k" => &[Scenario::Drain10kHistory],
+            "sensors-10k" => &[Scenario::Drain10kSensors],
             "live" => &[Scenario::Live],
             "presence" => &[Scenario::Presence],
             other => bail!(
-                "unknown scenario {other:?} (db-limit, db-writers, db-history, broker-100, drain-100, broker-10k, drain-10k, history-10k, live, presence, all, drain, broker, db)"
+                "unknown scenario {other:?} (db-limit, db-writers, db-history, broker-100, drain-100, broker-10k, drain-10k, history-10k, sensors-10k, live, presence, all, drain, broker, db)"
             ),
         };
         out.extend_from_slice(add);

@@ -277,6 +277,32 @@ impl BenchDb {
         Ok((row, took))
     }
 
+    /// Creates CodeHubot's `device_sensors` (the tests' fixture, from its DDL), or drops it.
+    pub async fn sensors_table(&self, create: bool) -> anyhow::Result<()> {
+        sqlx::query("DROP TABLE IF EXISTS device_sensors")
+            .execute(&self.pool())
+            .await?;
+        if create {
+            let ddl: String = include_str!("../../tests/it/fixtures/codehubot-device-sensors.sql")
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            sqlx::query(AssertSqlSafe(ddl.trim().trim_end_matches(';').to_owned()))
+                .execute(&self.pool())
+                .await
+                .context("creating device_sensors")?;
+        }
+        Ok(())
+    }
+
+    /// How many rows `device_sensors` holds.
+    pub async fn sensor_rows(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM device_sensors")
+            .fetch_one(&self.pool())
+            .await?)
+    }
+
     /// Closes the pool and drops the database.
     pub async fn drop_database(self) {
         self.pool().close().await;

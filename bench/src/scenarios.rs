@@ -67,7 +67,10 @@ pub fn kind(s: Scenario) -> &'static str {
     match s {
         Scenario::DbLimit | Scenario::DbLimitWriters | Scenario::HistoryLimit => "db",
         Scenario::Broker100 | Scenario::Broker10k => "broker",
-        Scenario::Drain100 | Scenario::Drain10k | Scenario::Drain10kHistory => "drain",
+        Scenario::Drain100
+        | Scenario::Drain10k
+        | Scenario::Drain10kHistory
+        | Scenario::Drain10kSensors => "drain",
         Scenario::Live => "live",
         Scenario::Presence => "presence",
     }
@@ -82,6 +85,20 @@ pub async fn run(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
         Scenario::Broker10k => broker_limit(ctx, s, ctx.opts.large).await,
         Scenario::Drain100 => drain(ctx, s, ctx.opts.small).await,
         Scenario::Drain10k | Scenario::Drain10kHistory => drain(ctx, s, ctx.opts.large).await,
+        Scenario::Drain10kSensors => {
+            // The service finds the table at start-up and writes it in every batch.
+            ctx.db.sensors_table(true).await?;
+            let row = drain(ctx, s, ctx.opts.large).await;
+            let rows = ctx.db.sensor_rows().await;
+            ctx.db.sensors_table(false).await?;
+            let mut row = row?;
+            row.note = Some(format!(
+                "{}; device_sensors holds {} rows",
+                row.note.unwrap_or_default(),
+                rows?
+            ));
+            Ok(row)
+        }
         Scenario::Live => live(ctx).await,
         Scenario::Presence => presence(ctx).await,
     }
