@@ -165,6 +165,8 @@ pub enum Scenario {
     DbLimitWriters,
     /// Multi-row INSERT into device_history: history-10k's rows.
     HistoryLimit,
+    /// The service's own device_sensors upsert: sensors-10k's rows.
+    SensorsLimit,
     Broker100,
     Drain100,
     Broker10k,
@@ -179,10 +181,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::DbLimit,
         Scenario::DbLimitWriters,
         Scenario::HistoryLimit,
+        Scenario::SensorsLimit,
         Scenario::Broker100,
         Scenario::Drain100,
         Scenario::Broker10k,
@@ -198,6 +201,7 @@ impl Scenario {
             Scenario::DbLimit => "db-limit",
             Scenario::DbLimitWriters => "db-writers",
             Scenario::HistoryLimit => "db-history",
+            Scenario::SensorsLimit => "db-sensors",
             Scenario::Broker100 => "broker-100",
             Scenario::Drain100 => "drain-100",
             Scenario::Broker10k => "broker-10k",
@@ -338,10 +342,12 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Scenarios> {
                 Scenario::DbLimit,
                 Scenario::DbLimitWriters,
                 Scenario::HistoryLimit,
+                Scenario::SensorsLimit,
             ],
             "db-limit" => &[Scenario::DbLimit],
             "db-writers" => &[Scenario::DbLimitWriters],
             "db-history" => &[Scenario::HistoryLimit],
+            "db-sensors" => &[Scenario::SensorsLimit],
             "broker-100" => &[Scenario::Broker100],
             "broker-10k" => &[Scenario::Broker10k],
             "drain-100" => &[Scenario::Drain100],
@@ -351,7 +357,7 @@ fn parse_scenarios(v: &str) -> anyhow::Result<Scenarios> {
             "live" => &[Scenario::Live],
             "presence" => &[Scenario::Presence],
             other => bail!(
-                "unknown scenario {other:?} (db-limit, db-writers, db-history, broker-100, drain-100, broker-10k, drain-10k, history-10k, sensors-10k, live, presence, all, drain, broker, db)"
+                "unknown scenario {other:?} (db-limit, db-writers, db-history, db-sensors, broker-100, drain-100, broker-10k, drain-10k, history-10k, sensors-10k, live, presence, all, drain, broker, db)"
             ),
         };
         out.extend_from_slice(add);
@@ -483,6 +489,7 @@ mod tests {
                 Scenario::DbLimit,
                 Scenario::DbLimitWriters,
                 Scenario::HistoryLimit,
+                Scenario::SensorsLimit,
                 Scenario::Drain100,
                 Scenario::Drain10k,
                 Scenario::Drain10kHistory,

@@ -277,6 +277,49 @@ impl BenchDb {
         Ok((row, took))
     }
 
+    /// The database's own limit for `device_sensors`: `rows` rows (three sensors per device,
+    /// each newer than the last) through the service's own upsert statement, over one
+    /// connection, `batch` rows per statement, autocommit. Returns (rows, time).
+    pub async fn sensors_limit(
+        &self,
+        devices: u64,
+        rows: u64,
+        batch: usize,
+        progress: &Progress,
+    ) -> anyhow::Result<(u64, Duration)> {
+        const SENSORS: [(&str, &str); 3] = [("temperature", "°C"), ("humidity", "%"), ("seq", "")];
+        let mut conn = self.db.connect().await?;
+        let sql: std::sync::Arc<str> =
+            mqtt_ingest::store::sensors::upsert_sql("device_sensors", batch, 300).into();
+        let base = Utc::now().naive_utc() - chrono::TimeDelta::hours(1);
+        let started = Instant::now();
+        let mut row = 0u64;
+        while row < rows {
+            let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
+            for _ in 0..batch {
+                let (sensor, unit) = SENSORS[(row % 3) as usize];
+                let message = row / 3;
+                let d = message % devices;
+                let round = message / devices;
+                q = q
+                    .bind(format!("dev{d}"))
+                    .bind(sensor)
+                    .bind((round + 1).to_string())
+                    .bind(unit)
+                    .bind("DHT11")
+                    .bind(base + chrono::TimeDelta::milliseconds(round as i64));
+                row += 1;
+            }
+            q.execute(&mut conn).await.context("device_sensors upsert")?;
+            progress
+                .committed
+                .store(row, std::sync::atomic::Ordering::Relaxed);
+        }
+        let took = started.elapsed();
+        let _ = conn.close().await;
+        Ok((row, took))
+    }
+
     /// Creates CodeHubot's `device_sensors` (the tests' fixture, from its DDL), or drops it.
     pub async fn sensors_table(&self, create: bool) -> anyhow::Result<()> {
         sqlx::query("DROP TABLE IF EXISTS device_sensors")

@@ -65,7 +65,10 @@ impl Ctx<'_> {
 
 pub fn kind(s: Scenario) -> &'static str {
     match s {
-        Scenario::DbLimit | Scenario::DbLimitWriters | Scenario::HistoryLimit => "db",
+        Scenario::DbLimit
+        | Scenario::DbLimitWriters
+        | Scenario::HistoryLimit
+        | Scenario::SensorsLimit => "db",
         Scenario::Broker100 | Scenario::Broker10k => "broker",
         Scenario::Drain100
         | Scenario::Drain10k
@@ -78,9 +81,10 @@ pub fn kind(s: Scenario) -> &'static str {
 
 pub async fn run(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
     match s {
-        Scenario::DbLimit | Scenario::DbLimitWriters | Scenario::HistoryLimit => {
-            db_limit(ctx, s).await
-        }
+        Scenario::DbLimit
+        | Scenario::DbLimitWriters
+        | Scenario::HistoryLimit
+        | Scenario::SensorsLimit => db_limit(ctx, s).await,
         Scenario::Broker100 => broker_limit(ctx, s, ctx.opts.small).await,
         Scenario::Broker10k => broker_limit(ctx, s, ctx.opts.large).await,
         Scenario::Drain100 => drain(ctx, s, ctx.opts.small).await,
@@ -386,6 +390,27 @@ async fn db_limit(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
                 rows,
                 took,
                 format!("INSERT IGNORE, {batch} rows per statement, one connection"),
+            )
+        }
+        Scenario::SensorsLimit => {
+            // sensors-10k's rows: three readings for each of drain-10k's messages (folding
+            // aside: the ceiling if every message were written).
+            let rows = ctx.opts.large.messages() * 3;
+            ctx.progress.phase(
+                format!(
+                    "{}: {rows} device_sensors rows upserted over one connection",
+                    s.name()
+                ),
+                rows,
+            );
+            ctx.db.sensors_table(true).await?;
+            let result = ctx.db.sensors_limit(devices, rows, batch, ctx.progress).await;
+            ctx.db.sensors_table(false).await?;
+            let (rows, took) = result?;
+            (
+                rows,
+                took,
+                format!("the service's own upsert, {batch} rows per statement, one connection"),
             )
         }
         _ => {

@@ -207,8 +207,9 @@ pub fn rows_of<'a>(
 /// (`timestamp` is assigned last, since MySQL evaluates the assignments in order and the
 /// conditions before it must see the stored time). A stored time that is NULL, or further
 /// ahead of the database's clock than `skew_secs` (a row left by a device whose clock said
-/// 9999), orders nothing: otherwise it would freeze the row.
-fn upsert_sql(table: &str, rows: usize, skew_secs: u64) -> String {
+/// 9999), orders nothing: otherwise it would freeze the row. (Public for the benchmark's
+/// database ceiling, which runs this very statement.)
+pub fn upsert_sql(table: &str, rows: usize, skew_secs: u64) -> String {
     let newer = format!(
         "(`timestamp` IS NULL OR `timestamp` > NOW() + INTERVAL {skew_secs} SECOND \
           OR VALUES(`timestamp`) >= `timestamp`)"
