@@ -310,7 +310,9 @@ impl BenchDb {
                     .bind(base + chrono::TimeDelta::milliseconds(round as i64));
                 row += 1;
             }
-            q.execute(&mut conn).await.context("device_sensors upsert")?;
+            q.execute(&mut conn)
+                .await
+                .context("device_sensors upsert")?;
             progress
                 .committed
                 .store(row, std::sync::atomic::Ordering::Relaxed);

@@ -404,7 +404,10 @@ async fn db_limit(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
                 rows,
             );
             ctx.db.sensors_table(true).await?;
-            let result = ctx.db.sensors_limit(devices, rows, batch, ctx.progress).await;
+            let result = ctx
+                .db
+                .sensors_limit(devices, rows, batch, ctx.progress)
+                .await;
             ctx.db.sensors_table(false).await?;
             let (rows, took) = result?;
             (
