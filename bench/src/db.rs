@@ -10,6 +10,8 @@ use mqtt_ingest_testkit::TestDb;
 use sqlx::mysql::MySqlPool;
 use sqlx::{AssertSqlSafe, Connection as _, Row as _};
 
+use mqtt_ingest::store::placeholders;
+
 use crate::args::DbTarget;
 use crate::progress::Progress;
 
@@ -156,20 +158,13 @@ impl BenchDb {
         conns: u64,
         progress: &std::sync::Arc<Progress>,
     ) -> anyhow::Result<(u64, Duration)> {
-        let mut sql = String::from(
-            "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online) VALUES ",
-        );
-        for i in 0..batch {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,?)");
-        }
-        sql.push_str(
-            " ON DUPLICATE KEY UPDATE last_report_data = VALUES(last_report_data), \
+        let sql: std::sync::Arc<str> = format!(
+            "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online) \
+             VALUES {} ON DUPLICATE KEY UPDATE last_report_data = VALUES(last_report_data), \
              last_seen = VALUES(last_seen), is_online = VALUES(is_online)",
-        );
-        let sql: std::sync::Arc<str> = sql.into();
+            placeholders(batch, "(?,?,?,?,?,?)", ",")
+        )
+        .into();
         let per_conn = rows.div_ceil(conns);
         let options = self.db.connect_options();
         let mut conns_open = Vec::new();
@@ -232,17 +227,12 @@ impl BenchDb {
             .execute(&self.pool())
             .await?;
         let mut conn = self.db.connect().await?;
-        let mut sql = String::from(
+        let sql: std::sync::Arc<str> = format!(
             "INSERT IGNORE INTO device_history \
-             (device_uuid, sensor, value, unit, reading_time, received_at) VALUES ",
-        );
-        for i in 0..batch {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str("(?,?,?,?,?,?)");
-        }
-        let sql: std::sync::Arc<str> = sql.into();
+             (device_uuid, sensor, value, unit, reading_time, received_at) VALUES {}",
+            placeholders(batch, "(?,?,?,?,?,?)", ",")
+        )
+        .into();
         let base = Utc::now().naive_utc() - chrono::TimeDelta::hours(1);
         let started = Instant::now();
         let mut row = 0u64;
@@ -328,15 +318,13 @@ impl BenchDb {
             .execute(&self.pool())
             .await?;
         if create {
-            let ddl: String = include_str!("../../tests/it/fixtures/codehubot-device-sensors.sql")
-                .lines()
-                .filter(|l| !l.trim_start().starts_with("--"))
-                .collect::<Vec<_>>()
-                .join("\n");
-            sqlx::query(AssertSqlSafe(ddl.trim().trim_end_matches(';').to_owned()))
-                .execute(&self.pool())
-                .await
-                .context("creating device_sensors")?;
+            let ddl = include_str!("../../tests/it/fixtures/codehubot-device-sensors.sql");
+            for statement in mqtt_ingest_testkit::sql_statements(ddl) {
+                sqlx::query(AssertSqlSafe(statement))
+                    .execute(&self.pool())
+                    .await
+                    .context("creating device_sensors")?;
+            }
         }
         Ok(())
     }

@@ -259,3 +259,18 @@ fn drop_database(admin: MySqlConnectOptions, name: &str) -> anyhow::Result<()> {
         .join()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("drop thread panicked")))
 }
+
+/// The statements of an SQL script such as the tests' fixtures: `--` comment lines left out
+/// first (they may hold a `;`), then split at `;`, empty ones dropped.
+pub fn sql_statements(script: &str) -> Vec<String> {
+    script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}

@@ -32,7 +32,7 @@ mod procs;
 mod wait;
 
 pub use self::{
-    db::TestDb,
+    db::{TestDb, sql_statements},
     galera::PrivateGalera,
     http::{http_get, metric},
     mariadb::PrivateMariaDb,

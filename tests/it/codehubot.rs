@@ -36,14 +36,8 @@ pub(crate) async fn create_schema(pool: &MySqlPool, schema: Schema) {
     if let Schema::Current = schema {
         sql.push_str(include_str!("fixtures/codehubot-device-sensors.sql"));
     }
-    // Comment lines out first: they may hold a ';'.
-    let sql: String = sql
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
-        sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+    for statement in crate::common::sql_statements(&sql) {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(pool)
             .await
             .expect("create the backend's tables");
