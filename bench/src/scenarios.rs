@@ -204,6 +204,7 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
         .phase(format!("{name}: the service drains the backlog"), m);
     let started = Instant::now();
     let broker_cpu0 = ctx.broker.cpu_seconds();
+    let db_cpu0 = database_cpu_seconds();
     let mut svc = ctx.spawn_service(s)?;
     let deadline = started + ctx.opts.timeout;
     let mut tick = tokio::time::interval(ctx.opts.poll);
@@ -253,6 +254,7 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
     let broker_cpu = broker_cpu0
         .zip(ctx.broker.cpu_seconds())
         .map(|(a, b)| b - a);
+    let db_cpu = db_cpu0.zip(database_cpu_seconds()).map(|(a, b)| b - a);
     ctx.progress
         .phase(format!("{name}: stopping the service"), 0);
     let stopped = svc.stop().await?;
@@ -266,6 +268,11 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
         )
     }) + &broker_cpu.map_or_else(String::new, |c| {
         format!(", broker CPU {:.0}% of one core", c * 100.0 / secs)
+    }) + &db_cpu.map_or_else(String::new, |c| {
+        format!(
+            ", database CPU {:.0}% of one core (the polls included)",
+            c * 100.0 / secs
+        )
     });
     Ok(Row {
         scenario: name.to_owned(),
@@ -285,6 +292,17 @@ async fn drain(ctx: &Ctx<'_>, s: Scenario, size: Size) -> anyhow::Result<Row> {
             stopped.counters.warnings
         )),
         ..Row::default()
+    })
+}
+
+/// CPU seconds used so far by the machine's database server (`mariadbd` or `mysqld`, all of them
+/// if several run): which of service, broker and database is the busy process in a drain.
+fn database_cpu_seconds() -> Option<f64> {
+    let pids = mqtt_ingest_testkit::pids_named(&["mariadbd", "mysqld"]);
+    (!pids.is_empty()).then(|| {
+        pids.into_iter()
+            .filter_map(mqtt_ingest_testkit::cpu_seconds)
+            .sum()
     })
 }
 

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat, TimeDelta};
+use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeDelta};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -326,9 +326,7 @@ impl DeviceState {
             location.insert("longitude".into(), Value::Number(l.longitude.clone()));
             self.data.set("location", raw(&location));
         }
-        let received = update
-            .received_at
-            .to_rfc3339_opts(SecondsFormat::Millis, true);
+        let received = crate::intake::zone::rfc3339_millis(&update.received_at);
         let stored = self
             .data
             .top
@@ -477,6 +475,7 @@ pub fn is_older(new: &str, stored: &str) -> bool {
 mod tests {
     use super::*;
     use crate::intake::model::{DeviceUuid, Location, SensorReading};
+    use chrono::SecondsFormat;
     use chrono::{TimeZone, Utc};
     use serde_json::{Number, json};
 

@@ -208,16 +208,17 @@ impl Sensors {
 impl FromIterator<(String, SensorReading)> for Sensors {
     fn from_iter<I: IntoIterator<Item = (String, SensorReading)>>(iter: I) -> Self {
         let mut all: Vec<(String, SensorReading)> = iter.into_iter().collect();
-        // Stable: equal names stay in message order, and the last of each run is kept.
+        // Stable: equal names stay in message order; each run of one name keeps its last
+        // (moved into the kept slot), in place.
         all.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kept: Vec<(String, SensorReading)> = Vec::with_capacity(all.len());
-        for entry in all {
-            match kept.last_mut() {
-                Some(last) if last.0 == entry.0 => *last = entry,
-                _ => kept.push(entry),
+        all.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
             }
-        }
-        Self(kept)
+            same
+        });
+        Self(all)
     }
 }
 

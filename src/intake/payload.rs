@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
-use chrono::{DateTime, FixedOffset, SecondsFormat, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use serde_json::{Map, Number, Value};
 
+use crate::intake::json::{self, Json, Object};
 use crate::intake::model::{
     Change, DataReport, DeviceUuid, Location, SensorReading, SensorValue, StatusReport, TopicKind,
     Update,
@@ -123,11 +124,6 @@ impl Renames {
     /// Whether there is no rename.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-
-    /// The name a reading called `name`, of a sensor of type `sensor_type`, is stored as.
-    pub fn apply(&self, sensor_type: &str, name: String) -> String {
-        self.rename(sensor_type, &name).map_or(name, str::to_owned)
     }
 
     /// The new name of a reading called `name`, of a sensor of type `sensor_type`, if a rename
@@ -304,7 +300,7 @@ impl Reader<'_> {
     fn receive_text(&mut self) -> &str {
         let received = self.received;
         self.receive_text
-            .get_or_insert_with(|| received.to_rfc3339_opts(SecondsFormat::Millis, true))
+            .get_or_insert_with(|| crate::intake::zone::rfc3339_millis(&received))
     }
 
     fn skip(&mut self, part: String, reason: impl Into<String>) {
@@ -333,7 +329,7 @@ impl Reader<'_> {
     fn time(
         &mut self,
         part: impl FnOnce() -> std::borrow::Cow<'static, str>,
-        value: Option<&Value>,
+        value: Option<&Json<'_>>,
     ) -> Option<String> {
         let value = value.filter(|v| !v.is_null())?;
         match timestamp::read(value, self.received, &self.rules.time) {
@@ -383,17 +379,16 @@ pub fn process(
             Change::Heartbeat
         }
         TopicKind::Status => {
-            let mut object = parse_object(text)?;
+            let object = parse_object(text)?;
             reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
-            store_status_time(&mut object, reading_time.as_deref());
-            Change::Status(status_report(object, &mut r))
+            Change::Status(status_report(&object, reading_time.as_deref(), &mut r))
         }
         TopicKind::Data => {
             let object = parse_object(text)?;
             reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
             let report = match object.get("sensors") {
-                Some(Value::Array(_)) => full_format(object, &mut r),
-                _ => simple_format(object, reading_time.as_deref(), &mut r),
+                Some(Json::Array(_)) => full_format(&object, &mut r),
+                _ => simple_format(&object, reading_time.as_deref(), &mut r),
             };
             if report.sensors.is_empty() && report.status.is_none() && report.location.is_none() {
                 return Err(Rejection::NoValidData(summarize(&r.skipped)));
@@ -416,29 +411,30 @@ pub fn process(
 /// The one field of a heartbeat the service reads; the rest of the object is checked for
 /// syntax and skipped (`IgnoredAny`) instead of being built and dropped.
 #[derive(serde::Deserialize)]
-struct HeartbeatFields {
-    #[serde(default)]
-    timestamp: Option<Value>,
+struct HeartbeatFields<'a> {
+    #[serde(borrow, default)]
+    timestamp: Option<Json<'a>>,
 }
 
 /// A heartbeat's `timestamp`, or why the payload is refused. Only a payload that opens an
 /// object takes the light path; anything else, and any error there (a duplicate `timestamp`,
 /// say, which the full parse takes as the last), gets [`parse_object`]'s answer.
-fn heartbeat_timestamp(text: &str) -> Result<Option<Value>, Rejection> {
+fn heartbeat_timestamp(text: &str) -> Result<Option<Json<'_>>, Rejection> {
     if text.trim_start().starts_with('{')
-        && let Ok(fields) = serde_json::from_str::<HeartbeatFields>(text)
+        && let Ok(fields) = serde_json::from_str::<HeartbeatFields<'_>>(text)
     {
         return Ok(fields.timestamp.filter(|v| !v.is_null()));
     }
-    parse_object(text).map(|mut object| object.remove("timestamp"))
+    parse_object(text).map(|object| object.get("timestamp").cloned())
 }
 
-fn parse_object(text: &str) -> Result<Map<String, Value>, Rejection> {
+/// The payload as a JSON object, names and strings borrowed from `text`.
+fn parse_object(text: &str) -> Result<Object<'_>, Rejection> {
     if text.is_empty() {
         return Err(Rejection::NotJson("empty payload".into()));
     }
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
+    match json::parse(text) {
+        Ok(Json::Object(object)) => Ok(object),
         Ok(_) => Err(Rejection::NotObject),
         Err(e) => Err(Rejection::NotJson(e.to_string())),
     }
@@ -485,35 +481,36 @@ fn bounded(name: &str) -> String {
 }
 
 /// A bounded rendering of a JSON value from the payload.
-fn shown_value(value: &Value) -> ShownValue {
+fn shown_value(value: &Json<'_>) -> ShownValue {
     match value {
-        Value::String(s) => ShownValue::Text(shown(s)),
-        Value::Array(_) => ShownValue::Array,
-        Value::Object(_) => ShownValue::Object,
-        other => ShownValue::Scalar(other.clone()),
+        Json::Str(s) => ShownValue::Text(shown(s)),
+        Json::Array(_) => ShownValue::Array,
+        Json::Object(_) => ShownValue::Object,
+        other => ShownValue::Scalar(other.to_value()),
     }
 }
 
 /// The full ("HTTP API") format: `{"sensors": [...], "status": {...}, "location": {...}}`.
-fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport {
+fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
     let mut report = DataReport::default();
     let mut readings = Vec::new();
-    if let Some(Value::Array(entries)) = object.remove("sensors") {
+    if let Some(Json::Array(entries)) = object.get("sensors") {
         readings.reserve(entries.len());
-        for (i, entry) in entries.into_iter().enumerate() {
-            let Value::Object(mut entry) = entry else {
+        for (i, entry) in entries.iter().enumerate() {
+            let Json::Object(entry) = entry else {
                 r.skip(format!("sensors[{i}]"), "not an object");
                 continue;
             };
-            let sensor_type = match entry.remove("sensor_type") {
-                Some(Value::String(t)) if !t.is_empty() => Some(Arc::<str>::from(t)),
+            let sensor_type = match entry.get("sensor_type") {
+                Some(Json::Str(t)) if !t.is_empty() => Some(Arc::<str>::from(t.as_ref())),
                 _ => None,
             };
-            let name = match entry.remove("sensor_name") {
-                Some(Value::String(name)) => r
+            let name = match entry.get("sensor_name") {
+                Some(Json::Str(name)) => r
                     .rules
                     .renames
-                    .apply(sensor_type.as_deref().unwrap_or(""), name),
+                    .rename(sensor_type.as_deref().unwrap_or(""), name)
+                    .unwrap_or(name),
                 Some(_) => {
                     r.skip(format!("sensors[{i}]"), "sensor_name is not a string");
                     continue;
@@ -523,14 +520,14 @@ fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport
                     continue;
                 }
             };
-            if !r.name_ok(&name) {
+            if !r.name_ok(name) {
                 continue;
             }
             // Built only when a part is skipped: formatting it for every sensor costs.
-            let part = || format!("sensor {}", shown(&name));
-            let unit = match entry.remove("unit") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(unit)) => unit,
+            let part = || format!("sensor {}", shown(name));
+            let unit = match entry.get("unit") {
+                None | Some(Json::Null) => String::new(),
+                Some(Json::Str(unit)) => unit.as_ref().to_owned(),
                 Some(_) => {
                     r.skip(part(), "unit is not a string");
                     continue;
@@ -543,29 +540,33 @@ fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport
                 Some(t) => t,
                 None => r.receive_text().to_owned(),
             };
-            let value = entry.remove("value").unwrap_or(Value::Null);
-            match reading(&name, value, unit, timestamp, sensor_type, r.rules) {
-                Ok(reading) => readings.push((name, reading)),
+            let value = entry.get("value").unwrap_or(&Json::Null);
+            match reading(name, value, unit, timestamp, sensor_type, r.rules) {
+                Ok(reading) => readings.push((name.to_owned(), reading)),
                 Err(reason) => r.skip(part(), reason),
             }
         }
     }
     report.sensors = readings.into_iter().collect();
-    match object.remove("status") {
-        None | Some(Value::Null) => {}
-        // In key order, as the map kept them; a vector holds a few fields in far less memory.
-        Some(Value::Object(mut status)) => {
+    match object.get("status") {
+        None | Some(Json::Null) => {}
+        // In key order, as the object keeps them; a vector holds a few fields in far less memory.
+        Some(Json::Object(status)) => {
+            let time = match status.get("timestamp") {
+                Some(t) => r.time(|| "status.timestamp".into(), Some(t)),
+                None => None,
+            };
+            let mut fields = status.to_map();
             if status.contains_key("timestamp") {
-                let time = r.time(|| "status.timestamp".into(), status.get("timestamp"));
-                store_status_time(&mut status, time.as_deref());
+                store_status_time(&mut fields, time.as_deref());
             }
-            report.status = Some(status.into_iter().collect());
+            report.status = Some(fields.into_iter().collect());
         }
         Some(_) => r.skip("status".into(), "not an object"),
     }
-    match object.remove("location") {
-        None | Some(Value::Null) => {}
-        Some(value) => match location(&value) {
+    match object.get("location") {
+        None | Some(Json::Null) => {}
+        Some(value) => match location(value) {
             Ok(l) => report.location = Some(l),
             Err(reason) => r.skip("location".into(), reason),
         },
@@ -578,7 +579,7 @@ fn full_format(mut object: Map<String, Value>, r: &mut Reader<'_>) -> DataReport
 /// firmware sends `"device_id":"AIOT-ESP32-…"` and `"sensor":"DHT11"`, the sensor's type,
 /// beside its readings): passed over without a warning.
 fn simple_format(
-    object: Map<String, Value>,
+    object: &Object<'_>,
     reading_time: Option<&str>,
     r: &mut Reader<'_>,
 ) -> DataReport {
@@ -588,31 +589,32 @@ fn simple_format(
         None => r.receive_text().to_owned(),
     };
     let sensor_type: Option<Arc<str>> = match object.get("sensor") {
-        Some(Value::String(t)) if !t.is_empty() => Some(t.as_str().into()),
+        Some(Json::Str(t)) if !t.is_empty() => Some(t.as_ref().into()),
         _ => None,
     };
     let mut readings = Vec::with_capacity(object.len());
-    for (name, value) in object {
-        if SIMPLE_FORMAT_METADATA.contains(&name.as_str()) || value.is_string() {
+    for (name, value) in object.iter() {
+        if SIMPLE_FORMAT_METADATA.contains(&name) || matches!(value, Json::Str(_)) {
             continue;
         }
         let name = r
             .rules
             .renames
-            .apply(sensor_type.as_deref().unwrap_or(""), name);
-        if !r.name_ok(&name) {
+            .rename(sensor_type.as_deref().unwrap_or(""), name)
+            .unwrap_or(name);
+        if !r.name_ok(name) {
             continue;
         }
         match reading(
-            &name,
+            name,
             value,
             String::new(),
             timestamp.clone(),
             sensor_type.clone(),
             r.rules,
         ) {
-            Ok(reading) => readings.push((name, reading)),
-            Err(reason) => r.skip(format!("sensor {}", shown(&name)), reason),
+            Ok(reading) => readings.push((name.to_owned(), reading)),
+            Err(reason) => r.skip(format!("sensor {}", shown(name)), reason),
         }
     }
     report.sensors = readings.into_iter().collect();
@@ -621,16 +623,16 @@ fn simple_format(
 
 fn reading(
     name: &str,
-    value: Value,
+    value: &Json<'_>,
     unit: String,
     timestamp: String,
     sensor_type: Option<Arc<str>>,
     rules: &Rules,
 ) -> Result<SensorReading, String> {
     let value = match value {
-        Value::Bool(b) => SensorValue::Bool(b),
-        Value::Number(n) => {
-            let v = finite(&n).ok_or("value is not a finite number")?;
+        Json::Bool(b) => SensorValue::Bool(*b),
+        Json::Number(n) => {
+            let v = finite(n).ok_or("value is not a finite number")?;
             if let Some(range) = rules.sensor_ranges.get(name)
                 && !range.contains(&v)
             {
@@ -640,13 +642,13 @@ fn reading(
                     range.end()
                 ));
             }
-            SensorValue::Number(normalize_zero(n))
+            SensorValue::Number(normalize_zero(n.clone()))
         }
-        Value::Null => return Err("value is missing".into()),
+        Json::Null => return Err("value is missing".into()),
         other => {
             return Err(format!(
                 "value must be a number or a boolean, got {}",
-                type_name(&other)
+                type_name(other)
             ));
         }
     };
@@ -658,13 +660,13 @@ fn reading(
     })
 }
 
-fn location(value: &Value) -> Result<Location, String> {
-    let Value::Object(map) = value else {
+fn location(value: &Json<'_>) -> Result<Location, String> {
+    let Json::Object(map) = value else {
         return Err("not an object".into());
     };
     let coordinate = |key: &str, limit: f64| -> Result<Number, String> {
         match map.get(key) {
-            Some(Value::Number(n)) => match finite(n) {
+            Some(Json::Number(n)) => match finite(n) {
                 Some(v) if v.abs() <= limit => Ok(normalize_zero(n.clone())),
                 _ => Err(format!("{key} outside -{limit}..{limit}")),
             },
@@ -696,14 +698,14 @@ fn normalize_zero(n: Number) -> Number {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+fn type_name(v: &Json<'_>) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::Str(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
     }
 }
 
@@ -726,11 +728,18 @@ fn store_status_time(fields: &mut Map<String, Value>, reading_time: Option<&str>
 
 /// A status message: merged whole into `status`; its `status` scalar, if any, becomes
 /// `device_status`; any status but `"offline"` marks the device online.
-fn status_report(fields: Map<String, Value>, r: &mut Reader<'_>) -> StatusReport {
-    let device_status = match fields.get("status") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+fn status_report(
+    object: &Object<'_>,
+    reading_time: Option<&str>,
+    r: &mut Reader<'_>,
+) -> StatusReport {
+    let mut fields = object.to_map();
+    store_status_time(&mut fields, reading_time);
+    let device_status = match object.get("status") {
+        None | Some(Json::Null) => None,
+        Some(Json::Str(s)) => Some(s.as_ref().to_owned()),
+        Some(Json::Number(n)) => Some(n.to_string()),
+        Some(Json::Bool(b)) => Some(b.to_string()),
         Some(other) => {
             r.skip(
                 "status.status".into(),

@@ -9,10 +9,9 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat, Utc};
-use serde_json::Value;
-
+use crate::intake::json::Json;
 use crate::intake::zone::Zone;
+use chrono::{DateTime, FixedOffset, NaiveDateTime, SecondsFormat, Utc};
 
 /// Earliest time taken as a reading time (2000-01-01T00:00:00Z): below it a number is an
 /// uptime counter, and a date is a device clock that was never set.
@@ -69,13 +68,13 @@ impl Undatable {
 /// Reads `value` as a reading time; `Ok` is RFC 3339 text to store: an RFC 3339 string as
 /// sent, anything else rendered in the rules' zone.
 pub fn read(
-    value: &Value,
+    value: &Json<'_>,
     received_at: DateTime<FixedOffset>,
     rules: &TimeRules,
 ) -> Result<String, Undatable> {
     let (instant, text) = match value {
-        Value::String(s) => read_text(s, rules)?,
-        Value::Number(n) => {
+        Json::Str(s) => read_text(s, rules)?,
+        Json::Number(n) => {
             let instant = n
                 .as_i64()
                 .and_then(from_unix_integer)
@@ -167,8 +166,18 @@ mod tests {
             .fixed_offset()
     }
 
-    fn read_at(v: Value) -> Result<String, Undatable> {
-        read(&v, received(), &TimeRules::default())
+    /// `read` of `v`'s JSON text, as a payload gives it.
+    fn read_with(v: serde_json::Value, rules: &TimeRules) -> Result<String, Undatable> {
+        let text = v.to_string();
+        read(
+            &crate::intake::json::parse(&text).unwrap(),
+            received(),
+            rules,
+        )
+    }
+
+    fn read_at(v: serde_json::Value) -> Result<String, Undatable> {
+        read_with(v, &TimeRules::default())
     }
 
     #[test]
@@ -201,7 +210,7 @@ mod tests {
             ..TimeRules::default()
         };
         assert_eq!(
-            read(&json!("2025-12-19T14:30:00"), received(), &utc).unwrap(),
+            read_with(json!("2025-12-19T14:30:00"), &utc).unwrap(),
             "2025-12-19T14:30:00Z"
         );
     }

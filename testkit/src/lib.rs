@@ -40,7 +40,7 @@ pub use self::{
     mqtt::{
         MQTT_HOST, TestSubscriber, clear_session, mqtt_publish, publish_many, shared_mqtt_port,
     },
-    procs::{cpu_seconds, free_port, is_root, peak_rss_kib, rss_kib, sigterm},
+    procs::{cpu_seconds, free_port, is_root, peak_rss_kib, pids_named, rss_kib, sigterm},
     wait::{wait_until, wait_until_named},
 };
 pub use rumqttc::QoS;

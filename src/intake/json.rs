@@ -1,0 +1,292 @@
+//! A payload's JSON, read without copying its text: names and strings borrow from the payload.
+//!
+//! `serde_json::Value` owns every key and string, so reading a firmware message into it cost an
+//! allocation (and a free) for each of its keys and strings, about a third of the intake's
+//! instructions (`mqtt-ingest-intake-cost`). serde_json has no borrowing counterpart of `Value`,
+//! so this is one, built on serde's own visitor machinery: it keeps serde_json's parser, its
+//! errors and its nesting limit (128), and only the tree is ours. An object keeps the answers
+//! `serde_json::Map` gives (keys in order, a repeated key keeps its last value), so the payload
+//! readers see the same object as before.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+/// A JSON value whose text borrows from the payload where it can (a string with escapes is
+/// unescaped into its own copy).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json<'a> {
+    /// `null`.
+    Null,
+    /// `true` or `false`.
+    Bool(bool),
+    /// A number, as serde_json reads it (integers stay integers).
+    Number(Number),
+    /// A string.
+    Str(Cow<'a, str>),
+    /// An array.
+    Array(Vec<Json<'a>>),
+    /// An object.
+    Object(Object<'a>),
+}
+
+/// An object's members, sorted by name, each name once (the last value of a repeated name), as
+/// `serde_json::Map` holds them. A vector: the payloads' objects have a handful of members.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Object<'a>(Vec<(Cow<'a, str>, Json<'a>)>);
+
+/// Reads `text` as one JSON value (serde_json's grammar and errors).
+pub fn parse(text: &str) -> Result<Json<'_>, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+impl<'a> Json<'a> {
+    /// Whether this is `null`.
+    pub fn is_null(&self) -> bool {
+        matches!(self, Json::Null)
+    }
+
+    /// The value as an owned `serde_json::Value` (for the parts that are kept: a status).
+    pub fn to_value(&self) -> Value {
+        match self {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Bool(*b),
+            Json::Number(n) => Value::Number(n.clone()),
+            Json::Str(s) => Value::String(s.as_ref().to_owned()),
+            Json::Array(items) => Value::Array(items.iter().map(Json::to_value).collect()),
+            Json::Object(o) => Value::Object(o.to_map()),
+        }
+    }
+}
+
+impl<'a> Object<'a> {
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> Option<&Json<'a>> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// Whether `name` is a member.
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No members.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The members in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
+        self.0.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
+    /// The object as an owned `serde_json::Map`.
+    pub fn to_map(&self) -> Map<String, Value> {
+        self.iter()
+            .map(|(k, v)| (k.to_owned(), v.to_value()))
+            .collect()
+    }
+
+    /// Members in document order, put in name order with a repeated name keeping its last
+    /// value (what inserting them one by one into a `serde_json::Map` gives).
+    fn from_members(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Self {
+        // Stable: a repeated name's values stay in document order, and the last one is kept.
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        members.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
+        Self(members)
+    }
+}
+
+/// A string that borrows from the input when the input has it unescaped (serde's own `Cow`
+/// always copies).
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor<'a>(std::marker::PhantomData<Text<'a>>);
+        impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Any lifetime the input outlives, as serde's `#[serde(borrow)]` asks of a field's type.
+impl<'de: 'a, 'a> Deserialize<'de> for Json<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(JsonVisitor(std::marker::PhantomData))
+    }
+}
+
+struct JsonVisitor<'a>(std::marker::PhantomData<Json<'a>>);
+
+impl<'de: 'a, 'a> Visitor<'de> for JsonVisitor<'a> {
+    type Value = Json<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Json::Bool(v))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Json::Number(v.into()))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Json::Number(v.into()))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        // What serde_json's own Value does: JSON text cannot hold a NaN or an infinity, but
+        // a number too large for a double reads as one.
+        Ok(Number::from_f64(v).map_or(Json::Null, Json::Number))
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Json::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Json::Str(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Json::Str(Cow::Owned(v)))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        Json::deserialize(deserializer)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Json::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0).clamp(8, 64));
+        while let Some(Text(name)) = map.next_key()? {
+            members.push((name, map.next_value()?));
+        }
+        Ok(Json::Object(Object::from_members(members)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, as serde_json's own tree (strings with escapes and repeated keys too).
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(Value::from),
+            "[a-z\"\\\\é\n]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::vec(("[a-c]{1,2}", inner), 0..6)
+                    .prop_map(|members| Value::Object(members.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// An object's text with members in any order and names repeated.
+    fn object_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(("[a-d]", any_value()), 0..8).prop_map(|members| {
+            let body: Vec<String> = members
+                .iter()
+                .map(|(k, v)| format!("{}:{v}", Value::String(k.clone())))
+                .collect();
+            format!("{{{}}}", body.join(","))
+        })
+    }
+
+    proptest! {
+        /// The borrowed tree is serde_json's own reading of the same text.
+        #[test]
+        fn reads_what_serde_json_reads(text in prop_oneof![
+            any_value().prop_map(|v| v.to_string()),
+            object_text(),
+        ]) {
+            let ours = parse(&text).map(|j| j.to_value());
+            let theirs = serde_json::from_str::<Value>(&text);
+            prop_assert_eq!(ours.ok(), theirs.ok());
+        }
+
+        /// Text that is not JSON fails with serde_json's own message.
+        #[test]
+        fn fails_as_serde_json_fails(text in "[\\[\\]{}:,\"a0-9 .e-]{0,12}") {
+            let ours = parse(&text).map(|j| j.to_value()).map_err(|e| e.to_string());
+            let theirs = serde_json::from_str::<Value>(&text).map_err(|e| e.to_string());
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn names_and_strings_borrow_unless_escaped() {
+        let Ok(Json::Object(o)) = parse(r#"{"b":"plain","a":"tab\tbed","b":"last"}"#) else {
+            panic!("an object");
+        };
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.iter().map(|(k, _)| k).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(matches!(o.get("b"), Some(Json::Str(Cow::Borrowed("last")))));
+        assert!(matches!(o.get("a"), Some(Json::Str(Cow::Owned(s))) if s == "tab\tbed"));
+        assert!(o.contains_key("a") && !o.contains_key("c"));
+    }
+
+    #[test]
+    fn nesting_is_limited_like_serde_json() {
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert!(parse(&deep).is_err());
+        assert!(serde_json::from_str::<Value>(&deep).is_err());
+    }
+}
