@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::intake::model::{Change, DataReport, SensorValue, StatusReport, Update};
+use crate::intake::model::{Change, DataReport, ReadingTime, SensorValue, StatusReport, Update};
 
 /// `last_report_data`, parsed only as deep as merging needs: the top-level keys with their
 /// values kept as JSON text, and `sensors` and `status` opened into their keys only when an
@@ -298,13 +298,13 @@ impl DeviceState {
                 let newer = match sensors.get(name.as_str()).and_then(|s| timestamp_in(s)) {
                     // Parsed for trust only when the reading would be refused.
                     Some(stored) => {
-                        !is_older(&reading.timestamp, &stored) || !trusted(&stored, limit)
+                        !is_older(&reading.timestamp.text(), &stored) || !trusted(&stored, limit)
                     }
                     None => true,
                 };
                 if newer {
                     let entry = raw(&StoredSensor {
-                        timestamp: &reading.timestamp,
+                        timestamp: &reading.timestamp.text(),
                         unit: &reading.unit,
                         value: &reading.value,
                     });
@@ -394,7 +394,7 @@ pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
         for (name, reading) in b.sensors {
             match a.sensors.get_mut(&name) {
                 Some(held) => {
-                    if !is_older(&reading.timestamp, &held.timestamp) {
+                    if !reading_is_older(&reading.timestamp, &held.timestamp) {
                         *held = reading;
                     }
                 }
@@ -449,6 +449,15 @@ fn merge_by_key<'a>(
     }
 }
 
+/// Whether reading time `new` is strictly before `held` ([`is_older`] of their texts; two
+/// receive times compare as times, without writing them out).
+pub fn reading_is_older(new: &ReadingTime, held: &ReadingTime) -> bool {
+    match (new, held) {
+        (ReadingTime::Received(n), ReadingTime::Received(h)) => n < h,
+        _ => is_older(&new.text(), &held.text()),
+    }
+}
+
 /// Whether RFC 3339 time `new` is strictly before `stored`. Text that does not parse is never
 /// "older" (it cannot be compared, so the newer message wins).
 pub fn is_older(new: &str, stored: &str) -> bool {
@@ -494,10 +503,8 @@ mod tests {
                 SensorReading {
                     value: Number::from_f64(*v).unwrap().into(),
                     unit: "u".into(),
-                    timestamp: ts.map_or_else(
-                        || at(secs).to_rfc3339_opts(SecondsFormat::Millis, true),
-                        str::to_owned,
-                    ),
+                    // Undated: the receive time, as the payload reader keeps it.
+                    timestamp: ts.map_or(ReadingTime::Received(at(secs)), ReadingTime::from),
                     sensor_type: None,
                 },
             );
@@ -813,14 +820,14 @@ mod tests {
                         for (name, reading) in &report.sensors {
                             let newer = match sensors.get(name).and_then(|s| s.get("timestamp")) {
                                 Some(Value::String(stored)) => {
-                                    !is_older(&reading.timestamp, stored)
+                                    !is_older(&reading.timestamp.text(), stored)
                                 }
                                 _ => true,
                             };
                             if newer {
                                 sensors.insert(
                                     name.clone(),
-                                    json!({"value": reading.value, "unit": reading.unit, "timestamp": reading.timestamp}),
+                                    json!({"value": reading.value, "unit": reading.unit, "timestamp": reading.timestamp.text()}),
                                 );
                             }
                         }
@@ -957,8 +964,8 @@ mod tests {
                     if let Change::Data(r) = &mut u.change {
                         for (name, v, t) in readings {
                             let timestamp = match t {
-                                Some(Value::String(t)) => t,
-                                _ => at(secs).to_rfc3339_opts(SecondsFormat::Millis, true),
+                                Some(Value::String(t)) => ReadingTime::from(t),
+                                _ => ReadingTime::Received(at(secs)),
                             };
                             r.sensors.insert(
                                 name,
@@ -1085,9 +1092,8 @@ mod tests {
                         r.sensors = readings
                             .into_iter()
                             .map(|(name, v, t)| {
-                                let timestamp = t.unwrap_or_else(|| {
-                                    at(secs).to_rfc3339_opts(SecondsFormat::Millis, true)
-                                });
+                                let timestamp =
+                                    t.map_or(ReadingTime::Received(at(secs)), ReadingTime::from);
                                 let value = Number::from(v);
                                 (
                                     name,

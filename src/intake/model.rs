@@ -3,6 +3,7 @@
 //! Everything here has already passed the checks in [`crate::intake::topic`] and [`crate::intake::payload`]:
 //! the store accepts only these types, so it never sees raw bytes (parse, don't validate).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -123,6 +124,74 @@ impl From<Number> for SensorValue {
     }
 }
 
+/// When a reading was read.
+///
+/// The receive time is kept as a time and written out as text only where it is stored: most
+/// readings have it (the firmware's timestamps are uptime counters), and text for each of them,
+/// in a queue of thousands, was an allocation per reading and about 930 instructions a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadingTime {
+    /// The device's own time as RFC 3339 text: kept as sent when it had an offset, else
+    /// rendered in the database zone. Shared by the readings of one message.
+    Device(Arc<str>),
+    /// The receive time of the reading's message, in the database zone; as text, RFC 3339
+    /// with milliseconds.
+    Received(DateTime<FixedOffset>),
+}
+
+impl ReadingTime {
+    /// The time as RFC 3339 text, as it is stored.
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            ReadingTime::Device(text) => Cow::Borrowed(text),
+            ReadingTime::Received(t) => Cow::Owned(crate::intake::zone::rfc3339_millis(t)),
+        }
+    }
+
+    /// The time as an instant (`None` only for device text that is not RFC 3339, which the
+    /// payload reader never makes).
+    pub fn instant(&self) -> Option<DateTime<FixedOffset>> {
+        match self {
+            ReadingTime::Device(text) => DateTime::parse_from_rfc3339(text).ok(),
+            ReadingTime::Received(t) => Some(*t),
+        }
+    }
+}
+
+impl fmt::Display for ReadingTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+/// Device text.
+impl From<&str> for ReadingTime {
+    fn from(text: &str) -> Self {
+        ReadingTime::Device(text.into())
+    }
+}
+
+/// Device text.
+impl From<String> for ReadingTime {
+    fn from(text: String) -> Self {
+        ReadingTime::Device(text.into())
+    }
+}
+
+/// Compares the stored text.
+impl PartialEq<str> for ReadingTime {
+    fn eq(&self, other: &str) -> bool {
+        self.text() == other
+    }
+}
+
+/// Compares the stored text.
+impl PartialEq<&str> for ReadingTime {
+    fn eq(&self, other: &&str) -> bool {
+        self.text() == *other
+    }
+}
+
 /// One sensor's accepted reading, in the stored shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SensorReading {
@@ -130,9 +199,8 @@ pub struct SensorReading {
     pub value: SensorValue,
     /// Unit text, `""` when the device gave none.
     pub unit: String,
-    /// Reading time as RFC 3339 text: the device's own (kept as sent when it had an offset,
-    /// else given the database zone's) or the receive time.
-    pub timestamp: String,
+    /// Reading time: the device's own or the receive time.
+    pub timestamp: ReadingTime,
     /// The sensor's type (`DHT11`, `RAIN_SENSOR`): the simple format's `sensor` field or a full
     /// format entry's `sensor_type`; `None` when the device gave none. Written to
     /// `device_sensors.sensor_type`, not to `last_report_data`. Shared by the readings of one

@@ -13,8 +13,8 @@ use serde_json::{Map, Number, Value};
 
 use crate::intake::json::{self, Json, Object};
 use crate::intake::model::{
-    Change, DataReport, DeviceUuid, Location, SensorReading, SensorValue, StatusReport, TopicKind,
-    Update,
+    Change, DataReport, DeviceUuid, Location, ReadingTime, SensorReading, SensorValue,
+    StatusReport, TopicKind, Update,
 };
 use crate::intake::rejection::Rejection;
 use crate::intake::timestamp::{self, TimeRules, Undatable};
@@ -289,18 +289,14 @@ struct Reader<'a> {
     rules: &'a Rules,
     /// The receive time, in the database's zone.
     received: DateTime<FixedOffset>,
-    /// `received` as RFC 3339 text, made when a reading first needs it.
-    receive_text: Option<String>,
     skipped: Vec<Skipped>,
     undated: Vec<UndatedTimestamp>,
 }
 
 impl Reader<'_> {
-    /// The receive time as RFC 3339: the reading time of readings the device did not date.
-    fn receive_text(&mut self) -> &str {
-        let received = self.received;
-        self.receive_text
-            .get_or_insert_with(|| crate::intake::zone::rfc3339_millis(&received))
+    /// The reading time of readings the device did not date.
+    fn received(&self) -> ReadingTime {
+        ReadingTime::Received(self.received)
     }
 
     fn skip(&mut self, part: String, reason: impl Into<String>) {
@@ -365,7 +361,6 @@ pub fn process(
     let mut r = Reader {
         rules,
         received,
-        receive_text: None,
         skipped: Vec::new(),
         undated: Vec::new(),
     };
@@ -502,7 +497,7 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
                 continue;
             };
             let sensor_type = match entry.get("sensor_type") {
-                Some(Json::Str(t)) if !t.is_empty() => Some(Arc::<str>::from(t.as_ref())),
+                Some(Json::Str(t)) if !t.is_empty() => Some(shared_type(t)),
                 _ => None,
             };
             let name = match entry.get("sensor_name") {
@@ -537,8 +532,8 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
                 || format!("sensors[{i}].timestamp").into(),
                 entry.get("timestamp"),
             ) {
-                Some(t) => t,
-                None => r.receive_text().to_owned(),
+                Some(t) => ReadingTime::from(t),
+                None => r.received(),
             };
             let value = entry.get("value").unwrap_or(&Json::Null);
             match reading(name, value, unit, timestamp, sensor_type, r.rules) {
@@ -574,6 +569,30 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
     report
 }
 
+/// Sensor types kept for reuse, per thread: a board sends the same few (`DHT11`, `DS18B20`,
+/// `RAIN_SENSOR`) with every message.
+const SHARED_TYPES: usize = 16;
+
+thread_local! {
+    static TYPES: std::cell::RefCell<Vec<Arc<str>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `name` as a sensor type to keep: one of the first [`SHARED_TYPES`] names this thread has
+/// met, shared, rather than an allocation for every message (any further names get their own).
+fn shared_type(name: &str) -> Arc<str> {
+    TYPES.with_borrow_mut(|types| {
+        if let Some(t) = types.iter().find(|t| ***t == *name) {
+            return t.clone();
+        }
+        let t: Arc<str> = name.into();
+        if types.len() < SHARED_TYPES {
+            types.push(t.clone());
+        }
+        t
+    })
+}
+
 /// The simple format: every key a sensor name, every value a number or a boolean, all read at
 /// the message's `timestamp` when it dates anything. Strings are metadata, not readings (the
 /// firmware sends `"device_id":"AIOT-ESP32-…"` and `"sensor":"DHT11"`, the sensor's type,
@@ -585,11 +604,11 @@ fn simple_format(
 ) -> DataReport {
     let mut report = DataReport::default();
     let timestamp = match reading_time {
-        Some(t) => t.to_owned(),
-        None => r.receive_text().to_owned(),
+        Some(t) => ReadingTime::from(t),
+        None => r.received(),
     };
     let sensor_type: Option<Arc<str>> = match object.get("sensor") {
-        Some(Json::Str(t)) if !t.is_empty() => Some(t.as_ref().into()),
+        Some(Json::Str(t)) if !t.is_empty() => Some(shared_type(t)),
         _ => None,
     };
     let mut readings = Vec::with_capacity(object.len());
@@ -625,7 +644,7 @@ fn reading(
     name: &str,
     value: &Json<'_>,
     unit: String,
-    timestamp: String,
+    timestamp: ReadingTime,
     sensor_type: Option<Arc<str>>,
     rules: &Rules,
 ) -> Result<SensorReading, String> {

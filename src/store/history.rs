@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{NaiveDateTime, Utc};
 use sqlx::{MySql, MySqlPool, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -44,11 +44,7 @@ pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = H
     sensors.into_iter().flatten().filter_map(move |(name, r)| {
         // Validated already: a number and an RFC 3339 time.
         let value = r.value.as_f64()?;
-        let reading_time = zone.naive(
-            DateTime::parse_from_rfc3339(&r.timestamp)
-                .ok()?
-                .with_timezone(&Utc),
-        );
+        let reading_time = zone.naive(r.timestamp.instant()?.with_timezone(&Utc));
         Some(HistoryRow {
             device: update.device.as_str().to_owned(),
             sensor: name.clone(),
@@ -132,6 +128,7 @@ pub async fn run_retention(
 mod tests {
     use super::*;
     use crate::intake::model::{DataReport, DeviceUuid, SensorReading};
+    use chrono::DateTime;
     use serde_json::Number;
 
     #[test]

@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{NaiveDateTime, Utc};
 use sqlx::{MySql, MySqlPool, Transaction};
 
-use crate::intake::merge::is_older;
+use crate::intake::merge::reading_is_older;
 use crate::intake::model::{Change, Update};
 use crate::intake::payload::Renames;
 use crate::intake::zone::Zone;
@@ -177,7 +177,7 @@ pub fn rows_of<'a>(
             latest
                 .entry((device, name))
                 .and_modify(|held| {
-                    if !is_older(&reading.timestamp, &held.timestamp) {
+                    if !reading_is_older(&reading.timestamp, &held.timestamp) {
                         *held = reading;
                     }
                 })
@@ -188,7 +188,7 @@ pub fn rows_of<'a>(
         .into_iter()
         .filter_map(|((device, sensor), r)| {
             // Readings carry RFC 3339 times (payload checked them).
-            let time = DateTime::parse_from_rfc3339(&r.timestamp).ok()?;
+            let time = r.timestamp.instant()?;
             Some(SensorRow {
                 device: device.to_owned(),
                 sensor: sensor.to_owned(),
@@ -258,6 +258,7 @@ pub async fn upsert(
 mod tests {
     use super::*;
     use crate::intake::model::{DataReport, DeviceUuid, SensorReading, SensorValue};
+    use chrono::DateTime;
     use serde_json::Number;
 
     fn table() -> SensorTable {

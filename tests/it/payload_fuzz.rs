@@ -90,7 +90,7 @@ fn check(kind: TopicKind, bytes: &[u8]) -> Result<(), TestCaseError> {
                         prop_assert!(v.is_some_and(f64::is_finite), "value {}", r.value);
                         let negative_zero = v == Some(0.0) && r.value.to_string().starts_with('-');
                         prop_assert!(!negative_zero, "negative zero {}", r.value);
-                        prop_assert!(rfc3339(&r.timestamp));
+                        prop_assert!(rfc3339(&r.timestamp.text()));
                         if name == "humidity" {
                             prop_assert!((0.0..=100.0).contains(&v.unwrap()));
                         }

@@ -696,7 +696,7 @@ proptest! {
             for (name, r) in &d.sensors {
                 prop_assert!(valid_sensor_name(name));
                 prop_assert!(r.value.as_f64().is_some_and(f64::is_finite));
-                prop_assert!(DateTime::parse_from_rfc3339(&r.timestamp).is_ok());
+                prop_assert!(DateTime::parse_from_rfc3339(&r.timestamp.text()).is_ok());
             }
             if let Some(l) = d.location {
                 prop_assert!(l.latitude.as_f64().unwrap().abs() <= 90.0);
