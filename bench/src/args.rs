@@ -78,6 +78,14 @@ struct Cli {
     /// format, device_id/sensor strings, uptime timestamp)
     #[arg(long = "payload", value_name = "SHAPE", default_value = "seed", value_parser = shape, help_heading = "Sizes")]
     shape: crate::publisher::Shape,
+    /// The live stream sends the firmware's mix: of every 7 messages of a device, 3 data (the
+    /// firmware's payload), 2 status, 2 heartbeats; latency is measured on the data messages
+    #[arg(long, help_heading = "Sizes")]
+    live_mix: bool,
+    /// device_main's shape: service (the service's migrations) or codehubot (the backend's own
+    /// DDL: its 40 columns and indexes, no index on last_seen)
+    #[arg(long, value_name = "SHAPE", default_value = "service", value_parser = ["service", "codehubot"], help_heading = "Sizes")]
+    table: String,
     /// Rows upserted by db-limit [default: drain-10k's messages]
     #[arg(long, value_parser = at_least_one, help_heading = "Sizes")]
     db_rows: Option<u64>,
@@ -232,6 +240,8 @@ pub struct LiveSpec {
     pub devices: u64,
     pub rate: u64,
     pub secs: u64,
+    /// The firmware's mix of data, status and heartbeats.
+    pub mix: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -262,6 +272,8 @@ pub struct Options {
     pub poll: Duration,
     pub json: PathBuf,
     pub shape: crate::publisher::Shape,
+    /// `device_main` as CodeHubot's backend creates it.
+    pub codehubot_table: bool,
 }
 
 /// The variables the benchmark sets itself; `--service-env` may not override them.
@@ -423,6 +435,7 @@ impl From<Cli> for Options {
             devices: c.live_devices,
             rate: c.live_rate,
             secs: c.live_secs.unwrap_or_else(|| scaled(30, c.scale, 1)),
+            mix: c.live_mix,
         };
         let json = c.json.unwrap_or_else(|| {
             let now = std::time::SystemTime::now()
@@ -433,6 +446,7 @@ impl From<Cli> for Options {
         });
         Options {
             shape: c.shape,
+            codehubot_table: c.table == "codehubot",
             scenarios,
             runs: c.runs as usize,
             small,

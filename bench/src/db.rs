@@ -47,11 +47,20 @@ const SEQS: &str = concat!(
 /// dropped), with the service's tables.
 pub struct BenchDb {
     db: TestDb,
+    /// `device_main` is CodeHubot's (its rows need a `device_secret`).
+    codehubot: bool,
 }
 
+/// CodeHubot's `device_main` as its backend creates it (the integration tests' fixture, written
+/// from the real DDL): 40 columns, no index on `last_seen`, one on `is_online`. `{team}` is
+/// the team column's name.
+pub const CODEHUBOT_DEVICE_MAIN: &str =
+    include_str!("../../tests/it/fixtures/codehubot-device-main.sql");
+
 impl BenchDb {
-    /// Creates `bench_<unique>` and runs the service's migrations in it.
-    pub async fn create(target: &DbTarget) -> anyhow::Result<BenchDb> {
+    /// Creates `bench_<unique>` and runs the service's migrations in it; with `codehubot`,
+    /// `device_main` is then made again as CodeHubot's backend makes it.
+    pub async fn create(target: &DbTarget, codehubot: bool) -> anyhow::Result<BenchDb> {
         let db = TestDb::try_named(
             "bench",
             &target.host,
@@ -70,7 +79,19 @@ impl BenchDb {
             .run(&db.pool())
             .await
             .context("running the service's migrations")?;
-        Ok(BenchDb { db })
+        if codehubot {
+            let ddl = format!(
+                "DROP TABLE device_main;\n{}",
+                CODEHUBOT_DEVICE_MAIN.replace("{team}", "team_id")
+            );
+            for statement in mqtt_ingest_testkit::sql_statements(&ddl) {
+                sqlx::query(AssertSqlSafe(statement))
+                    .execute(&db.pool())
+                    .await
+                    .context("creating CodeHubot's device_main")?;
+            }
+        }
+        Ok(BenchDb { db, codehubot })
     }
 
     /// The database's name.
@@ -91,12 +112,19 @@ impl BenchDb {
         let mut start = 0;
         while start < n {
             let end = (start + SEED_CHUNK).min(n);
-            let mut sql = String::from("INSERT INTO device_main (device_id, uuid, name) VALUES ");
+            // CodeHubot's table has a device secret, which its backend always sets.
+            let (secret_column, secret) = if self.codehubot {
+                (", device_secret", ",'secret'")
+            } else {
+                ("", "")
+            };
+            let mut sql =
+                format!("INSERT INTO device_main (device_id, uuid, name{secret_column}) VALUES ");
             for i in start..end {
                 if i > start {
                     sql.push(',');
                 }
-                let _ = write!(sql, "('bench-dev-{i}','dev{i}','Bench {i}')");
+                let _ = write!(sql, "('bench-dev-{i}','dev{i}','Bench {i}'{secret})");
             }
             sqlx::raw_sql(AssertSqlSafe(sql))
                 .execute(&self.pool())
@@ -158,11 +186,17 @@ impl BenchDb {
         conns: u64,
         progress: &std::sync::Arc<Progress>,
     ) -> anyhow::Result<(u64, Duration)> {
+        // CodeHubot's table needs a device secret for the insert half, as the backend sets one.
+        let (secret_column, row) = if self.codehubot {
+            (", device_secret", "(?,?,?,?,?,?,'secret')")
+        } else {
+            ("", "(?,?,?,?,?,?)")
+        };
         let sql: std::sync::Arc<str> = format!(
-            "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online) \
+            "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online{secret_column}) \
              VALUES {} ON DUPLICATE KEY UPDATE last_report_data = VALUES(last_report_data), \
              last_seen = VALUES(last_seen), is_online = VALUES(is_online)",
-            placeholders(batch, "(?,?,?,?,?,?)", ",")
+            placeholders(batch, row, ",")
         )
         .into();
         let per_conn = rows.div_ceil(conns);

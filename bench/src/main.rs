@@ -78,7 +78,7 @@ async fn setup(opts: &Options, env: &mut Env) -> anyhow::Result<()> {
     }
     env.broker_version = broker.version.clone();
     env.broker = Some(broker);
-    let db = BenchDb::create(&opts.db).await?;
+    let db = BenchDb::create(&opts.db, opts.codehubot_table).await?;
     eprintln!(
         "[bench] created database {} on {}:{}",
         db.name(),

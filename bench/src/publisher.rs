@@ -15,6 +15,7 @@ const INFLIGHT: u16 = 10_000;
 /// Publishes queued between the feeding task and the event loop.
 const REQUEST_CAPACITY: usize = 10_000;
 
+use mqtt_ingest_testkit::generators;
 pub use mqtt_ingest_testkit::generators::{Shape, data_topic as topic, payload};
 
 fn connect(port: u16, client_id: &str) -> (AsyncClient, EventLoop) {
@@ -145,8 +146,8 @@ pub async fn backlog(
 /// handed to the client.
 pub type PublishLog = Arc<Mutex<Vec<Vec<Instant>>>>;
 
-/// A paced stream: `rate` messages/s for `secs` seconds, round-robin over the devices
-/// (message k goes to device k % devices with seq k / devices + 1).
+/// A paced stream: `rate` messages/s for `secs` seconds, round-robin over the devices (message
+/// k goes to device k % devices). Data messages carry each device's own seq, 1, 2, …
 pub struct Stream {
     pub port: u16,
     pub client_id: String,
@@ -156,7 +157,22 @@ pub struct Stream {
     pub secs: u64,
     /// What the messages look like.
     pub shape: Shape,
+    /// The firmware's mix instead of data only: a device's messages go through [`MIX`]: data
+    /// (the firmware's payload), status and heartbeat in the firmware's proportions.
+    pub mix: bool,
 }
+
+/// What a device sends in turn with `mix`, in the firmware's proportions per minute: data
+/// every 10–30 s (3 a minute on average), a status and a heartbeat every 30 s (2 each).
+pub const MIX: [&str; 7] = [
+    "data",
+    "status",
+    "data",
+    "heartbeat",
+    "data",
+    "status",
+    "heartbeat",
+];
 
 /// Publishes the stream, paced by a 1 ms tick that sends what the schedule says is due (a
 /// late tick catches up). Returns the number sent (all acknowledged by the broker) and the
@@ -174,6 +190,7 @@ pub async fn live(
         rate,
         secs,
         shape,
+        mix,
     } = stream;
     let client_id = client_id.as_str();
     let prefix = prefix.as_str();
@@ -181,6 +198,7 @@ pub async fn live(
     let (client, mut events) = connect(port, client_id);
     let topics: Vec<String> = (0..devices).map(|d| topic(prefix, d)).collect();
     let feed_client = client.clone();
+    let feed_prefix = prefix.to_owned();
     let feed_progress = Arc::clone(progress);
     let span = Arc::new(Mutex::new(Duration::ZERO));
     let feed_span = Arc::clone(&span);
@@ -189,20 +207,41 @@ pub async fn live(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let started = Instant::now();
         let mut sent = 0u64;
+        // Messages sent to each device so far, and data messages (its seq).
+        let mut turns = vec![0u64; devices as usize];
+        let mut seqs = vec![0u64; devices as usize];
         while sent < total {
             tick.tick().await;
             let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
             while sent < due {
-                let d = sent % devices;
-                let seq = sent / devices + 1;
-                log.lock().unwrap_or_else(|e| e.into_inner())[d as usize].push(Instant::now());
+                let d = (sent % devices) as usize;
+                let turn = turns[d];
+                turns[d] += 1;
+                // The firmware's uptime: a message every few seconds since boot.
+                let uptime = turn * 10;
+                let kind = if mix {
+                    MIX[(turn % 7) as usize]
+                } else {
+                    "data"
+                };
+                let (topic, body) = match kind {
+                    "status" => (
+                        format!("{feed_prefix}/dev{d}/status"),
+                        generators::firmware_status(uptime),
+                    ),
+                    "heartbeat" => (
+                        format!("{feed_prefix}/dev{d}/heartbeat"),
+                        generators::firmware_heartbeat(turn, uptime * 1000),
+                    ),
+                    _ => {
+                        seqs[d] += 1;
+                        let shape = if mix { Shape::Firmware } else { shape };
+                        log.lock().unwrap_or_else(|e| e.into_inner())[d].push(Instant::now());
+                        (topics[d].clone(), payload(seqs[d], shape))
+                    }
+                };
                 feed_client
-                    .publish(
-                        topics[d as usize].as_str(),
-                        QoS::AtLeastOnce,
-                        false,
-                        payload(seq, shape),
-                    )
+                    .publish(topic, QoS::AtLeastOnce, false, body)
                     .await?;
                 sent += 1;
                 feed_progress.published.store(sent, Relaxed);

@@ -472,11 +472,6 @@ async fn db_limit(ctx: &Ctx<'_>, s: Scenario) -> anyhow::Result<Row> {
     })
 }
 
-/// CodeHubot's `device_main` as its backend creates it (the integration tests' fixture, written
-/// from the real DDL): no index on `last_seen`, one on `is_online`.
-const CODEHUBOT_DEVICE_MAIN: &str =
-    include_str!("../../tests/it/fixtures/codehubot-device-main.sql");
-
 /// One sweep: how long it took (ms) and how many devices it set offline.
 async fn timed_sweep(pool: &sqlx::MySqlPool, zone: &Zone) -> anyhow::Result<(f64, u64)> {
     let t = Instant::now();
@@ -523,7 +518,7 @@ async fn presence(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
         .await
         .context("creating the presence scenario's database")?;
     let pool = db.pool();
-    let ddl = CODEHUBOT_DEVICE_MAIN.replace("{team}", "team_id");
+    let ddl = crate::db::CODEHUBOT_DEVICE_MAIN.replace("{team}", "team_id");
     for statement in mqtt_ingest_testkit::sql_statements(&ddl) {
         sqlx::query(AssertSqlSafe(statement))
             .execute(&pool)
@@ -626,6 +621,7 @@ async fn live(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
             rate: spec.rate,
             secs: spec.secs,
             shape: ctx.opts.shape,
+            mix: spec.mix,
         };
         let log = Arc::clone(&log);
         let progress = Arc::clone(ctx.progress);
@@ -720,7 +716,12 @@ async fn live(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
         service_failed: stopped.counters.failed,
         service_start_s: stopped.started_in.map(|d| d.as_secs_f64()),
         note: Some(format!(
-            "target {} msg/s; latency = first DB poll (every {} ms) showing the message committed - publish time, on {} of the {} devices ({} messages)",
+            "{}target {} msg/s; latency = first DB poll (every {} ms) showing the message committed - publish time, on {} of the {} devices ({} messages)",
+            if spec.mix {
+                "the firmware's mix (3 data, 2 status, 2 heartbeats of every 7), data on its latency; "
+            } else {
+                ""
+            },
             spec.rate,
             LIVE_POLL.as_millis(),
             sample,

@@ -43,6 +43,23 @@ pub fn payload(seq: u64, shape: Shape) -> String {
     }
 }
 
+/// The firmware's device name in its payloads (`device_id`, beside the topic's uuid).
+pub const FIRMWARE_DEVICE_ID: &str = "AIOT-ESP32-6E0067F6";
+
+/// The firmware's status message (its format string), `uptime` seconds after boot.
+pub fn firmware_status(uptime: u64) -> String {
+    format!(
+        "{{\"device_id\":\"{FIRMWARE_DEVICE_ID}\",\"uptime\":{uptime},\"free_heap\":168432,\
+         \"wifi_connected\":true,\"mqtt_connected\":true,\"ble_connected\":false,\
+         \"timestamp\":{uptime}}}"
+    )
+}
+
+/// The firmware's heartbeat (its format string): a counter and milliseconds since boot.
+pub fn firmware_heartbeat(sequence: u64, uptime_ms: u64) -> String {
+    format!("{{\"sequence\":{sequence},\"timestamp\":{uptime_ms},\"status\":1}}")
+}
+
 /// `{"seq": S, "timestamp": T}` with `T` = 2026-01-01 + `S` seconds: every reading has its own
 /// reading time (and so its own history row), and a redelivered older one dates as older.
 pub fn dated_payload(seq: u64) -> String {

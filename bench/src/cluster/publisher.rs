@@ -14,6 +14,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use mqtt_ingest_testkit::generators::{FIRMWARE_DEVICE_ID, firmware_heartbeat, firmware_status};
 pub use mqtt_ingest_testkit::ledger::Ledger;
 use mqtt_ingest_testkit::ledger::PubAcks;
 
@@ -113,8 +114,6 @@ struct Schedule {
     next_heartbeat: Instant,
 }
 
-const DEVICE_ID: &str = "AIOT-ESP32-6E0067F6";
-
 /// A data message as the firmware formats it; `dated`: with a reading time instead of the uptime
 /// (what the docs advise for several instances): a day ago plus `seq` seconds, so that each
 /// reading of a device has its own time, in the order of its seq.
@@ -126,18 +125,8 @@ fn data(seq: u64, uptime: u64, dated: Option<chrono::DateTime<chrono::Utc>>) -> 
         uptime.to_string()
     };
     format!(
-        "{{\"device_id\":\"{DEVICE_ID}\",\"sensor\":\"DHT11\",\"seq\":{seq},\"temperature\":24.3,\"humidity\":55.0,\"timestamp\":{timestamp}}}"
+        "{{\"device_id\":\"{FIRMWARE_DEVICE_ID}\",\"sensor\":\"DHT11\",\"seq\":{seq},\"temperature\":24.3,\"humidity\":55.0,\"timestamp\":{timestamp}}}"
     )
-}
-
-fn status(uptime: u64) -> String {
-    format!(
-        "{{\"device_id\":\"{DEVICE_ID}\",\"uptime\":{uptime},\"free_heap\":168432,\"wifi_connected\":true,\"mqtt_connected\":true,\"ble_connected\":false,\"timestamp\":{uptime}}}"
-    )
-}
-
-fn heartbeat(seq: u64, uptime: u64) -> String {
-    format!("{{\"sequence\":{seq},\"timestamp\":{uptime},\"status\":1}}")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -260,13 +249,13 @@ async fn publish(
                                     s.next_data += s.data_every;
                                 }
                                 if s.next_status <= now {
-                                    out.push((format!("{prefix}/dev{}/status", s.device), status(uptime), None));
+                                    out.push((format!("{prefix}/dev{}/status", s.device), firmware_status(uptime), None));
                                     s.next_status += Duration::from_secs(30);
                                 }
                                 if s.next_heartbeat <= now {
                                     out.push((
                                         format!("{prefix}/dev{}/heartbeat", s.device),
-                                        heartbeat(s.seq, uptime),
+                                        firmware_heartbeat(s.seq, uptime),
                                         None,
                                     ));
                                     s.next_heartbeat += Duration::from_secs(30);
