@@ -286,6 +286,9 @@ impl FromIterator<(String, SensorReading)> for Sensors {
             }
             same
         });
+        // Held in a queue, perhaps for a while: no room for the readings a payload's other
+        // members did not become (the firmware's data message has six members, three readings).
+        all.shrink_to_fit();
         Self(all)
     }
 }

@@ -490,7 +490,7 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
     let mut report = DataReport::default();
     let mut readings = Vec::new();
     if let Some(Json::Array(entries)) = object.get("sensors") {
-        readings.reserve(entries.len());
+        readings.reserve_exact(entries.len());
         for (i, entry) in entries.iter().enumerate() {
             let Json::Object(entry) = entry else {
                 r.skip(format!("sensors[{i}]"), "not an object");
@@ -611,9 +611,13 @@ fn simple_format(
         Some(Json::Str(t)) if !t.is_empty() => Some(shared_type(t)),
         _ => None,
     };
-    let mut readings = Vec::with_capacity(object.len());
+    let is_reading = |name: &str, value: &Json<'_>| {
+        !SIMPLE_FORMAT_METADATA.contains(&name) && !matches!(value, Json::Str(_))
+    };
+    // Sized for the readings, not the members: the vector is kept while the update waits.
+    let mut readings = Vec::with_capacity(object.iter().filter(|(n, v)| is_reading(n, v)).count());
     for (name, value) in object.iter() {
-        if SIMPLE_FORMAT_METADATA.contains(&name) || matches!(value, Json::Str(_)) {
+        if !is_reading(name, value) {
             continue;
         }
         let name = r
