@@ -17,6 +17,9 @@ pub struct Row {
     pub rate: f64,
     /// drains: rate / the broker limit of the same size in the same run.
     pub ratio_to_broker: Option<f64>,
+    /// drains: the rate from the service's subscription on (its start-up left out, as the
+    /// do-nothing subscriber, which is not a process of its own, has none) / the broker limit.
+    pub ratio_from_subscription: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
@@ -57,6 +60,10 @@ pub fn link_ratios(rows: &mut [Row]) {
             && r.error.is_none()
         {
             r.ratio_to_broker = Some(r.rate / l);
+            r.ratio_from_subscription = r
+                .service_start_s
+                .filter(|s| *s < r.seconds)
+                .map(|s| r.messages as f64 / (r.seconds - s) / l);
         }
     }
 }
@@ -102,6 +109,7 @@ pub fn medians(runs: &[Vec<Row>]) -> Vec<Row> {
                 seconds: m(&|r| Some(r.seconds)).unwrap_or(0.0),
                 rate: m(&|r| Some(r.rate)).unwrap_or(0.0),
                 ratio_to_broker: m(&|r| r.ratio_to_broker),
+                ratio_from_subscription: m(&|r| r.ratio_from_subscription),
                 p50_ms: m(&|r| r.p50_ms),
                 p99_ms: m(&|r| r.p99_ms),
                 max_ms: m(&|r| r.max_ms),
@@ -128,13 +136,14 @@ pub fn table(title: &str, rows: &[Row]) -> String {
     let _ = writeln!(out, "{title}");
     let _ = writeln!(
         out,
-        "{:<11} {:>7} {:>8} {:>8} {:>10} {:>9} {:>7} {:>7} {:>7} {:>7} {:>5}",
+        "{:<11} {:>7} {:>8} {:>8} {:>10} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5}",
         "scenario",
         "devices",
         "messages",
         "seconds",
         "msg/s",
         "vs broker",
+        "from sub",
         "p50 ms",
         "p99 ms",
         "max ms",
@@ -149,13 +158,14 @@ pub fn table(title: &str, rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<11} {:>7} {:>8} {:>8.2} {:>10} {:>9} {:>7} {:>7} {:>7} {:>7} {:>5}",
+            "{:<11} {:>7} {:>8} {:>8.2} {:>10} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>5}",
             r.scenario,
             r.devices,
             r.messages,
             r.seconds,
             rate,
             opt(r.ratio_to_broker, 2),
+            opt(r.ratio_from_subscription, 2),
             opt(r.p50_ms, 1),
             opt(r.p99_ms, 1),
             opt(r.max_ms, 1),
@@ -199,9 +209,15 @@ mod tests {
             row("broker-10k", 10.0),
             row("drain-10k", 20.0),
         ];
+        rows[1].messages = 50;
+        rows[1].seconds = 1.0;
+        rows[1].service_start_s = Some(0.5);
         link_ratios(&mut rows);
         assert_eq!(rows[1].ratio_to_broker, Some(0.5));
         assert_eq!(rows[3].ratio_to_broker, Some(2.0));
+        // 50 messages in the 0.5 s after the subscription: 100 msg/s, the broker's rate.
+        assert_eq!(rows[1].ratio_from_subscription, Some(1.0));
+        assert_eq!(rows[3].ratio_from_subscription, None);
     }
 
     #[test]
