@@ -62,6 +62,26 @@ impl<'a> Json<'a> {
     }
 }
 
+/// serde_json's own tree, read as one that borrows from it (for a payload kept whole, which is
+/// parsed into serde_json's tree to begin with).
+impl<'a> From<&'a Value> for Json<'a> {
+    fn from(value: &'a Value) -> Self {
+        match value {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(*b),
+            Value::Number(n) => Json::Number(n.clone()),
+            Value::String(s) => Json::Str(Cow::Borrowed(s)),
+            Value::Array(items) => Json::Array(items.iter().map(Json::from).collect()),
+            // A map's keys are in order and unique already.
+            Value::Object(map) => Json::Object(Object(
+                map.iter()
+                    .map(|(k, v)| (Cow::Borrowed(k.as_str()), Json::from(v)))
+                    .collect(),
+            )),
+        }
+    }
+}
+
 impl<'a> Object<'a> {
     /// The value of `name`.
     pub fn get(&self, name: &str) -> Option<&Json<'a>> {
@@ -260,6 +280,15 @@ mod tests {
             let ours = parse(&text).map(|j| j.to_value());
             let theirs = serde_json::from_str::<Value>(&text);
             prop_assert_eq!(ours.ok(), theirs.ok());
+        }
+
+        /// A tree read from serde_json's is the one read from the text.
+        #[test]
+        fn borrowing_serde_json_s_tree_reads_the_same(value in any_value()) {
+            let text = value.to_string();
+            // serde_json's own reading of the text (a double may not survive text unchanged).
+            let theirs: Value = serde_json::from_str(&text).unwrap();
+            prop_assert_eq!(Json::from(&theirs), parse(&text).unwrap());
         }
 
         /// Text that is not JSON fails with serde_json's own message.

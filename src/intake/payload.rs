@@ -373,10 +373,16 @@ pub fn process(
             reading_time = r.time(|| "timestamp".into(), timestamp.as_ref());
             Change::Heartbeat
         }
+        // A status is kept whole (merged into the stored `status`): read into serde_json's own
+        // map, which is what it is stored as, rather than borrowed and then copied.
         TopicKind::Status => {
-            let object = parse_object(text)?;
-            reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
-            Change::Status(status_report(&object, reading_time.as_deref(), &mut r))
+            let mut fields = parse_map(text)?;
+            reading_time = r.time(
+                || "timestamp".into(),
+                fields.get("timestamp").map(Json::from).as_ref(),
+            );
+            store_status_time(&mut fields, reading_time.as_deref());
+            Change::Status(status_report(fields, &mut r))
         }
         TopicKind::Data => {
             let object = parse_object(text)?;
@@ -430,6 +436,18 @@ fn parse_object(text: &str) -> Result<Object<'_>, Rejection> {
     }
     match json::parse(text) {
         Ok(Json::Object(object)) => Ok(object),
+        Ok(_) => Err(Rejection::NotObject),
+        Err(e) => Err(Rejection::NotJson(e.to_string())),
+    }
+}
+
+/// The payload as serde_json's own map (the same answers as [`parse_object`]).
+fn parse_map(text: &str) -> Result<Map<String, Value>, Rejection> {
+    if text.is_empty() {
+        return Err(Rejection::NotJson("empty payload".into()));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Rejection::NotObject),
         Err(e) => Err(Rejection::NotJson(e.to_string())),
     }
@@ -751,14 +769,8 @@ fn store_status_time(fields: &mut Map<String, Value>, reading_time: Option<&str>
 
 /// A status message: merged whole into `status`; its `status` scalar, if any, becomes
 /// `device_status`; any status but `"offline"` marks the device online.
-fn status_report(
-    object: &Object<'_>,
-    reading_time: Option<&str>,
-    r: &mut Reader<'_>,
-) -> StatusReport {
-    let mut fields = object.to_map();
-    store_status_time(&mut fields, reading_time);
-    let device_status = match object.get("status") {
+fn status_report(fields: Map<String, Value>, r: &mut Reader<'_>) -> StatusReport {
+    let device_status = match fields.get("status").map(Json::from).as_ref() {
         None | Some(Json::Null) => None,
         Some(Json::Str(s)) => Some(s.as_ref().to_owned()),
         Some(Json::Number(n)) => Some(n.to_string()),
