@@ -238,12 +238,8 @@ impl Pipeline {
         let mut queues = Vec::with_capacity(ingest.writers);
         let mut writers = JoinSet::new();
         for _ in 0..ingest.writers {
-            // With history on, a folded message's readings are kept for the history table.
-            let queue = Arc::new(if keep.history {
-                Queue::keeping_readings(per_writer)
-            } else {
-                Queue::new(per_writer, true)
-            });
+            // Every reading of a folded message would be missing from the history table.
+            let queue = Arc::new(Queue::new(per_writer, !keep.history));
             queues.push(queue.clone());
             writers.spawn(run_writer(WriterParts {
                 store: Store::on_nodes(nodes.clone(), store_options.clone()),

@@ -422,28 +422,6 @@ pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
     Ok(())
 }
 
-/// [`absorb`], keeping the readings of every message folded in ([`DataReport::folded_readings`])
-/// for the history table, which gets each message's readings, not only the latest.
-#[allow(clippy::result_large_err)] // gives `next` back as it came, as `absorb` does
-pub fn absorb_keeping_readings(into: &mut Update, next: Update) -> Result<(), Update> {
-    let kept = match (&into.change, &next.change) {
-        (Change::Data(a), Change::Data(b)) => {
-            let mut kept = Vec::with_capacity(2);
-            if a.folded_readings.is_empty() {
-                kept.push((into.received_at, a.sensors.clone()));
-            }
-            kept.push((next.received_at, b.sensors.clone()));
-            kept
-        }
-        _ => Vec::new(),
-    };
-    absorb(into, next)?;
-    if let Change::Data(a) = &mut into.change {
-        a.folded_readings.extend(kept);
-    }
-    Ok(())
-}
-
 /// Whether stored RFC 3339 time `stored` is at most `limit` (no limit: always).
 fn trusted(stored: &str, limit: Option<DateTime<FixedOffset>>) -> bool {
     match (DateTime::parse_from_rfc3339(stored), limit) {
@@ -537,53 +515,6 @@ mod tests {
             reading_time: None,
             change: Change::Data(report),
         }
-    }
-
-    #[test]
-    fn folding_with_history_keeps_every_message_s_readings() {
-        let mut plain = data(1, &[("t", 1.0, None), ("h", 50.0, None)]);
-        let mut keeping = plain.clone();
-        for next in [data(2, &[("t", 2.0, None)]), data(3, &[("t", 3.0, None)])] {
-            absorb(&mut plain, next.clone()).unwrap();
-            absorb_keeping_readings(&mut keeping, next).unwrap();
-        }
-        let (Change::Data(p), Change::Data(k)) = (&plain.change, &keeping.change) else {
-            panic!("data");
-        };
-        // The update itself is what folding makes either way.
-        assert_eq!(p.sensors, k.sensors);
-        assert_eq!(plain.received_at, keeping.received_at);
-        assert!(p.folded_readings.is_empty());
-        // Beside it, each message's own readings and receive time, in order.
-        let kept: Vec<(i64, Vec<(String, f64)>)> = k
-            .folded_readings
-            .iter()
-            .map(|(at, s)| {
-                let readings = s
-                    .iter()
-                    .map(|(n, r)| (n.clone(), r.value.as_f64().unwrap()))
-                    .collect();
-                (at.timestamp() - 1_766_000_000, readings)
-            })
-            .collect();
-        assert_eq!(
-            kept,
-            [
-                (1, vec![("h".to_owned(), 50.0), ("t".to_owned(), 1.0)]),
-                (2, vec![("t".to_owned(), 2.0)]),
-                (3, vec![("t".to_owned(), 3.0)]),
-            ]
-        );
-        // What does not fold comes back untouched, and keeps nothing.
-        let heartbeat = Update {
-            change: Change::Heartbeat,
-            ..data(4, &[])
-        };
-        assert!(absorb_keeping_readings(&mut keeping, heartbeat).is_err());
-        let Change::Data(k) = &keeping.change else {
-            panic!("data");
-        };
-        assert_eq!(k.folded_readings.len(), 3);
     }
 
     fn status(secs: i64, fields: Value) -> Update {

@@ -339,11 +339,6 @@ pub struct DataReport {
     pub status: Option<Vec<(String, Value)>>,
     /// Replaces the stored location when present.
     pub location: Option<Location>,
-    /// With history on: the readings of each message folded into this update, with the
-    /// message's receive time, in order (the update keeps only each sensor's latest reading;
-    /// the history table gets every one). Empty when nothing was folded in: [`Self::sensors`]
-    /// are then the one message's readings.
-    pub folded_readings: Vec<(DateTime<FixedOffset>, Sensors)>,
 }
 
 /// The valid part of a `status` message.

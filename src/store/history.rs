@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
+use chrono::{NaiveDateTime, Utc};
 use sqlx::{MySql, MySqlPool, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::intake::model::{Change, SensorReading, Sensors, Update};
+use crate::intake::model::{Change, Update};
 use crate::intake::zone::Zone;
 use crate::store::sql::{StoreError, delete_in_batches, fit_chars, placeholders, shaped_chunks};
 
@@ -35,46 +35,24 @@ pub struct HistoryRow {
     pub received_at: NaiveDateTime,
 }
 
-/// The history rows of `update`'s readings: every reading of every message folded into it.
+/// The history rows of `update`'s readings.
 pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = HistoryRow> + 'a {
-    let messages: Vec<(DateTime<FixedOffset>, &Sensors)> = match &update.change {
-        Change::Data(report) if report.folded_readings.is_empty() => {
-            vec![(update.received_at, &report.sensors)]
-        }
-        Change::Data(report) => report
-            .folded_readings
-            .iter()
-            .map(|(at, sensors)| (*at, sensors))
-            .collect(),
-        _ => Vec::new(),
+    let sensors = match &update.change {
+        Change::Data(report) => Some(&report.sensors),
+        _ => None,
     };
-    messages
-        .into_iter()
-        .flat_map(move |(received_at, sensors)| {
-            sensors
-                .iter()
-                .filter_map(move |(name, r)| row(update, received_at, name, r, zone))
+    sensors.into_iter().flatten().filter_map(move |(name, r)| {
+        // Validated already: a number and an RFC 3339 time.
+        let value = r.value.as_f64()?;
+        let reading_time = zone.naive(r.timestamp.instant()?.with_timezone(&Utc));
+        Some(HistoryRow {
+            device: update.device.as_str().to_owned(),
+            sensor: name.clone(),
+            value,
+            unit: fit_chars(&r.unit, UNIT_MAX_CHARS).to_owned(),
+            reading_time,
+            received_at: zone.naive(update.received_at.with_timezone(&Utc)),
         })
-}
-
-/// One reading as a history row.
-fn row(
-    update: &Update,
-    received_at: DateTime<FixedOffset>,
-    name: &str,
-    r: &SensorReading,
-    zone: &Zone,
-) -> Option<HistoryRow> {
-    // Validated already: a number and an RFC 3339 time.
-    let value = r.value.as_f64()?;
-    let reading_time = zone.naive(r.timestamp.instant()?.with_timezone(&Utc));
-    Some(HistoryRow {
-        device: update.device.as_str().to_owned(),
-        sensor: name.to_owned(),
-        value,
-        unit: fit_chars(&r.unit, UNIT_MAX_CHARS).to_owned(),
-        reading_time,
-        received_at: zone.naive(received_at.with_timezone(&Utc)),
     })
 }
 
@@ -184,21 +162,6 @@ mod tests {
         assert_eq!(utc[0].received_at.to_string(), "2025-12-19 06:31:00");
         assert_eq!(rows[0].unit.chars().count(), 64);
         assert_eq!(rows[0].value, 25.5);
-        // Messages folded into the update: a row for each of their readings, at its
-        // message's receive time.
-        let mut folded = update.clone();
-        if let Change::Data(report) = &mut folded.change {
-            let later = zone.at(DateTime::parse_from_rfc3339("2025-12-19T06:32:00Z")
-                .unwrap()
-                .with_timezone(&Utc));
-            report.folded_readings = vec![
-                (update.received_at, report.sensors.clone()),
-                (later, report.sensors.clone()),
-            ];
-        }
-        let rows: Vec<_> = rows_of(&folded, &zone).collect();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[1].received_at.to_string(), "2025-12-19 14:32:00");
         let heartbeat = Update {
             change: Change::Heartbeat,
             ..update

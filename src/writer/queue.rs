@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::intake::merge::{absorb, absorb_keeping_readings};
+use crate::intake::merge::absorb;
 use crate::work::{AckToken, Job};
 
 /// One parsed update waiting for its batch, and the messages folded into it.
@@ -58,12 +58,9 @@ pub struct Queue {
     room: Notify,
     /// Most parsed updates held (folded messages do not count).
     pub(super) capacity: usize,
-    /// Whether later messages may be folded into waiting updates.
+    /// Whether later messages may be folded into waiting updates (off while every reading must
+    /// reach the history table).
     coalesce: bool,
-    /// Whether a folded message's readings are kept beside the update (history on: every
-    /// reading reaches the history table); each then counts as an update of its own against
-    /// the capacity, as it holds as much memory.
-    keep_readings: bool,
 }
 
 #[derive(Debug, Default)]
@@ -104,15 +101,6 @@ impl Queue {
             room: Notify::new(),
             capacity: capacity.max(1),
             coalesce,
-            keep_readings: false,
-        }
-    }
-
-    /// A queue that folds, keeping every folded message's readings for the history table.
-    pub fn keeping_readings(capacity: usize) -> Self {
-        Self {
-            keep_readings: true,
-            ..Self::new(capacity, true)
         }
     }
 
@@ -158,25 +146,15 @@ impl Queue {
         } = job;
         // Kept rejects change nothing here: a folded message's evidence goes (the update keeps
         // its first message's, which is what a rejection of the device shows).
-        let room = !self.keep_readings || state.updates < self.capacity;
         if let Some(i) = slot
             && self.coalesce
-            && room
             && let Some(last) = state.entries[i].items.last_mut()
         {
-            let folded = if self.keep_readings {
-                absorb_keeping_readings(&mut last.job.update, update)
-            } else {
-                absorb(&mut last.job.update, update)
-            };
-            match folded {
+            match absorb(&mut last.job.update, update) {
                 Ok(()) => {
                     last.folded += 1;
                     last.folded_acks.extend(ack);
                     state.messages += 1;
-                    if self.keep_readings {
-                        state.updates += 1;
-                    }
                     return Offer::Folded;
                 }
                 Err(back) => update = back,
@@ -220,17 +198,12 @@ impl Queue {
             if q.index.get(&entry.hash) == Some(&seq) {
                 q.index.remove(&entry.hash);
             }
-            let messages = entry
+            q.updates -= entry.items.len();
+            q.messages -= entry
                 .items
                 .iter()
                 .map(|h| h.messages() as usize)
                 .sum::<usize>();
-            q.messages -= messages;
-            q.updates -= if self.keep_readings {
-                messages
-            } else {
-                entry.items.len()
-            };
             batch.extend(entry.items);
         }
         drop(q);
@@ -366,25 +339,6 @@ mod tests {
         assert_eq!(shape(&q.take(10)), [("a".to_owned(), 2)]);
         q.close();
         assert_eq!(put(&q, data("a", 6)), "closed");
-    }
-
-    #[test]
-    fn keeping_readings_folds_and_counts_each_message_against_the_capacity() {
-        let q = Queue::keeping_readings(3);
-        assert_eq!(put(&q, data("a", 1)), "taken");
-        assert_eq!(put(&q, data("a", 2)), "taken");
-        assert_eq!(put(&q, data("b", 1)), "taken");
-        // Three messages held: a fold would hold a fourth's readings.
-        assert_eq!(put(&q, data("a", 3)), "full");
-        assert_eq!(q.updates(), 3);
-        let batch = q.take(10);
-        assert_eq!(shape(&batch), [("a".to_owned(), 2), ("b".to_owned(), 1)]);
-        let Change::Data(a) = &batch[0].job.update.change else {
-            panic!("data");
-        };
-        assert_eq!(a.folded_readings.len(), 2, "both messages' readings");
-        assert_eq!(q.updates(), 0);
-        assert_eq!(put(&q, data("a", 3)), "taken");
     }
 
     #[test]
