@@ -121,17 +121,25 @@ impl<'a> Object<'a> {
     /// Members in document order, put in name order with a repeated name keeping its last
     /// value (what inserting them one by one into a `serde_json::Map` gives).
     fn from_members(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Self {
-        // Stable: a repeated name's values stay in document order, and the last one is kept.
-        members.sort_by(|a, b| a.0.cmp(&b.0));
-        members.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                std::mem::swap(later, kept);
-            }
-            same
-        });
+        in_name_order_last_wins(&mut members);
         Self(members)
     }
+}
+
+/// Puts `(name, value)` pairs in name order, each name once with the last of its values, in
+/// place: what inserting them one by one into a map gives (a payload's object, a message's
+/// readings).
+pub fn in_name_order_last_wins<K: Ord, V>(pairs: &mut Vec<(K, V)>) {
+    // Stable: a repeated name's values stay in their order, and the last one is moved into the
+    // slot that is kept.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    pairs.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
 }
 
 /// A string that borrows from the input when the input has it unescaped (serde's own `Cow`

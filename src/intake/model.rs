@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use chrono::{DateTime, FixedOffset};
+use chrono::{DateTime, FixedOffset, Timelike};
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
@@ -140,6 +140,13 @@ pub enum ReadingTime {
 }
 
 impl ReadingTime {
+    /// Receive time `t` as a reading time, to the millisecond, as its text has it: what is
+    /// compared and stored as a time is what the text says.
+    pub fn received(t: DateTime<FixedOffset>) -> Self {
+        let millis = t.nanosecond() / 1_000_000 * 1_000_000;
+        ReadingTime::Received(t.with_nanosecond(millis).unwrap_or(t))
+    }
+
     /// The time as RFC 3339 text, as it is stored.
     pub fn text(&self) -> Cow<'_, str> {
         match self {
@@ -276,16 +283,7 @@ impl Sensors {
 impl FromIterator<(String, SensorReading)> for Sensors {
     fn from_iter<I: IntoIterator<Item = (String, SensorReading)>>(iter: I) -> Self {
         let mut all: Vec<(String, SensorReading)> = iter.into_iter().collect();
-        // Stable: equal names stay in message order; each run of one name keeps its last
-        // (moved into the kept slot), in place.
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                std::mem::swap(later, kept);
-            }
-            same
-        });
+        crate::intake::json::in_name_order_last_wins(&mut all);
         // Held in a queue, perhaps for a while: no room for the readings a payload's other
         // members did not become (the firmware's data message has six members, three readings).
         all.shrink_to_fit();
@@ -418,6 +416,22 @@ mod sensors_tests {
         assert_eq!(s.len(), 3);
         assert!(s.contains_key("c") && !s.contains_key("d"));
         assert_eq!(s["a"].value.as_f64(), Some(5.0));
+    }
+
+    #[test]
+    fn a_receive_time_is_kept_to_the_millisecond_as_its_text() {
+        let t = DateTime::parse_from_rfc3339("2026-12-02T10:00:00.123456789+08:00").unwrap();
+        let r = ReadingTime::received(t);
+        assert_eq!(r.text(), "2026-12-02T10:00:00.123+08:00");
+        assert_eq!(
+            r.instant(),
+            Some(DateTime::parse_from_rfc3339("2026-12-02T10:00:00.123+08:00").unwrap())
+        );
+        assert_eq!(r, "2026-12-02T10:00:00.123+08:00");
+        assert_eq!(
+            ReadingTime::from("2026-12-02T10:00:00Z").text(),
+            "2026-12-02T10:00:00Z"
+        );
     }
 
     #[test]

@@ -296,7 +296,7 @@ struct Reader<'a> {
 impl Reader<'_> {
     /// The reading time of readings the device did not date.
     fn received(&self) -> ReadingTime {
-        ReadingTime::Received(self.received)
+        ReadingTime::received(self.received)
     }
 
     fn skip(&mut self, part: String, reason: impl Into<String>) {
