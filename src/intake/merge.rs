@@ -719,10 +719,10 @@ mod tests {
         );
         let mut u = data(5, &[]);
         if let Change::Data(r) = &mut u.change {
-            r.location = Some(Location {
+            r.location = Some(Box::new(Location {
                 latitude: Number::from(1),
                 longitude: Number::from(2),
-            });
+            }));
         }
         s.apply(&u);
         assert_eq!(
@@ -979,10 +979,10 @@ mod tests {
                         }
                         r.status = status.map(|m| m.into_iter().collect());
                         if located {
-                            r.location = Some(Location {
+                            r.location = Some(Box::new(Location {
                                 latitude: Number::from(1),
                                 longitude: Number::from_f64(-2.5).unwrap(),
-                            });
+                            }));
                         }
                     }
                     u
@@ -1108,10 +1108,10 @@ mod tests {
                             .collect();
                         r.status = status.map(|m| m.into_iter().collect());
                         if located {
-                            r.location = Some(Location {
+                            r.location = Some(Box::new(Location {
                                 latitude: Number::from(secs),
                                 longitude: Number::from(-secs),
-                            });
+                            }));
                         }
                     }
                     u

@@ -335,8 +335,9 @@ pub struct DataReport {
     /// Status fields to merge by key into the stored `status`, in key order (a vector for the
     /// same reason as [`Sensors`]).
     pub status: Option<Vec<(String, Value)>>,
-    /// Replaces the stored location when present.
-    pub location: Option<Location>,
+    /// Replaces the stored location when present (boxed: most messages have none, and an
+    /// update may wait in a queue of thousands).
+    pub location: Option<Box<Location>>,
 }
 
 /// The valid part of a `status` message.

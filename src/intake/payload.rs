@@ -580,7 +580,7 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
     match object.get("location") {
         None | Some(Json::Null) => {}
         Some(value) => match location(value) {
-            Ok(l) => report.location = Some(l),
+            Ok(l) => report.location = Some(Box::new(l)),
             Err(reason) => r.skip("location".into(), reason),
         },
     }

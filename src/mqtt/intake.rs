@@ -155,7 +155,7 @@ pub(super) async fn handle_publish(
             let job = Job {
                 update: accepted.update,
                 ack,
-                evidence,
+                evidence: evidence.map(Box::new),
             };
             // Waits only when the writer is behind by a whole queue: that is the backpressure
             // towards the broker. With QoS 1 the broker's inflight window keeps it from filling.

@@ -39,8 +39,9 @@ pub struct Job {
     /// What to acknowledge once the outcome is final; `None` for QoS 0.
     pub ack: Option<AckToken>,
     /// Topic and payload start, kept only when rejects are kept (the writer may still reject
-    /// the message: unknown device).
-    pub evidence: Option<Evidence>,
+    /// the message: unknown device). Boxed: by default there is none, and a job may wait in a
+    /// queue of thousands.
+    pub evidence: Option<Box<Evidence>>,
 }
 
 /// The writers' side of the way back: each call hands over the tokens of messages whose

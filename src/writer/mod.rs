@@ -186,7 +186,7 @@ impl Outcomes<'_> {
         } = held;
         if let (Some(sink), Some(evidence)) = (self.rejects, job.evidence) {
             sink.record(
-                evidence,
+                *evidence,
                 Some(job.update.device.as_str()),
                 &rejection,
                 job.update.received_at,

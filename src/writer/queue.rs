@@ -354,9 +354,9 @@ mod tests {
             payload_bytes: 1,
         };
         let mut first = data("a", 1);
-        first.evidence = Some(evidence(1));
+        first.evidence = Some(Box::new(evidence(1)));
         let mut second = data("a", 2);
-        second.evidence = Some(evidence(2));
+        second.evidence = Some(Box::new(evidence(2)));
         assert_eq!(put(&q, first), "taken");
         assert_eq!(put(&q, second), "taken");
         let batch = q.take(10);
@@ -367,7 +367,7 @@ mod tests {
         );
         assert_eq!(
             batch[0].job.evidence,
-            Some(evidence(1)),
+            Some(Box::new(evidence(1))),
             "the first message's"
         );
     }
