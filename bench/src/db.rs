@@ -54,8 +54,20 @@ pub struct BenchDb {
 /// CodeHubot's `device_main` as its backend creates it (the integration tests' fixture, written
 /// from the real DDL): 40 columns, no index on `last_seen`, one on `is_online`. `{team}` is
 /// the team column's name.
-pub const CODEHUBOT_DEVICE_MAIN: &str =
+const CODEHUBOT_DEVICE_MAIN: &str =
     include_str!("../../tests/it/fixtures/codehubot-device-main.sql");
+
+/// Creates CodeHubot's `device_main` (with its `team_id` column) in `pool`'s database.
+pub async fn create_codehubot_device_main(pool: &MySqlPool) -> anyhow::Result<()> {
+    let ddl = CODEHUBOT_DEVICE_MAIN.replace("{team}", "team_id");
+    for statement in mqtt_ingest_testkit::sql_statements(&ddl) {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(pool)
+            .await
+            .context("creating CodeHubot's device_main")?;
+    }
+    Ok(())
+}
 
 impl BenchDb {
     /// Creates `bench_<unique>` and runs the service's migrations in it; with `codehubot`,
@@ -80,18 +92,22 @@ impl BenchDb {
             .await
             .context("running the service's migrations")?;
         if codehubot {
-            let ddl = format!(
-                "DROP TABLE device_main;\n{}",
-                CODEHUBOT_DEVICE_MAIN.replace("{team}", "team_id")
-            );
-            for statement in mqtt_ingest_testkit::sql_statements(&ddl) {
-                sqlx::query(AssertSqlSafe(statement))
-                    .execute(&db.pool())
-                    .await
-                    .context("creating CodeHubot's device_main")?;
-            }
+            sqlx::query("DROP TABLE device_main")
+                .execute(&db.pool())
+                .await?;
+            create_codehubot_device_main(&db.pool()).await?;
         }
         Ok(BenchDb { db, codehubot })
+    }
+
+    /// The secret column and value the rows of CodeHubot's table need, which its backend
+    /// always sets (none for the service's own table): `(", device_secret", ",'secret'")`.
+    fn secret(&self) -> (&'static str, &'static str) {
+        if self.codehubot {
+            (", device_secret", ",'secret'")
+        } else {
+            ("", "")
+        }
     }
 
     /// The database's name.
@@ -112,12 +128,7 @@ impl BenchDb {
         let mut start = 0;
         while start < n {
             let end = (start + SEED_CHUNK).min(n);
-            // CodeHubot's table has a device secret, which its backend always sets.
-            let (secret_column, secret) = if self.codehubot {
-                (", device_secret", ",'secret'")
-            } else {
-                ("", "")
-            };
+            let (secret_column, secret) = self.secret();
             let mut sql =
                 format!("INSERT INTO device_main (device_id, uuid, name{secret_column}) VALUES ");
             for i in start..end {
@@ -186,17 +197,14 @@ impl BenchDb {
         conns: u64,
         progress: &std::sync::Arc<Progress>,
     ) -> anyhow::Result<(u64, Duration)> {
-        // CodeHubot's table needs a device secret for the insert half, as the backend sets one.
-        let (secret_column, row) = if self.codehubot {
-            (", device_secret", "(?,?,?,?,?,?,'secret')")
-        } else {
-            ("", "(?,?,?,?,?,?)")
-        };
+        // CodeHubot's table needs a device secret for the insert half.
+        let (secret_column, secret) = self.secret();
+        let row = format!("(?,?,?,?,?,?{secret})");
         let sql: std::sync::Arc<str> = format!(
             "INSERT INTO device_main (device_id, uuid, name, last_report_data, last_seen, is_online{secret_column}) \
              VALUES {} ON DUPLICATE KEY UPDATE last_report_data = VALUES(last_report_data), \
              last_seen = VALUES(last_seen), is_online = VALUES(is_online)",
-            placeholders(batch, row, ",")
+            placeholders(batch, &row, ",")
         )
         .into();
         let per_conn = rows.div_ceil(conns);

@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 use crate::progress::Progress;
+use mqtt_ingest::intake::model::TopicKind;
 
 /// Outgoing QoS 1 publishes a connection keeps unacknowledged (rumqttc's own window).
 const INFLIGHT: u16 = 10_000;
@@ -164,14 +165,14 @@ pub struct Stream {
 
 /// What a device sends in turn with `mix`, in the firmware's proportions per minute: data
 /// every 10–30 s (3 a minute on average), a status and a heartbeat every 30 s (2 each).
-pub const MIX: [&str; 7] = [
-    "data",
-    "status",
-    "data",
-    "heartbeat",
-    "data",
-    "status",
-    "heartbeat",
+pub const MIX: [TopicKind; 7] = [
+    TopicKind::Data,
+    TopicKind::Status,
+    TopicKind::Data,
+    TopicKind::Heartbeat,
+    TopicKind::Data,
+    TopicKind::Status,
+    TopicKind::Heartbeat,
 ];
 
 /// Publishes the stream, paced by a 1 ms tick that sends what the schedule says is due (a
@@ -220,20 +221,20 @@ pub async fn live(
                 // The firmware's uptime: a message every few seconds since boot.
                 let uptime = turn * 10;
                 let kind = if mix {
-                    MIX[(turn % 7) as usize]
+                    MIX[turn as usize % MIX.len()]
                 } else {
-                    "data"
+                    TopicKind::Data
                 };
                 let (topic, body) = match kind {
-                    "status" => (
+                    TopicKind::Status => (
                         format!("{feed_prefix}/dev{d}/status"),
                         generators::firmware_status(uptime),
                     ),
-                    "heartbeat" => (
+                    TopicKind::Heartbeat => (
                         format!("{feed_prefix}/dev{d}/heartbeat"),
                         generators::firmware_heartbeat(turn, uptime * 1000),
                     ),
-                    _ => {
+                    TopicKind::Data => {
                         seqs[d] += 1;
                         let shape = if mix { Shape::Firmware } else { shape };
                         log.lock().unwrap_or_else(|e| e.into_inner())[d].push(Instant::now());

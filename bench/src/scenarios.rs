@@ -518,13 +518,7 @@ async fn presence(ctx: &Ctx<'_>) -> anyhow::Result<Row> {
         .await
         .context("creating the presence scenario's database")?;
     let pool = db.pool();
-    let ddl = crate::db::CODEHUBOT_DEVICE_MAIN.replace("{team}", "team_id");
-    for statement in mqtt_ingest_testkit::sql_statements(&ddl) {
-        sqlx::query(AssertSqlSafe(statement))
-            .execute(&pool)
-            .await
-            .context("creating CodeHubot's device_main")?;
-    }
+    crate::db::create_codehubot_device_main(&pool).await?;
     ctx.progress.phase(
         format!("{}: registering {devices} devices, all online", s.name()),
         0,

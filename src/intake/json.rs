@@ -91,21 +91,6 @@ impl<'a> Object<'a> {
             .map(|i| &self.0[i].1)
     }
 
-    /// Whether `name` is a member.
-    pub fn contains_key(&self, name: &str) -> bool {
-        self.get(name).is_some()
-    }
-
-    /// How many members.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// No members.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// The members in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
         self.0.iter().map(|(k, v)| (k.as_ref(), v))
@@ -313,11 +298,11 @@ mod tests {
         let Ok(Json::Object(o)) = parse(r#"{"b":"plain","a":"tab\tbed","b":"last"}"#) else {
             panic!("an object");
         };
-        assert_eq!(o.len(), 2);
+        assert_eq!(o.iter().count(), 2);
         assert_eq!(o.iter().map(|(k, _)| k).collect::<Vec<_>>(), ["a", "b"]);
         assert!(matches!(o.get("b"), Some(Json::Str(Cow::Borrowed("last")))));
         assert!(matches!(o.get("a"), Some(Json::Str(Cow::Owned(s))) if s == "tab\tbed"));
-        assert!(o.contains_key("a") && !o.contains_key("c"));
+        assert!(o.get("a").is_some() && o.get("c").is_none());
     }
 
     #[test]

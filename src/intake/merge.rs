@@ -295,16 +295,16 @@ impl DeviceState {
             let limit = self.trust_limit(update.received_at);
             let sensors = self.data.sensors();
             for (name, reading) in &report.sensors {
+                // Written out once: a receive time's text is made here.
+                let time = reading.timestamp.text();
                 let newer = match sensors.get(name.as_str()).and_then(|s| timestamp_in(s)) {
                     // Parsed for trust only when the reading would be refused.
-                    Some(stored) => {
-                        !is_older(&reading.timestamp.text(), &stored) || !trusted(&stored, limit)
-                    }
+                    Some(stored) => !is_older(&time, &stored) || !trusted(&stored, limit),
                     None => true,
                 };
                 if newer {
                     let entry = raw(&StoredSensor {
-                        timestamp: &reading.timestamp.text(),
+                        timestamp: &time,
                         unit: &reading.unit,
                         value: &reading.value,
                     });

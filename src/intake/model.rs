@@ -186,13 +186,6 @@ impl From<String> for ReadingTime {
 }
 
 /// Compares the stored text.
-impl PartialEq<str> for ReadingTime {
-    fn eq(&self, other: &str) -> bool {
-        self.text() == other
-    }
-}
-
-/// Compares the stored text.
 impl PartialEq<&str> for ReadingTime {
     fn eq(&self, other: &&str) -> bool {
         self.text() == *other

@@ -431,24 +431,31 @@ fn heartbeat_timestamp(text: &str) -> Result<Option<Json<'_>>, Rejection> {
 
 /// The payload as a JSON object, names and strings borrowed from `text`.
 fn parse_object(text: &str) -> Result<Object<'_>, Rejection> {
-    if text.is_empty() {
-        return Err(Rejection::NotJson("empty payload".into()));
-    }
-    match json::parse(text) {
-        Ok(Json::Object(object)) => Ok(object),
-        Ok(_) => Err(Rejection::NotObject),
-        Err(e) => Err(Rejection::NotJson(e.to_string())),
-    }
+    read_object(text, json::parse, |v| match v {
+        Json::Object(object) => Some(object),
+        _ => None,
+    })
 }
 
 /// The payload as serde_json's own map (the same answers as [`parse_object`]).
 fn parse_map(text: &str) -> Result<Map<String, Value>, Rejection> {
+    read_object(text, serde_json::from_str::<Value>, |v| match v {
+        Value::Object(map) => Some(map),
+        _ => None,
+    })
+}
+
+/// `text` read by `parse`, its top value taken by `object` if it is an object; or why not.
+fn read_object<'a, T, O>(
+    text: &'a str,
+    parse: impl FnOnce(&'a str) -> Result<T, serde_json::Error>,
+    object: impl FnOnce(T) -> Option<O>,
+) -> Result<O, Rejection> {
     if text.is_empty() {
         return Err(Rejection::NotJson("empty payload".into()));
     }
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Rejection::NotObject),
+    match parse(text) {
+        Ok(tree) => object(tree).ok_or(Rejection::NotObject),
         Err(e) => Err(Rejection::NotJson(e.to_string())),
     }
 }
@@ -565,12 +572,9 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
         None | Some(Json::Null) => {}
         // In key order, as the object keeps them; a vector holds a few fields in far less memory.
         Some(Json::Object(status)) => {
-            let time = match status.get("timestamp") {
-                Some(t) => r.time(|| "status.timestamp".into(), Some(t)),
-                None => None,
-            };
             let mut fields = status.to_map();
-            if status.contains_key("timestamp") {
+            if let Some(t) = status.get("timestamp") {
+                let time = r.time(|| "status.timestamp".into(), Some(t));
                 store_status_time(&mut fields, time.as_deref());
             }
             report.status = Some(fields.into_iter().collect());

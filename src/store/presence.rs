@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::intake::zone::Zone;
+use crate::store::sql::begin_read_committed;
 
 /// Sets offline every device whose `last_seen` is older than `timeout` (or unset); returns how
 /// many changed.
@@ -27,13 +28,8 @@ pub async fn sweep(pool: &MySqlPool, timeout: Duration, zone: &Zone) -> Result<u
     // every online row (100,000 in about 80 ms: the benchmark's `presence` scenario). Under
     // REPEATABLE READ it would lock each row it reads until it ends, holding the writers up;
     // under READ COMMITTED InnoDB lets go of the rows that do not match at once.
-    // The level is set for the next transaction only, and BEGIN takes it at once: nothing else
-    // that later runs on the pooled connection inherits it, even when the UPDATE fails.
     let mut conn = pool.acquire().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        .execute(&mut *conn)
-        .await?;
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = begin_read_committed(&mut conn).await?;
     let result = sqlx::query(
         "UPDATE device_main SET is_online = 0 \
          WHERE is_online <> 0 AND (last_seen IS NULL OR last_seen < ?)",

@@ -14,6 +14,7 @@ use chrono::NaiveDateTime;
 use sqlx::{Connection, MySqlConnection, Row};
 
 use crate::config::DbSettings;
+use crate::store::sql::begin_read_committed;
 
 /// The table beside the shadow copy that records each device's `last_report_data` as copied;
 /// its row with the empty uuid marks the copy whole.
@@ -183,10 +184,7 @@ async fn copy(
         // READ COMMITTED: the live rows are read as a consistent read, without the shared locks
         // INSERT … SELECT takes under REPEATABLE READ, which would hold the live service's
         // writes (or deadlock with them) while the copy runs.
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            .execute(&mut *conn)
-            .await?;
-        let mut tx = conn.begin().await?;
+        let mut tx = begin_read_committed(conn).await?;
         let mut counts = Vec::new();
         for t in &tables {
             let t = quoted(t);

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::backoff::{Backoff, with_jitter};
 
 use sqlx::mysql::MySqlDatabaseError;
-use sqlx::{MySql, MySqlPool};
+use sqlx::{Connection as _, MySql, MySqlConnection, MySqlPool, Transaction};
 
 /// A failed database attempt, sorted by what the writer should do about it.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +132,19 @@ pub fn is_refusal(e: &sqlx::Error) -> bool {
 /// up to the next shape by repeating its last item (harmless in an `IN` list, and a repeated row
 /// writes the same values). A few fixed shapes keep the prepared-statement cache small.
 pub const SHAPES: [usize; 4] = [1, 8, 64, 256];
+
+/// Begins a READ COMMITTED transaction on `conn`: rows read and not changed are not locked
+/// until its end, and a row another transaction holds is read as last committed. The level is
+/// set for the next transaction only and BEGIN takes it at once, so nothing that later runs on
+/// the (pooled) connection inherits it, even when the transaction fails.
+pub async fn begin_read_committed(
+    conn: &mut MySqlConnection,
+) -> Result<Transaction<'_, MySql>, sqlx::Error> {
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *conn)
+        .await?;
+    conn.begin().await
+}
 
 /// Cuts `items` into chunks of the fixed [`SHAPES`], padding the last one.
 pub fn shaped_chunks<T: Clone>(items: &[T]) -> Vec<Vec<T>> {

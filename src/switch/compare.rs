@@ -702,7 +702,9 @@ pub fn compare(python: &Tables, ingest: &Tables, o: &Options) -> Report {
             continue;
         };
         report.devices += 1;
-        let ps = p_sensors.get(&uuid.to_lowercase()).unwrap_or(&empty);
+        // `device_sensors` is keyed by the uuid in lower case (see `by_device`).
+        let key = uuid.to_lowercase();
+        let ps = p_sensors.get(&key).unwrap_or(&empty);
         let device = Device {
             uuid,
             python: p,
@@ -716,7 +718,7 @@ pub fn compare(python: &Tables, ingest: &Tables, o: &Options) -> Report {
         };
         device.compare(o, &mut report.differences);
         if both_sensors {
-            let is = i_sensors.get(&uuid.to_lowercase()).unwrap_or(&empty);
+            let is = i_sensors.get(&key).unwrap_or(&empty);
             compare_sensor_rows(&device, ps, is, o, &mut report.differences);
         }
     }
