@@ -106,20 +106,20 @@ impl<'a> Object<'a> {
     /// Members in document order, put in name order with a repeated name keeping its last
     /// value (what inserting them one by one into a `serde_json::Map` gives).
     fn from_members(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Self {
-        in_name_order_last_wins(&mut members);
+        in_name_order_last_wins(&mut members, |(name, _)| name);
         Self(members)
     }
 }
 
-/// Puts `(name, value)` pairs in name order, each name once with the last of its values, in
-/// place: what inserting them one by one into a map gives (a payload's object, a message's
+/// Puts `items` in the order of their names (`name`), each name once with the last of its items,
+/// in place: what inserting them one by one into a map gives (a payload's object, a message's
 /// readings).
-pub fn in_name_order_last_wins<K: Ord, V>(pairs: &mut Vec<(K, V)>) {
-    // Stable: a repeated name's values stay in their order, and the last one is moved into the
+pub fn in_name_order_last_wins<T, K: Ord + ?Sized>(items: &mut Vec<T>, name: impl Fn(&T) -> &K) {
+    // Stable: a repeated name's items stay in their order, and the last one is moved into the
     // slot that is kept.
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    pairs.dedup_by(|later, kept| {
-        let same = later.0 == kept.0;
+    items.sort_by(|a, b| name(a).cmp(name(b)));
+    items.dedup_by(|later, kept| {
+        let same = name(later) == name(kept);
         if same {
             std::mem::swap(later, kept);
         }

@@ -297,7 +297,7 @@ impl DeviceState {
             for (name, reading) in &report.sensors {
                 // Written out once: a receive time's text is made here.
                 let time = reading.timestamp.text();
-                let newer = match sensors.get(name.as_str()).and_then(|s| timestamp_in(s)) {
+                let newer = match sensors.get(name).and_then(|s| timestamp_in(s)) {
                     // Parsed for trust only when the reading would be refused.
                     Some(stored) => !is_older(&time, &stored) || !trusted(&stored, limit),
                     None => true,
@@ -305,13 +305,13 @@ impl DeviceState {
                 if newer {
                     let entry = raw(&StoredSensor {
                         timestamp: &time,
-                        unit: &reading.unit,
+                        unit: reading.unit(),
                         value: &reading.value,
                     });
-                    match sensors.get_mut(name.as_str()) {
+                    match sensors.get_mut(name) {
                         Some(slot) => *slot = entry,
                         None => {
-                            sensors.insert(name.clone(), entry);
+                            sensors.insert(name.to_owned(), entry);
                         }
                     }
                 }
@@ -391,14 +391,14 @@ pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
         return Err(next);
     }
     if let (Change::Data(a), Change::Data(b)) = (&mut into.change, next.change) {
-        for (name, reading) in b.sensors {
-            match a.sensors.get_mut(&name) {
+        for reading in b.sensors {
+            match a.sensors.get_mut(reading.name()) {
                 Some(held) => {
                     if !reading_is_older(&reading.timestamp, &held.timestamp) {
                         *held = reading;
                     }
                 }
-                None => a.sensors.insert(name, reading),
+                None => a.sensors.insert(reading),
             }
         }
         if let Some(fields) = b.status {
@@ -499,14 +499,13 @@ mod tests {
         let mut report = DataReport::default();
         for (name, v, ts) in sensors {
             report.sensors.insert(
-                (*name).into(),
-                SensorReading {
-                    value: Number::from_f64(*v).unwrap().into(),
-                    unit: "u".into(),
+                SensorReading::new(
+                    name,
+                    Number::from_f64(*v).unwrap().into(),
                     // Undated: the receive time, as the payload reader keeps it.
-                    timestamp: ts.map_or(ReadingTime::Received(at(secs)), ReadingTime::from),
-                    sensor_type: None,
-                },
+                    ts.map_or(ReadingTime::Received(at(secs)), ReadingTime::from),
+                )
+                .with("u", None),
             );
         }
         Update {
@@ -826,8 +825,8 @@ mod tests {
                             };
                             if newer {
                                 sensors.insert(
-                                    name.clone(),
-                                    json!({"value": reading.value, "unit": reading.unit, "timestamp": reading.timestamp.text()}),
+                                    name.to_owned(),
+                                    json!({"value": reading.value, "unit": reading.unit(), "timestamp": reading.timestamp.text()}),
                                 );
                             }
                         }
@@ -968,13 +967,8 @@ mod tests {
                                 _ => ReadingTime::Received(at(secs)),
                             };
                             r.sensors.insert(
-                                name,
-                                SensorReading {
-                                    value: Number::from(v).into(),
-                                    unit: "°C".into(),
-                                    timestamp,
-                                    sensor_type: None,
-                                },
+                                SensorReading::new(&name, Number::from(v).into(), timestamp)
+                                    .with("°C", None),
                             );
                         }
                         r.status = status.map(|m| m.into_iter().collect());
@@ -1094,16 +1088,8 @@ mod tests {
                             .map(|(name, v, t)| {
                                 let timestamp =
                                     t.map_or(ReadingTime::Received(at(secs)), ReadingTime::from);
-                                let value = Number::from(v);
-                                (
-                                    name,
-                                    SensorReading {
-                                        value: value.into(),
-                                        unit: "u".into(),
-                                        timestamp,
-                                        sensor_type: None,
-                                    },
-                                )
+                                SensorReading::new(&name, Number::from(v).into(), timestamp)
+                                    .with("u", None)
                             })
                             .collect();
                         r.status = status.map(|m| m.into_iter().collect());

@@ -192,26 +192,106 @@ impl PartialEq<&str> for ReadingTime {
     }
 }
 
+/// What a reading is of: its sensor's name, the unit it gave and the sensor's type.
+///
+/// Shared ([`Sensor::shared`]): a board sends the same few sensors with every message, and a
+/// name, a unit and a type of their own for each reading of each waiting update were most of a
+/// queued update's memory and a third of the intake's allocations.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Sensor {
+    /// The reading's name (after renames), the key in `last_report_data.sensors`.
+    pub name: Box<str>,
+    /// Unit text, `""` when the device gave none.
+    pub unit: Box<str>,
+    /// The sensor's type (`DHT11`, `RAIN_SENSOR`): the simple format's `sensor` field or a full
+    /// format entry's `sensor_type`; `None` when the device gave none. Written to
+    /// `device_sensors.sensor_type`, not to `last_report_data`.
+    pub kind: Option<Box<str>>,
+}
+
+/// Sensors kept for reuse, per thread.
+const SHARED_SENSORS: usize = 32;
+
+thread_local! {
+    /// The sensors this thread met last, and where the next one not among them goes.
+    static SENSORS: std::cell::RefCell<(Vec<Arc<Sensor>>, usize)> =
+        const { std::cell::RefCell::new((Vec::new(), 0)) };
+}
+
+impl Sensor {
+    /// The sensor `name` (`unit`, `kind`): one this thread met lately, shared, or a new one,
+    /// which then takes the place of the one met longest ago among the last
+    /// [`SHARED_SENSORS`]. Written here rather than taken from an interning crate: those keep
+    /// every string for ever (a device may send any name), and this is a short list.
+    pub fn shared(name: &str, unit: &str, kind: Option<&str>) -> Arc<Sensor> {
+        SENSORS.with_borrow_mut(|(kept, next)| {
+            if let Some(s) = kept
+                .iter()
+                .find(|s| *s.name == *name && *s.unit == *unit && s.kind.as_deref() == kind)
+            {
+                return s.clone();
+            }
+            let s = Arc::new(Sensor {
+                name: name.into(),
+                unit: unit.into(),
+                kind: kind.map(Into::into),
+            });
+            if kept.len() < SHARED_SENSORS {
+                kept.push(s.clone());
+            } else {
+                kept[*next] = s.clone();
+                *next = (*next + 1) % SHARED_SENSORS;
+            }
+            s
+        })
+    }
+}
+
 /// One sensor's accepted reading, in the stored shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SensorReading {
+    /// Whose reading: name, unit, type.
+    pub sensor: Arc<Sensor>,
     /// The value as the device sent it.
     pub value: SensorValue,
-    /// Unit text, `""` when the device gave none.
-    pub unit: String,
     /// Reading time: the device's own or the receive time.
     pub timestamp: ReadingTime,
-    /// The sensor's type (`DHT11`, `RAIN_SENSOR`): the simple format's `sensor` field or a full
-    /// format entry's `sensor_type`; `None` when the device gave none. Written to
-    /// `device_sensors.sensor_type`, not to `last_report_data`. Shared by the readings of one
-    /// message: one allocation per message, not per reading, in a queue of thousands.
-    pub sensor_type: Option<Arc<str>>,
 }
 
 impl SensorReading {
+    /// A reading of sensor `name` (unit `""`, no type) at `timestamp`.
+    pub fn new(name: &str, value: SensorValue, timestamp: ReadingTime) -> Self {
+        Self::of(Sensor::shared(name, "", None), value, timestamp)
+    }
+
+    /// A reading of `sensor`.
+    pub fn of(sensor: Arc<Sensor>, value: SensorValue, timestamp: ReadingTime) -> Self {
+        Self {
+            sensor,
+            value,
+            timestamp,
+        }
+    }
+
+    /// The same reading with unit `unit` and type `kind`.
+    pub fn with(self, unit: &str, kind: Option<&str>) -> Self {
+        let sensor = Sensor::shared(self.name(), unit, kind);
+        Self { sensor, ..self }
+    }
+
+    /// The sensor's name.
+    pub fn name(&self) -> &str {
+        &self.sensor.name
+    }
+
+    /// Unit text, `""` for none.
+    pub fn unit(&self) -> &str {
+        &self.sensor.unit
+    }
+
     /// The sensor's type, `""` for none.
     pub fn sensor_type(&self) -> &str {
-        self.sensor_type.as_deref().unwrap_or("")
+        self.sensor.kind.as_deref().unwrap_or("")
     }
 }
 
@@ -219,31 +299,30 @@ impl SensorReading {
 /// update may wait in a queue for a while, and a map's node (about 1 KB) for two or three readings
 /// was most of a queued message's memory.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Sensors(Vec<(String, SensorReading)>);
+pub struct Sensors(Vec<SensorReading>);
 
 impl Sensors {
-    /// Adds or replaces one reading (for a few; collect many with [`FromIterator`]).
-    pub fn insert(&mut self, name: String, reading: SensorReading) {
-        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
-            Ok(i) => self.0[i].1 = reading,
-            Err(i) => self.0.insert(i, (name, reading)),
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|r| r.name().cmp(name))
+    }
+
+    /// Adds a reading or replaces the one of the same name (for a few; collect many with
+    /// [`FromIterator`]).
+    pub fn insert(&mut self, reading: SensorReading) {
+        match self.find(reading.name()) {
+            Ok(i) => self.0[i] = reading,
+            Err(i) => self.0.insert(i, reading),
         }
     }
 
     /// The reading of `name`.
     pub fn get(&self, name: &str) -> Option<&SensorReading> {
-        self.0
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
-            .ok()
-            .map(|i| &self.0[i].1)
+        self.find(name).ok().map(|i| &self.0[i])
     }
 
     /// The reading of `name`, to change in place.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut SensorReading> {
-        self.0
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
-            .ok()
-            .map(|i| &mut self.0[i].1)
+        self.find(name).ok().map(|i| &mut self.0[i])
     }
 
     /// Whether `name` has a reading.
@@ -261,22 +340,22 @@ impl Sensors {
         self.0.is_empty()
     }
 
-    /// The readings in name order.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &SensorReading)> {
-        self.0.iter().map(|(n, r)| (n, r))
+    /// The readings in name order, with their names.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SensorReading)> {
+        self.0.iter().map(|r| (r.name(), r))
     }
 
     /// The names, in order.
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(n, _)| n)
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(SensorReading::name)
     }
 }
 
 /// Readings in message order: a name given twice keeps its last reading.
-impl FromIterator<(String, SensorReading)> for Sensors {
-    fn from_iter<I: IntoIterator<Item = (String, SensorReading)>>(iter: I) -> Self {
-        let mut all: Vec<(String, SensorReading)> = iter.into_iter().collect();
-        crate::intake::json::in_name_order_last_wins(&mut all);
+impl FromIterator<SensorReading> for Sensors {
+    fn from_iter<I: IntoIterator<Item = SensorReading>>(iter: I) -> Self {
+        let mut all: Vec<SensorReading> = iter.into_iter().collect();
+        crate::intake::json::in_name_order_last_wins(&mut all, |r| r.name());
         // Held in a queue, perhaps for a while: no room for the readings a payload's other
         // members did not become (the firmware's data message has six members, three readings).
         all.shrink_to_fit();
@@ -285,21 +364,21 @@ impl FromIterator<(String, SensorReading)> for Sensors {
 }
 
 impl IntoIterator for Sensors {
-    type Item = (String, SensorReading);
-    type IntoIter = std::vec::IntoIter<(String, SensorReading)>;
+    type Item = SensorReading;
+    type IntoIter = std::vec::IntoIter<SensorReading>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter()
     }
 }
 
 impl<'a> IntoIterator for &'a Sensors {
-    type Item = (&'a String, &'a SensorReading);
+    type Item = (&'a str, &'a SensorReading);
     type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, SensorReading)>,
-        fn(&'a (String, SensorReading)) -> (&'a String, &'a SensorReading),
+        std::slice::Iter<'a, SensorReading>,
+        fn(&'a SensorReading) -> (&'a str, &'a SensorReading),
     >;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(n, r)| (n, r))
+        self.0.iter().map(|r| (r.name(), r))
     }
 }
 
@@ -387,24 +466,19 @@ impl Update {
 mod sensors_tests {
     use super::*;
 
-    fn r(v: u64) -> SensorReading {
-        SensorReading {
-            value: Number::from(v).into(),
-            unit: String::new(),
-            timestamp: "2026-01-01T00:00:00Z".into(),
-            sensor_type: None,
-        }
+    fn r(name: &str, v: u64) -> SensorReading {
+        SensorReading::new(name, Number::from(v).into(), "2026-01-01T00:00:00Z".into())
     }
 
     #[test]
     fn collected_readings_are_sorted_and_a_repeated_name_keeps_its_last() {
         let s: Sensors = [("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5), ("b", 6)]
             .into_iter()
-            .map(|(n, v)| (n.to_owned(), r(v)))
+            .map(|(n, v)| r(n, v))
             .collect();
         let got: Vec<(&str, u64)> = s
             .iter()
-            .map(|(n, x)| (n.as_str(), x.value.as_f64().unwrap() as u64))
+            .map(|(n, x)| (n, x.value.as_f64().unwrap() as u64))
             .collect();
         assert_eq!(got, [("a", 5), ("b", 6), ("c", 4)]);
         assert_eq!(s.len(), 3);
@@ -429,17 +503,52 @@ mod sensors_tests {
     }
 
     #[test]
+    fn a_sensor_met_lately_is_shared_and_any_other_is_its_own() {
+        let t = Sensor::shared("temperature", "°C", Some("DHT11"));
+        assert!(Arc::ptr_eq(
+            &t,
+            &Sensor::shared("temperature", "°C", Some("DHT11"))
+        ));
+        // Each part tells sensors apart.
+        for other in [
+            Sensor::shared("humidity", "°C", Some("DHT11")),
+            Sensor::shared("temperature", "", Some("DHT11")),
+            Sensor::shared("temperature", "°C", None),
+            Sensor::shared("temperature", "°C", Some("DS18B20")),
+        ] {
+            assert_ne!(*other, *t);
+        }
+        // More sensors than are kept: each still gets its own name, unit and type.
+        for i in 0..3 * SHARED_SENSORS {
+            let name = format!("s{i}");
+            let s = Sensor::shared(&name, "u", None);
+            assert_eq!(
+                (&*s.name, &*s.unit, s.kind.as_deref()),
+                (name.as_str(), "u", None)
+            );
+        }
+        let again = Sensor::shared("temperature", "°C", Some("DHT11"));
+        assert_eq!(*again, *t);
+        let r = SensorReading::of(
+            again,
+            SensorValue::Bool(true),
+            "2026-01-01T00:00:00Z".into(),
+        );
+        assert_eq!(
+            (r.name(), r.unit(), r.sensor_type()),
+            ("temperature", "°C", "DHT11")
+        );
+    }
+
+    #[test]
     fn insert_replaces_or_adds_in_order() {
         let mut s = Sensors::default();
         assert!(s.is_empty());
-        s.insert("m".into(), r(1));
-        s.insert("a".into(), r(2));
-        s.insert("z".into(), r(3));
-        s.insert("m".into(), r(4));
-        assert_eq!(
-            s.keys().map(String::as_str).collect::<Vec<_>>(),
-            ["a", "m", "z"]
-        );
+        s.insert(r("m", 1));
+        s.insert(r("a", 2));
+        s.insert(r("z", 3));
+        s.insert(r("m", 4));
+        assert_eq!(s.keys().collect::<Vec<_>>(), ["a", "m", "z"]);
         assert_eq!(s.get("m").unwrap().value.as_f64(), Some(4.0));
         assert_eq!(s.get("q"), None);
     }

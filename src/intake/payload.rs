@@ -6,14 +6,13 @@
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset, Utc};
 use serde_json::{Map, Number, Value};
 
 use crate::intake::json::{self, Json, Object};
 use crate::intake::model::{
-    Change, DataReport, DeviceUuid, Location, ReadingTime, SensorReading, SensorValue,
+    Change, DataReport, DeviceUuid, Location, ReadingTime, Sensor, SensorReading, SensorValue,
     StatusReport, TopicKind, Update,
 };
 use crate::intake::rejection::Rejection;
@@ -522,14 +521,14 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
                 continue;
             };
             let sensor_type = match entry.get("sensor_type") {
-                Some(Json::Str(t)) if !t.is_empty() => Some(shared_type(t)),
+                Some(Json::Str(t)) if !t.is_empty() => Some(t.as_ref()),
                 _ => None,
             };
             let name = match entry.get("sensor_name") {
                 Some(Json::Str(name)) => r
                     .rules
                     .renames
-                    .rename(sensor_type.as_deref().unwrap_or(""), name)
+                    .rename(sensor_type.unwrap_or(""), name)
                     .unwrap_or(name),
                 Some(_) => {
                     r.skip(format!("sensors[{i}]"), "sensor_name is not a string");
@@ -546,8 +545,8 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
             // Built only when a part is skipped: formatting it for every sensor costs.
             let part = || format!("sensor {}", shown(name));
             let unit = match entry.get("unit") {
-                None | Some(Json::Null) => String::new(),
-                Some(Json::Str(unit)) => unit.as_ref().to_owned(),
+                None | Some(Json::Null) => "",
+                Some(Json::Str(unit)) => unit.as_ref(),
                 Some(_) => {
                     r.skip(part(), "unit is not a string");
                     continue;
@@ -562,7 +561,7 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
             };
             let value = entry.get("value").unwrap_or(&Json::Null);
             match reading(name, value, unit, timestamp, sensor_type, r.rules) {
-                Ok(reading) => readings.push((name.to_owned(), reading)),
+                Ok(reading) => readings.push(reading),
                 Err(reason) => r.skip(part(), reason),
             }
         }
@@ -591,30 +590,6 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
     report
 }
 
-/// Sensor types kept for reuse, per thread: a board sends the same few (`DHT11`, `DS18B20`,
-/// `RAIN_SENSOR`) with every message.
-const SHARED_TYPES: usize = 16;
-
-thread_local! {
-    static TYPES: std::cell::RefCell<Vec<Arc<str>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `name` as a sensor type to keep: one of the first [`SHARED_TYPES`] names this thread has
-/// met, shared, rather than an allocation for every message (any further names get their own).
-fn shared_type(name: &str) -> Arc<str> {
-    TYPES.with_borrow_mut(|types| {
-        if let Some(t) = types.iter().find(|t| ***t == *name) {
-            return t.clone();
-        }
-        let t: Arc<str> = name.into();
-        if types.len() < SHARED_TYPES {
-            types.push(t.clone());
-        }
-        t
-    })
-}
-
 /// The simple format: every key a sensor name, every value a number or a boolean, all read at
 /// the message's `timestamp` when it dates anything. Strings are metadata, not readings (the
 /// firmware sends `"device_id":"AIOT-ESP32-…"` and `"sensor":"DHT11"`, the sensor's type,
@@ -629,8 +604,8 @@ fn simple_format(
         Some(t) => ReadingTime::from(t),
         None => r.received(),
     };
-    let sensor_type: Option<Arc<str>> = match object.get("sensor") {
-        Some(Json::Str(t)) if !t.is_empty() => Some(shared_type(t)),
+    let sensor_type = match object.get("sensor") {
+        Some(Json::Str(t)) if !t.is_empty() => Some(t.as_ref()),
         _ => None,
     };
     let is_reading = |name: &str, value: &Json<'_>| {
@@ -645,20 +620,13 @@ fn simple_format(
         let name = r
             .rules
             .renames
-            .rename(sensor_type.as_deref().unwrap_or(""), name)
+            .rename(sensor_type.unwrap_or(""), name)
             .unwrap_or(name);
         if !r.name_ok(name) {
             continue;
         }
-        match reading(
-            name,
-            value,
-            String::new(),
-            timestamp.clone(),
-            sensor_type.clone(),
-            r.rules,
-        ) {
-            Ok(reading) => readings.push((name.to_owned(), reading)),
+        match reading(name, value, "", timestamp.clone(), sensor_type, r.rules) {
+            Ok(reading) => readings.push(reading),
             Err(reason) => r.skip(format!("sensor {}", shown(name)), reason),
         }
     }
@@ -669,9 +637,9 @@ fn simple_format(
 fn reading(
     name: &str,
     value: &Json<'_>,
-    unit: String,
+    unit: &str,
     timestamp: ReadingTime,
-    sensor_type: Option<Arc<str>>,
+    sensor_type: Option<&str>,
     rules: &Rules,
 ) -> Result<SensorReading, String> {
     let value = match value {
@@ -697,12 +665,11 @@ fn reading(
             ));
         }
     };
-    Ok(SensorReading {
+    Ok(SensorReading::of(
+        Sensor::shared(name, unit, sensor_type),
         value,
-        unit,
         timestamp,
-        sensor_type,
-    })
+    ))
 }
 
 fn location(value: &Json<'_>) -> Result<Location, String> {

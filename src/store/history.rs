@@ -47,9 +47,9 @@ pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = H
         let reading_time = zone.naive(r.timestamp.instant()?.with_timezone(&Utc));
         Some(HistoryRow {
             device: update.device.as_str().to_owned(),
-            sensor: name.clone(),
+            sensor: name.to_owned(),
             value,
-            unit: fit_chars(&r.unit, UNIT_MAX_CHARS).to_owned(),
+            unit: fit_chars(r.unit(), UNIT_MAX_CHARS).to_owned(),
             reading_time,
             received_at: zone.naive(update.received_at.with_timezone(&Utc)),
         })
@@ -135,13 +135,12 @@ mod tests {
     fn readings_become_rows_on_the_database_zones_clock() {
         let mut report = DataReport::default();
         report.sensors.insert(
-            "temperature".into(),
-            SensorReading {
-                value: Number::from_f64(25.5).unwrap().into(),
-                unit: "°C".repeat(40),
-                timestamp: "2025-12-19T06:30:00Z".into(),
-                sensor_type: None,
-            },
+            SensorReading::new(
+                "temperature",
+                Number::from_f64(25.5).unwrap().into(),
+                "2025-12-19T06:30:00Z".into(),
+            )
+            .with(&"°C".repeat(40), None),
         );
         let zone = Zone::default();
         let received = zone.at(DateTime::parse_from_rfc3339("2025-12-19T06:31:00Z")

@@ -193,7 +193,7 @@ pub fn rows_of<'a>(
                 device: device.to_owned(),
                 sensor: sensor.to_owned(),
                 value: fit_chars(&r.value.to_db_text(), table.value_chars).to_owned(),
-                unit: fit_chars(&r.unit, table.unit_chars).to_owned(),
+                unit: fit_chars(r.unit(), table.unit_chars).to_owned(),
                 sensor_type: fit_chars(r.sensor_type(), table.type_chars).to_owned(),
                 time: zone.naive(time.with_timezone(&Utc)),
             })
@@ -277,13 +277,8 @@ mod tests {
         let mut report = DataReport::default();
         for (name, value, ts) in readings {
             report.sensors.insert(
-                (*name).into(),
-                SensorReading {
-                    value: value.clone(),
-                    unit: "°C".repeat(15),
-                    timestamp: (*ts).into(),
-                    sensor_type: Some("RAIN_SENSOR".into()),
-                },
+                SensorReading::new(name, value.clone(), (*ts).into())
+                    .with(&"°C".repeat(15), Some("RAIN_SENSOR")),
             );
         }
         Update {

@@ -54,11 +54,11 @@ fn seed_full_format_example() {
     assert!(skipped.is_empty(), "{skipped:?}");
     let t = &d.sensors["temperature"];
     assert_eq!(t.value, SensorValue::Number(num(json!(25.5))));
-    assert_eq!(t.unit, "°C");
+    assert_eq!(t.unit(), "°C");
     assert_eq!(t.timestamp, "2025-12-19T14:30:00+08:00");
     let h = &d.sensors["humidity"];
     assert_eq!(h.value.to_string(), "60", "integers stay integers");
-    assert_eq!(h.unit, "%");
+    assert_eq!(h.unit(), "%");
     assert_eq!(
         h.timestamp, RECEIVED,
         "no per-sensor timestamp: receive time"
@@ -86,7 +86,7 @@ fn seed_simple_format_example() {
     ] {
         let r = &d.sensors[name];
         assert_eq!(r.value.to_string(), v);
-        assert_eq!(r.unit, "");
+        assert_eq!(r.unit(), "");
         assert_eq!(r.timestamp, RECEIVED);
     }
     assert!(d.status.is_none() && d.location.is_none());
@@ -358,7 +358,7 @@ fn full_format_entry_rules() {
         ]}"#,
     );
     assert_eq!(d.sensors.keys().collect::<Vec<_>>(), ["b", "c", "ok"]);
-    assert_eq!(d.sensors["ok"].unit, "");
+    assert_eq!(d.sensors["ok"].unit(), "");
     assert_eq!(
         d.sensors["b"].timestamp, RECEIVED,
         "an impossible date dates nothing"
