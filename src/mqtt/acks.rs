@@ -28,11 +28,17 @@ struct Slot {
 
 /// The messages of the current connection in order of receipt, from the oldest not yet
 /// acknowledged.
+///
+/// Message numbers are counted modulo 2^32 (a token is 8 bytes, and a folded message keeps
+/// only its token): a token's place is its distance from `front`, wrapping, and a token of a
+/// message already acknowledged or forgotten is behind `front`, so its distance wraps to far
+/// more than the [`KEPT_MAX`] kept. That holds while no token outlives 2^32 − 2^20 later
+/// messages; a token lives only as long as its message waits in a bounded writer's queue.
 #[derive(Debug)]
 pub(super) struct Ledger {
-    connection: u64,
+    connection: u32,
     /// The number of `slots[0]`.
-    front: u64,
+    front: u32,
     slots: VecDeque<Slot>,
     max: usize,
 }
@@ -54,8 +60,8 @@ impl Ledger {
     /// A new connection: the acks still kept are dropped (their packet ids may now name other
     /// messages; the broker redelivers those messages anyway, and the writes are idempotent).
     pub(super) fn new_connection(&mut self) {
-        self.connection += 1;
-        self.front += self.slots.len() as u64;
+        self.connection = self.connection.wrapping_add(1);
+        self.advance(self.slots.len());
         self.slots.clear();
     }
 
@@ -65,7 +71,7 @@ impl Ledger {
     pub(super) fn receive(&mut self, delivery: Delivery) -> (AckToken, u64) {
         let token = AckToken {
             connection: self.connection,
-            seq: self.front + self.slots.len() as u64,
+            seq: self.front.wrapping_add(self.slots.len() as u32),
         };
         self.slots.push_back(Slot {
             delivery,
@@ -74,7 +80,7 @@ impl Ledger {
         let mut forgotten = 0;
         while self.slots.len() > self.max {
             self.slots.pop_front();
-            self.front += 1;
+            self.advance(1);
             forgotten += 1;
         }
         (token, forgotten)
@@ -83,12 +89,19 @@ impl Ledger {
     /// Marks a message settled. Tokens of an earlier connection, or of a message forgotten or
     /// already acknowledged, change nothing.
     pub(super) fn settle(&mut self, token: AckToken) {
-        if token.connection != self.connection || token.seq < self.front {
+        if token.connection != self.connection {
             return;
         }
-        if let Some(slot) = self.slots.get_mut((token.seq - self.front) as usize) {
+        let place = token.seq.wrapping_sub(self.front) as usize;
+        if let Some(slot) = self.slots.get_mut(place) {
             slot.settled = true;
         }
+    }
+
+    /// `n` messages left the front.
+    fn advance(&mut self, n: usize) {
+        // Counted modulo 2^32 on purpose (see the type's comment).
+        self.front = self.front.wrapping_add(n as u32);
     }
 
     /// The next ack that may go out: the oldest message, when it is settled.
@@ -99,7 +112,7 @@ impl Ledger {
     /// The ack [`Ledger::next`] gave went out.
     pub(super) fn sent(&mut self) {
         if self.slots.pop_front().is_some() {
-            self.front += 1;
+            self.advance(1);
         }
     }
 
@@ -145,6 +158,32 @@ mod tests {
         assert_eq!(drain(&mut l), Vec::<u16>::new());
         l.settle(a);
         assert_eq!(drain(&mut l), [1, 2, 3]);
+        assert_eq!(l.unacked(), 0);
+    }
+
+    #[test]
+    fn numbers_wrap_around_and_an_acknowledged_token_stays_settled() {
+        let mut l = Ledger::new();
+        l.front = u32::MAX - 1;
+        let tokens: Vec<AckToken> = (1..=4).map(|p| l.receive(d(p)).0).collect();
+        assert_eq!(
+            tokens.iter().map(|t| t.seq).collect::<Vec<_>>(),
+            [u32::MAX - 1, u32::MAX, 0, 1]
+        );
+        l.settle(tokens[2]);
+        l.settle(tokens[0]);
+        assert_eq!(drain(&mut l), [1]);
+        l.settle(tokens[1]);
+        assert_eq!(drain(&mut l), [2, 3]);
+        // Behind the front now: settling them again must not settle the next message.
+        let (e, _) = l.receive(d(5));
+        for t in &tokens[..3] {
+            l.settle(*t);
+        }
+        assert_eq!(drain(&mut l), Vec::<u16>::new(), "4 is still being written");
+        l.settle(tokens[3]);
+        l.settle(e);
+        assert_eq!(drain(&mut l), [4, 5]);
         assert_eq!(l.unacked(), 0);
     }
 

@@ -21,14 +21,14 @@ mod rejects;
 pub use rejects::{Evidence, RejectSink, channel as reject_channel};
 
 /// Names a received QoS 1/2 message for its acknowledgement: the connection it arrived on and
-/// its place in that connection's order of receipt. 16 bytes, so that folded messages (which
-/// keep only their token) cost little.
+/// its place in that connection's order of receipt. 8 bytes, so that folded messages (which
+/// keep only their token) cost little: both numbers wrap around (see `mqtt::acks`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckToken {
     /// Which connection (generation) it arrived on: a new connection starts a new one.
-    pub(crate) connection: u64,
-    /// Its number in the order of receipt, counted over all connections.
-    pub(crate) seq: u64,
+    pub(crate) connection: u32,
+    /// Its number in the order of receipt, counted over all connections, modulo 2^32.
+    pub(crate) seq: u32,
 }
 
 /// A validated update on its way to a writer.
