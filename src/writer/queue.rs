@@ -169,7 +169,15 @@ impl Queue {
             return Offer::Full(job);
         }
         match slot {
-            Some(i) => state.entries[i].items.push(Held::new(job)),
+            Some(i) => {
+                let items = &mut state.entries[i].items;
+                if items.len() == items.capacity() {
+                    // Doubling from one: a Vec's own first growth is to four updates (700
+                    // bytes), and without folding most devices wait with two or three.
+                    items.reserve_exact(items.len());
+                }
+                items.push(Held::new(job));
+            }
             None => {
                 let seq = state.front + state.entries.len() as u64;
                 state.index.insert(hash, seq);
@@ -346,6 +354,11 @@ mod tests {
         let q = Queue::new(10, false);
         assert_eq!(put(&q, data("a", 1)), "taken");
         assert_eq!(put(&q, data("a", 2)), "taken");
+        assert_eq!(
+            q.lock().entries[0].items.capacity(),
+            2,
+            "room for the two waiting, not for four"
+        );
         assert_eq!(shape(&q.take(10)).len(), 2);
         let q = Queue::new(10, true);
         let evidence = |n: u8| crate::work::Evidence {
