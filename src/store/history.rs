@@ -18,17 +18,17 @@ const UNIT_MAX_CHARS: usize = 64;
 /// Rows deleted per statement by the retention task (the `LIMIT` in its SQL).
 const PRUNE_BATCH: u64 = 1000;
 
-/// One reading, as a history row.
+/// One reading, as a history row, its texts borrowed from the update (a batch holds thousands).
 #[derive(Debug, Clone, PartialEq)]
-pub struct HistoryRow {
+pub struct HistoryRow<'a> {
     /// The device.
-    pub device: String,
+    pub device: &'a str,
     /// Sensor name.
-    pub sensor: String,
+    pub sensor: &'a str,
     /// The value as a double.
     pub value: f64,
     /// Unit text (cut to 64 characters).
-    pub unit: String,
+    pub unit: &'a str,
     /// When the device read it, on the database zone's wall clock.
     pub reading_time: NaiveDateTime,
     /// When the service received it, on the database zone's wall clock.
@@ -36,7 +36,10 @@ pub struct HistoryRow {
 }
 
 /// The history rows of `update`'s readings.
-pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = HistoryRow> + 'a {
+pub fn rows_of<'a>(
+    update: &'a Update,
+    zone: &'a Zone,
+) -> impl Iterator<Item = HistoryRow<'a>> + 'a {
     let sensors = match &update.change {
         Change::Data(report) => Some(&report.sensors),
         _ => None,
@@ -46,10 +49,10 @@ pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = H
         let value = r.value.as_f64()?;
         let reading_time = zone.naive(r.timestamp.instant()?.with_timezone(&Utc));
         Some(HistoryRow {
-            device: update.device.as_str().to_owned(),
-            sensor: name.to_owned(),
+            device: update.device.as_str(),
+            sensor: name,
             value,
-            unit: fit_chars(r.unit(), UNIT_MAX_CHARS).to_owned(),
+            unit: fit_chars(r.unit(), UNIT_MAX_CHARS),
             reading_time,
             received_at: zone.naive(update.received_at.with_timezone(&Utc)),
         })
@@ -60,12 +63,12 @@ pub fn rows_of<'a>(update: &'a Update, zone: &'a Zone) -> impl Iterator<Item = H
 /// and reading time: a redelivery) is skipped.
 pub async fn append(
     tx: &mut Transaction<'static, MySql>,
-    rows: &mut [HistoryRow],
+    rows: &mut [HistoryRow<'_>],
 ) -> Result<(), StoreError> {
     // In key order: writers that insert beside each other then take their index locks in the
     // same order, which keeps them from deadlocking on the unique key's gaps.
     rows.sort_by(|a, b| {
-        (&a.device, &a.sensor, a.reading_time).cmp(&(&b.device, &b.sensor, b.reading_time))
+        (a.device, a.sensor, a.reading_time).cmp(&(b.device, b.sensor, b.reading_time))
     });
     for chunk in shaped_chunks(rows) {
         let sql = format!(
@@ -76,10 +79,10 @@ pub async fn append(
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for r in &chunk {
             q = q
-                .bind(&r.device)
-                .bind(&r.sensor)
+                .bind(r.device)
+                .bind(r.sensor)
                 .bind(r.value)
-                .bind(&r.unit)
+                .bind(r.unit)
                 .bind(r.reading_time)
                 .bind(r.received_at);
         }
@@ -156,7 +159,8 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].reading_time.to_string(), "2025-12-19 14:30:00");
         assert_eq!(rows[0].received_at.to_string(), "2025-12-19 14:31:00");
-        let utc: Vec<_> = rows_of(&update, &Zone::utc()).collect();
+        let utc_zone = Zone::utc();
+        let utc: Vec<_> = rows_of(&update, &utc_zone).collect();
         assert_eq!(utc[0].reading_time.to_string(), "2025-12-19 06:30:00");
         assert_eq!(utc[0].received_at.to_string(), "2025-12-19 06:31:00");
         assert_eq!(rows[0].unit.chars().count(), 64);

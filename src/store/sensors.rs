@@ -130,19 +130,20 @@ pub async fn discover(pool: &MySqlPool, name: &str) -> Result<Discovery, sqlx::E
     }))
 }
 
-/// One device's sensor as a row.
+/// One device's sensor as a row, its texts borrowed from the batch's updates (and the table's
+/// renames): a batch holds thousands.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SensorRow {
+pub struct SensorRow<'a> {
     /// The device id as its topic gave it.
-    pub device: String,
+    pub device: &'a str,
     /// Sensor name.
-    pub sensor: String,
+    pub sensor: &'a str,
     /// The value as the Python service wrote it (`True`, `24.3`).
     pub value: String,
     /// Unit, `""` for none.
-    pub unit: String,
+    pub unit: &'a str,
     /// Sensor type, `""` for none.
-    pub sensor_type: String,
+    pub sensor_type: &'a str,
     /// Reading time, on the database zone's wall clock.
     pub time: NaiveDateTime,
 }
@@ -153,9 +154,9 @@ pub struct SensorRow {
 /// left out; text columns are cut to fit.
 pub fn rows_of<'a>(
     updates: impl IntoIterator<Item = &'a Update>,
-    table: &SensorTable,
+    table: &'a SensorTable,
     zone: &Zone,
-) -> Vec<SensorRow> {
+) -> Vec<SensorRow<'a>> {
     let mut latest: HashMap<(&str, &str), &crate::intake::model::SensorReading> = HashMap::new();
     for update in updates {
         let Change::Data(report) = &update.change else {
@@ -189,17 +190,19 @@ pub fn rows_of<'a>(
         .filter_map(|((device, sensor), r)| {
             // Readings carry RFC 3339 times (payload checked them).
             let time = r.timestamp.instant()?;
+            let mut value = r.value.to_db_text();
+            value.truncate(fit_chars(&value, table.value_chars).len());
             Some(SensorRow {
-                device: device.to_owned(),
-                sensor: sensor.to_owned(),
-                value: fit_chars(&r.value.to_db_text(), table.value_chars).to_owned(),
-                unit: fit_chars(r.unit(), table.unit_chars).to_owned(),
-                sensor_type: fit_chars(r.sensor_type(), table.type_chars).to_owned(),
+                device,
+                sensor,
+                value,
+                unit: fit_chars(r.unit(), table.unit_chars),
+                sensor_type: fit_chars(r.sensor_type(), table.type_chars),
                 time: zone.naive(time.with_timezone(&Utc)),
             })
         })
         .collect();
-    rows.sort_by(|a, b| (&a.device, &a.sensor).cmp(&(&b.device, &b.sensor)));
+    rows.sort_by(|a, b| (a.device, a.sensor).cmp(&(b.device, b.sensor)));
     rows
 }
 
@@ -230,7 +233,7 @@ pub fn upsert_sql(table: &str, rows: usize, skew_secs: u64) -> String {
 pub async fn upsert(
     tx: &mut Transaction<'static, MySql>,
     table: &SensorTable,
-    rows: &[SensorRow],
+    rows: &[SensorRow<'_>],
     skew: std::time::Duration,
 ) -> Result<(), StoreError> {
     // Padded with repeats of the last row: a repeat updates its row to the same values.
@@ -242,11 +245,11 @@ pub async fn upsert(
         )));
         for r in &chunk {
             q = q
-                .bind(r.device.as_str())
-                .bind(r.sensor.as_str())
+                .bind(r.device)
+                .bind(r.sensor)
                 .bind(r.value.as_str())
-                .bind(r.unit.as_str())
-                .bind(r.sensor_type.as_str())
+                .bind(r.unit)
+                .bind(r.sensor_type)
                 .bind(r.time);
         }
         q.execute(&mut **tx).await?;
@@ -307,15 +310,16 @@ mod tests {
                 ),
             ],
         );
-        let plain = rows_of([&update], &table(), &Zone::default());
+        let plain_table = table();
+        let plain = rows_of([&update], &plain_table, &Zone::default());
         assert_eq!(
-            plain.iter().map(|r| r.sensor.as_str()).collect::<Vec<_>>(),
+            plain.iter().map(|r| r.sensor).collect::<Vec<_>>(),
             ["is_raining", "level"]
         );
         let renamed = table().with_renames(Renames::codehubot());
         let rows = rows_of([&update], &renamed, &Zone::default());
         assert_eq!(
-            rows.iter().map(|r| r.sensor.as_str()).collect::<Vec<_>>(),
+            rows.iter().map(|r| r.sensor).collect::<Vec<_>>(),
             ["rain", "rain_level"]
         );
         // The update itself keeps the firmware's names (device_main's last_report_data).
@@ -358,10 +362,11 @@ mod tests {
                 &[("t", n(3.0), "2026-01-01T00:00:09Z")],
             ),
         ];
-        let rows = rows_of(&updates, &table(), &Zone::default());
+        let t = table();
+        let rows = rows_of(&updates, &t, &Zone::default());
         let keys: Vec<(&str, &str, &str)> = rows
             .iter()
-            .map(|r| (r.device.as_str(), r.sensor.as_str(), r.value.as_str()))
+            .map(|r| (r.device, r.sensor, r.value.as_str()))
             .collect();
         assert_eq!(
             keys,
@@ -374,7 +379,7 @@ mod tests {
         assert_eq!(rows[2].time.to_string(), "2026-01-01 08:00:10");
         assert_eq!(rows[0].unit.chars().count(), 20);
         assert_eq!(rows[0].sensor_type, "RAIN_");
-        let utc = rows_of(&updates, &table(), &Zone::utc());
+        let utc = rows_of(&updates, &t, &Zone::utc());
         assert_eq!(utc[2].time.to_string(), "2026-01-01 00:00:10");
     }
 

@@ -146,8 +146,9 @@ pub async fn begin_read_committed(
     conn.begin().await
 }
 
-/// Cuts `items` into chunks of the fixed [`SHAPES`], padding the last one.
-pub fn shaped_chunks<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+/// Cuts `items` into chunks of the fixed [`SHAPES`], padding the last one. The chunks point into
+/// `items`: a row of a batch is not copied (a device_sensors row is five strings).
+pub fn shaped_chunks<T>(items: &[T]) -> Vec<Vec<&T>> {
     let largest = SHAPES[SHAPES.len() - 1];
     items
         .chunks(largest)
@@ -157,9 +158,10 @@ pub fn shaped_chunks<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
                 .copied()
                 .find(|&s| s >= chunk.len())
                 .unwrap_or(largest);
-            let mut padded = chunk.to_vec();
+            let mut padded: Vec<&T> = Vec::with_capacity(size);
+            padded.extend(chunk);
             if let Some(last) = chunk.last() {
-                padded.resize(size, last.clone());
+                padded.resize(size, last);
             }
             padded
         })

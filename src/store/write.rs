@@ -354,11 +354,11 @@ async fn register(
 }
 
 /// `(?, ?, …)` bound to `devices`, for an `IN`.
-fn push_list(q: &mut QueryBuilder<MySql>, devices: &[&str]) {
+fn push_list(q: &mut QueryBuilder<MySql>, devices: &[&&str]) {
     q.push("(");
     let mut list = q.separated(", ");
     for d in devices {
-        list.push_bind(*d);
+        list.push_bind(**d);
     }
     list.push_unseparated(")");
 }
@@ -483,7 +483,7 @@ mod tests {
             for c in &chunks {
                 assert!(SHAPES.contains(&c.len()), "{n}: {}", c.len());
             }
-            let mut seen: Vec<usize> = chunks.concat();
+            let mut seen: Vec<usize> = chunks.concat().into_iter().copied().collect();
             seen.dedup();
             assert_eq!(seen, items, "{n}");
         }
@@ -492,7 +492,7 @@ mod tests {
     #[test]
     fn an_in_list_has_one_placeholder_per_device() {
         let mut q = QueryBuilder::<MySql>::new("SELECT 1 WHERE u IN ");
-        push_list(&mut q, &["a", "b", "c"]);
+        push_list(&mut q, &[&"a", &"b", &"c"]);
         assert_eq!(q.sql().as_str(), "SELECT 1 WHERE u IN (?, ?, ?)");
     }
 
