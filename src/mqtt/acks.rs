@@ -13,17 +13,46 @@ use std::collections::VecDeque;
 use super::Delivery;
 use crate::work::AckToken;
 
-/// Messages kept at most: 16 MiB of 16-byte slots. A broker that keeps to its inflight window
+/// Messages kept at most: 4 MiB of 4-byte slots. A broker that keeps to its inflight window
 /// never has more than that window (at most 65,535) unacknowledged; Mosquitto before 2.0.13
 /// does not keep to it while it drains a backlog. Past this the oldest are forgotten: their
 /// acks are not sent and the broker redelivers them after the next reconnect.
 pub(super) const KEPT_MAX: usize = 1 << 20;
 
-/// One received message: what its ack needs, and whether its outcome is final.
+/// One received message: what its ack needs, and whether its outcome is final, in 4 bytes
+/// rather than a [`Delivery`] and a flag's 6 (a drain from a broker that overruns its window
+/// keeps a hundred thousand of them).
 #[derive(Debug, Clone, Copy)]
 struct Slot {
-    delivery: Delivery,
-    settled: bool,
+    pkid: u16,
+    /// [`Slot::V5`], [`Slot::EXACTLY_ONCE`], [`Slot::SETTLED`].
+    flags: u8,
+}
+
+impl Slot {
+    const V5: u8 = 1;
+    const EXACTLY_ONCE: u8 = 2;
+    const SETTLED: u8 = 4;
+
+    fn new(d: Delivery) -> Self {
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        Self {
+            pkid: d.pkid,
+            flags: flag(d.v5, Self::V5) | flag(d.exactly_once, Self::EXACTLY_ONCE),
+        }
+    }
+
+    fn delivery(self) -> Delivery {
+        Delivery {
+            v5: self.flags & Self::V5 != 0,
+            exactly_once: self.flags & Self::EXACTLY_ONCE != 0,
+            pkid: self.pkid,
+        }
+    }
+
+    fn settled(self) -> bool {
+        self.flags & Self::SETTLED != 0
+    }
 }
 
 /// The messages of the current connection in order of receipt, from the oldest not yet
@@ -73,10 +102,7 @@ impl Ledger {
             connection: self.connection,
             seq: self.front.wrapping_add(self.slots.len() as u32),
         };
-        self.slots.push_back(Slot {
-            delivery,
-            settled: false,
-        });
+        self.slots.push_back(Slot::new(delivery));
         let mut forgotten = 0;
         while self.slots.len() > self.max {
             self.slots.pop_front();
@@ -94,7 +120,7 @@ impl Ledger {
         }
         let place = token.seq.wrapping_sub(self.front) as usize;
         if let Some(slot) = self.slots.get_mut(place) {
-            slot.settled = true;
+            slot.flags |= Slot::SETTLED;
         }
     }
 
@@ -106,7 +132,10 @@ impl Ledger {
 
     /// The next ack that may go out: the oldest message, when it is settled.
     pub(super) fn next(&self) -> Option<Delivery> {
-        self.slots.front().filter(|s| s.settled).map(|s| s.delivery)
+        self.slots
+            .front()
+            .filter(|s| s.settled())
+            .map(|s| s.delivery())
     }
 
     /// The ack [`Ledger::next`] gave went out.
@@ -143,6 +172,29 @@ mod tests {
             l.sent();
         }
         out
+    }
+
+    #[test]
+    fn an_ack_goes_out_for_the_protocol_and_qos_its_message_came_with() {
+        let mut l = Ledger::new();
+        let all: Vec<Delivery> = [(false, false), (true, false), (false, true), (true, true)]
+            .into_iter()
+            .zip([1, 65535, 2, 40000])
+            .map(|((v5, exactly_once), pkid)| Delivery {
+                v5,
+                exactly_once,
+                pkid,
+            })
+            .collect();
+        for t in all.iter().map(|d| l.receive(*d).0).collect::<Vec<_>>() {
+            l.settle(t);
+        }
+        let mut out = Vec::new();
+        while let Some(d) = l.next() {
+            out.push(d);
+            l.sent();
+        }
+        assert_eq!(out, all);
     }
 
     #[test]
