@@ -86,7 +86,7 @@ impl<'a> Object<'a> {
     /// The value of `name`.
     pub fn get(&self, name: &str) -> Option<&Json<'a>> {
         self.0
-            .binary_search_by(|(k, _)| k.as_ref().cmp(name))
+            .binary_search_by(|(k, _)| name_cmp(k, name))
             .ok()
             .map(|i| &self.0[i].1)
     }
@@ -114,10 +114,10 @@ impl<'a> Object<'a> {
 /// Puts `items` in the order of their names (`name`), each name once with the last of its items,
 /// in place: what inserting them one by one into a map gives (a payload's object, a message's
 /// readings).
-pub fn in_name_order_last_wins<T, K: Ord + ?Sized>(items: &mut Vec<T>, name: impl Fn(&T) -> &K) {
+pub fn in_name_order_last_wins<T>(items: &mut Vec<T>, name: impl Fn(&T) -> &str) {
     // Stable: a repeated name's items stay in their order, and the last one is moved into the
     // slot that is kept.
-    items.sort_by(|a, b| name(a).cmp(name(b)));
+    items.sort_by(|a, b| name_cmp(name(a), name(b)));
     items.dedup_by(|later, kept| {
         let same = name(later) == name(kept);
         if same {
@@ -125,6 +125,16 @@ pub fn in_name_order_last_wins<T, K: Ord + ?Sized>(items: &mut Vec<T>, name: imp
         }
         same
     });
+}
+
+/// `str`'s order, decided on the first byte where that differs: names of one payload mostly
+/// start with different letters, and a call to `memcmp` for each comparison was a tenth of the
+/// intake's instructions (sorting an object's members, looking names up).
+pub fn name_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.as_bytes().first(), b.as_bytes().first()) {
+        (Some(x), Some(y)) if x != y => x.cmp(y),
+        _ => a.cmp(b),
+    }
 }
 
 /// A string that borrows from the input when the input has it unescaped (serde's own `Cow`
@@ -273,6 +283,12 @@ mod tests {
             let ours = parse(&text).map(|j| j.to_value());
             let theirs = serde_json::from_str::<Value>(&text);
             prop_assert_eq!(ours.ok(), theirs.ok());
+        }
+
+        /// Names compare as `str` compares them, whether they share a first byte or not.
+        #[test]
+        fn names_compare_in_str_order(a in "[a-c\\x{e9}]{0,4}", b in "[a-c\\x{e9}]{0,4}") {
+            prop_assert_eq!(name_cmp(&a, &b), a.cmp(&b));
         }
 
         /// A tree read from serde_json's is the one read from the text.

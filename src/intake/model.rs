@@ -303,7 +303,8 @@ pub struct Sensors(Vec<SensorReading>);
 
 impl Sensors {
     fn find(&self, name: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|r| r.name().cmp(name))
+        self.0
+            .binary_search_by(|r| crate::intake::json::name_cmp(r.name(), name))
     }
 
     /// Adds a reading or replaces the one of the same name (for a few; collect many with

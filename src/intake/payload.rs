@@ -256,6 +256,9 @@ impl std::fmt::Display for ShownValue {
     }
 }
 
+/// A message's timestamps that dated nothing.
+pub type Undated = smallvec::SmallVec<[UndatedTimestamp; 1]>;
+
 /// A message that yielded an update.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accepted {
@@ -264,7 +267,8 @@ pub struct Accepted {
     /// The parts that were skipped.
     pub skipped: Vec<Skipped>,
     /// Timestamps that dated nothing (the firmware's uptime counters, garbage, far future).
-    pub undated: Vec<UndatedTimestamp>,
+    /// Room for one without an allocation: every firmware message has one.
+    pub undated: Undated,
 }
 
 /// The only repairs made ("JSON auto-check and repair"): a leading UTF-8 BOM, trailing NUL bytes
@@ -289,7 +293,7 @@ struct Reader<'a> {
     /// The receive time, in the database's zone.
     received: DateTime<FixedOffset>,
     skipped: Vec<Skipped>,
-    undated: Vec<UndatedTimestamp>,
+    undated: Undated,
 }
 
 impl Reader<'_> {
@@ -361,7 +365,7 @@ pub fn process(
         rules,
         received,
         skipped: Vec::new(),
-        undated: Vec::new(),
+        undated: Undated::new(),
     };
     let mut reading_time = None;
     let change = match kind {
