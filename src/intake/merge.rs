@@ -352,9 +352,9 @@ impl DeviceState {
         }
         merge_by_key(self.data.status(), &status.fields);
         if let Some(s) = &status.device_status {
-            self.device_status = Some(s.clone());
+            self.device_status = Some(s.to_string());
         }
-        self.is_online = status.online;
+        self.is_online = status.online();
     }
 }
 
@@ -402,13 +402,14 @@ pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
             }
         }
         if let Some(fields) = b.status {
-            let held = a.status.get_or_insert_default();
+            let mut held = a.status.take().map(Vec::from).unwrap_or_default();
             for (k, v) in fields {
                 match held.binary_search_by(|(h, _)| h.as_str().cmp(&k)) {
                     Ok(i) => held[i].1 = v,
                     Err(i) => held.insert(i, (k, v)),
                 }
             }
+            a.status = Some(held.into());
         }
         if b.location.is_some() {
             a.location = b.location;
@@ -524,20 +525,16 @@ mod tests {
             .get("status")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let online = !device_status
-            .as_deref()
-            .is_some_and(|s| s.eq_ignore_ascii_case("offline"));
         Update {
             device: DeviceUuid::parse("d").unwrap(),
             received_at: at(secs),
             reading_time: fields
                 .get("timestamp")
                 .and_then(Value::as_str)
-                .map(str::to_owned),
+                .map(Into::into),
             change: Change::Status(StatusReport {
                 fields,
-                device_status,
-                online,
+                device_status: device_status.map(Into::into),
             }),
         }
     }
@@ -657,7 +654,7 @@ mod tests {
         let mut s = DeviceState::from_row(Some(&stored), None, None, false, None)
             .with_clock_skew(std::time::Duration::from_secs(300));
         let mut u = data(1, &[("t", 2.0, None)]);
-        u.reading_time = Some(at(1).to_rfc3339());
+        u.reading_time = Some(at(1).to_rfc3339().into());
         s.apply(&u);
         assert_eq!(value(&s, "t"), Some(2.0));
         assert!(
@@ -1081,7 +1078,7 @@ mod tests {
                         fields
                     });
                     let mut u = data(secs, &[]);
-                    u.reading_time = reading_time;
+                    u.reading_time = reading_time.map(Into::into);
                     if let Change::Data(r) = &mut u.change {
                         r.sensors = readings
                             .into_iter()
@@ -1106,7 +1103,7 @@ mod tests {
                 (0i64..12, prop::option::of(valid_stamp())).prop_map(|(secs, t)| Update {
                     device: DeviceUuid::parse("d").unwrap(),
                     received_at: at(secs),
-                    reading_time: t,
+                    reading_time: t.map(Into::into),
                     change: Change::Heartbeat,
                 });
             let status_msg =
@@ -1190,7 +1187,7 @@ mod tests {
             );
             let mut stamped = data(10, &[]);
             if let Change::Data(r) = &mut stamped.change {
-                r.status = Some(vec![("timestamp".into(), json!("2025-12-17T19:34:00Z"))]);
+                r.status = Some(vec![("timestamp".into(), json!("2025-12-17T19:34:00Z"))].into());
             }
             assert!(absorb(&mut a, stamped).is_err(), "moves the status time");
             let mut b = beat(1);

@@ -404,7 +404,7 @@ pub fn process(
         update: Update {
             device,
             received_at: received,
-            reading_time,
+            reading_time: reading_time.map(Into::into),
             change,
         },
         skipped: r.skipped,
@@ -761,13 +761,9 @@ fn status_report(fields: Map<String, Value>, r: &mut Reader<'_>) -> StatusReport
             None
         }
     };
-    let online = !device_status
-        .as_deref()
-        .is_some_and(|s| s.eq_ignore_ascii_case("offline"));
     StatusReport {
         fields,
-        device_status,
-        online,
+        device_status: device_status.map(Into::into),
     }
 }
 

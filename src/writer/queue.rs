@@ -274,7 +274,6 @@ mod tests {
         let change = Change::Status(StatusReport {
             fields: Default::default(),
             device_status: None,
-            online: true,
         });
         job(device, secs, change)
     }

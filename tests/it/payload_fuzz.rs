@@ -102,7 +102,7 @@ fn check(kind: TopicKind, bytes: &[u8]) -> Result<(), TestCaseError> {
                 }
                 Change::Status(s) => {
                     // Any status is a sign of life, except an "offline" one.
-                    if !s.online {
+                    if !s.online() {
                         prop_assert!(
                             s.device_status
                                 .as_deref()
