@@ -30,15 +30,37 @@ pub fn valid_sensor_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 50
         && b[0].is_ascii_lowercase()
-        && b[1..]
-            .iter()
-            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        && b[1..].iter().all(|&c| SENSOR_NAME_BYTES[usize::from(c)])
 }
+
+/// The bytes a sensor name may hold after its first, as a table: looked up once per byte of
+/// every reading's name (three range tests cost about twice as many instructions per byte).
+static SENSOR_NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_';
+        b += 1;
+    }
+    table
+};
 
 /// Keys of a simple-format message that are never readings: the reading time, the device's
 /// own name, the sensor's type, and the two keys the Python service also passed over.
 const SIMPLE_FORMAT_METADATA: [&str; 5] =
     ["timestamp", "device_id", "sensor", "status", "location"];
+
+/// Whether `name` is one of [`SIMPLE_FORMAT_METADATA`], by its length first: most members are
+/// readings, and a length rules them out without comparing any text.
+fn is_metadata(name: &str) -> bool {
+    match name.len() {
+        9 => name == "timestamp" || name == "device_id",
+        6 => name == "sensor" || name == "status",
+        8 => name == "location",
+        _ => false,
+    }
+}
 
 /// Configurable validation rules.
 #[derive(Debug, Clone, PartialEq)]
@@ -612,9 +634,8 @@ fn simple_format(
         Some(Json::Str(t)) if !t.is_empty() => Some(t.as_ref()),
         _ => None,
     };
-    let is_reading = |name: &str, value: &Json<'_>| {
-        !SIMPLE_FORMAT_METADATA.contains(&name) && !matches!(value, Json::Str(_))
-    };
+    let is_reading =
+        |name: &str, value: &Json<'_>| !is_metadata(name) && !matches!(value, Json::Str(_));
     // Sized for the readings, not the members: the vector is kept while the update waits.
     let mut readings = Vec::with_capacity(object.iter().filter(|(n, v)| is_reading(n, v)).count());
     for (name, value) in object.iter() {

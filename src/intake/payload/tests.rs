@@ -665,6 +665,15 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
+    fn metadata_keys_are_the_listed_ones(name in prop_oneof![
+        proptest::sample::select(SIMPLE_FORMAT_METADATA.to_vec()).prop_map(str::to_owned),
+        "[a-z_]{5,10}",
+        "(timestamp|device_id|sensor|status|location)[a-z]?",
+    ]) {
+        prop_assert_eq!(is_metadata(&name), SIMPLE_FORMAT_METADATA.contains(&name.as_str()));
+    }
+
+    #[test]
     fn the_sensor_name_check_is_the_seed_rule(name in prop_oneof![
         "[a-z_0-9]{0,55}",
         "[a-z][a-z0-9_]{0,52}",
