@@ -196,7 +196,7 @@ impl PartialEq<&str> for ReadingTime {
 ///
 /// Shared ([`Sensor::shared`]): a board sends the same few sensors with every message, and a
 /// name, a unit and a type of their own for each reading of each waiting update were most of a
-/// queued update's memory and a third of the intake's allocations.
+/// queued update's memory and an allocation per reading.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Sensor {
     /// The reading's name (after renames), the key in `last_report_data.sensors`.
@@ -219,9 +219,9 @@ thread_local! {
 }
 
 impl Sensor {
-    /// The sensor `name` (`unit`, `kind`): one this thread met lately, shared, or a new one,
-    /// which then takes the place of the one met longest ago among the last
-    /// [`SHARED_SENSORS`]. Written here rather than taken from an interning crate: those keep
+    /// The sensor `name` (`unit`, `kind`): one this thread keeps, shared, or a new one, which
+    /// then takes the place of the one kept longest once [`SHARED_SENSORS`] are kept (round
+    /// robin: a device sending ever new names cannot pin the list). Written here rather than taken from an interning crate: those keep
     /// every string for ever (a device may send any name), and this is a short list.
     pub fn shared(name: &str, unit: &str, kind: Option<&str>) -> Arc<Sensor> {
         SENSORS.with_borrow_mut(|(kept, next)| {
