@@ -484,7 +484,7 @@ pub fn is_older(new: &str, stored: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::model::{DeviceUuid, Location, SensorReading};
+    use crate::intake::model::{DeviceUuid, Location, Sensor, SensorReading};
     use chrono::SecondsFormat;
     use chrono::{TimeZone, Utc};
     use serde_json::{Number, json};
@@ -499,15 +499,12 @@ mod tests {
     fn data(secs: i64, sensors: &[(&str, f64, Option<&str>)]) -> Update {
         let mut report = DataReport::default();
         for (name, v, ts) in sensors {
-            report.sensors.insert(
-                SensorReading::new(
-                    name,
-                    Number::from_f64(*v).unwrap().into(),
-                    // Undated: the receive time, as the payload reader keeps it.
-                    ts.map_or(ReadingTime::Received(at(secs)), ReadingTime::from),
-                )
-                .with("u", None),
-            );
+            report.sensors.insert(SensorReading::of(
+                Sensor::shared(name, "u", None),
+                Number::from_f64(*v).unwrap().into(),
+                // Undated: the receive time, as the payload reader keeps it.
+                ts.map_or(ReadingTime::Received(at(secs)), ReadingTime::from),
+            ));
         }
         Update {
             device: DeviceUuid::parse("d").unwrap(),
@@ -963,10 +960,11 @@ mod tests {
                                 Some(Value::String(t)) => ReadingTime::from(t),
                                 _ => ReadingTime::Received(at(secs)),
                             };
-                            r.sensors.insert(
-                                SensorReading::new(&name, Number::from(v).into(), timestamp)
-                                    .with("°C", None),
-                            );
+                            r.sensors.insert(SensorReading::of(
+                                Sensor::shared(&name, "°C", None),
+                                Number::from(v).into(),
+                                timestamp,
+                            ));
                         }
                         r.status = status.map(|m| m.into_iter().collect());
                         if located {
@@ -1085,8 +1083,11 @@ mod tests {
                             .map(|(name, v, t)| {
                                 let timestamp =
                                     t.map_or(ReadingTime::Received(at(secs)), ReadingTime::from);
-                                SensorReading::new(&name, Number::from(v).into(), timestamp)
-                                    .with("u", None)
+                                SensorReading::of(
+                                    Sensor::shared(&name, "u", None),
+                                    Number::from(v).into(),
+                                    timestamp,
+                                )
                             })
                             .collect();
                         r.status = status.map(|m| m.into_iter().collect());

@@ -259,11 +259,6 @@ pub struct SensorReading {
 }
 
 impl SensorReading {
-    /// A reading of sensor `name` (unit `""`, no type) at `timestamp`.
-    pub fn new(name: &str, value: SensorValue, timestamp: ReadingTime) -> Self {
-        Self::of(Sensor::shared(name, "", None), value, timestamp)
-    }
-
     /// A reading of `sensor`.
     pub fn of(sensor: Arc<Sensor>, value: SensorValue, timestamp: ReadingTime) -> Self {
         Self {
@@ -271,12 +266,6 @@ impl SensorReading {
             value,
             timestamp,
         }
-    }
-
-    /// The same reading with unit `unit` and type `kind`.
-    pub fn with(self, unit: &str, kind: Option<&str>) -> Self {
-        let sensor = Sensor::shared(self.name(), unit, kind);
-        Self { sensor, ..self }
     }
 
     /// The sensor's name.
@@ -477,7 +466,11 @@ mod sensors_tests {
     use super::*;
 
     fn r(name: &str, v: u64) -> SensorReading {
-        SensorReading::new(name, Number::from(v).into(), "2026-01-01T00:00:00Z".into())
+        SensorReading::of(
+            Sensor::shared(name, "", None),
+            Number::from(v).into(),
+            "2026-01-01T00:00:00Z".into(),
+        )
     }
 
     #[test]

@@ -130,21 +130,18 @@ pub async fn run_retention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::model::{DataReport, DeviceUuid, SensorReading};
+    use crate::intake::model::{DataReport, DeviceUuid, Sensor, SensorReading};
     use chrono::DateTime;
     use serde_json::Number;
 
     #[test]
     fn readings_become_rows_on_the_database_zones_clock() {
         let mut report = DataReport::default();
-        report.sensors.insert(
-            SensorReading::new(
-                "temperature",
-                Number::from_f64(25.5).unwrap().into(),
-                "2025-12-19T06:30:00Z".into(),
-            )
-            .with(&"°C".repeat(40), None),
-        );
+        report.sensors.insert(SensorReading::of(
+            Sensor::shared("temperature", &"°C".repeat(40), None),
+            Number::from_f64(25.5).unwrap().into(),
+            "2025-12-19T06:30:00Z".into(),
+        ));
         let zone = Zone::default();
         let received = zone.at(DateTime::parse_from_rfc3339("2025-12-19T06:31:00Z")
             .unwrap()

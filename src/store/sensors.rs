@@ -260,7 +260,7 @@ pub async fn upsert(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::model::{DataReport, DeviceUuid, SensorReading, SensorValue};
+    use crate::intake::model::{DataReport, DeviceUuid, Sensor, SensorReading, SensorValue};
     use chrono::DateTime;
     use serde_json::Number;
 
@@ -279,10 +279,11 @@ mod tests {
     fn data(device: &str, received: &str, readings: &[(&str, SensorValue, &str)]) -> Update {
         let mut report = DataReport::default();
         for (name, value, ts) in readings {
-            report.sensors.insert(
-                SensorReading::new(name, value.clone(), (*ts).into())
-                    .with(&"°C".repeat(15), Some("RAIN_SENSOR")),
-            );
+            report.sensors.insert(SensorReading::of(
+                Sensor::shared(name, &"°C".repeat(15), Some("RAIN_SENSOR")),
+                value.clone(),
+                (*ts).into(),
+            ));
         }
         Update {
             device: DeviceUuid::parse(device).unwrap(),
