@@ -238,6 +238,115 @@ impl<'de: 'a, 'a> Visitor<'de> for JsonVisitor<'a> {
     }
 }
 
+/// Reads `text` as one JSON object and keeps only the members called `names` (the last value
+/// of a name given twice, as [`parse`] keeps it), reading every other member the way
+/// serde_json reads it (its numbers, strings and nesting limit) without building it: for the
+/// messages of which the service reads a field or two (a heartbeat's and a status's
+/// `timestamp`). Accepts the texts [`parse`] reads as an object, and only those (a property
+/// test holds the two together); its error is not [`parse`]'s, so a caller that refuses the
+/// text asks [`parse`] for the reason.
+pub fn pick<'a, const N: usize>(
+    text: &'a str,
+    names: [&str; N],
+) -> Result<[Option<Json<'a>>; N], serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let picked = de.deserialize_map(Picker {
+        names,
+        _text: std::marker::PhantomData,
+    })?;
+    de.end()?;
+    Ok(picked)
+}
+
+struct Picker<'n, 'a, const N: usize> {
+    names: [&'n str; N],
+    _text: std::marker::PhantomData<Json<'a>>,
+}
+
+impl<'de: 'a, 'a, const N: usize> Visitor<'de> for Picker<'_, 'a, N> {
+    type Value = [Option<Json<'a>>; N];
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut picked = std::array::from_fn(|_| None);
+        while let Some(Text(name)) = map.next_key()? {
+            match self.names.iter().position(|n| *n == name) {
+                Some(i) => picked[i] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<Checked>()?;
+                }
+            }
+        }
+        Ok(picked)
+    }
+}
+
+/// A value read as serde_json reads one into its tree, then dropped. Not serde's `IgnoredAny`,
+/// which only scans: it takes numbers that serde_json's tree refuses (`1e400` is out of range),
+/// and a member nobody reads must not make a message acceptable that the full reading refuses.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Checked)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Checked)
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Checked)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        Checked::deserialize(deserializer)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_key::<Checked>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +394,21 @@ mod tests {
             prop_assert_eq!(ours.ok(), theirs.ok());
         }
 
+        /// Picking members accepts what the full reading accepts as an object, and picks what
+        /// it holds under those names.
+        #[test]
+        fn picks_what_the_full_reading_holds(text in prop_oneof![
+            any_value().prop_map(|v| v.to_string()),
+            object_text(),
+            "[\\[\\]{}:,\"a0-9 .e-]{0,12}",
+        ]) {
+            let full = match parse(&text) {
+                Ok(Json::Object(o)) => Some([o.get("a").cloned(), o.get("b").cloned()]),
+                _ => None,
+            };
+            prop_assert_eq!(pick(&text, ["a", "b"]).ok(), full);
+        }
+
         /// Names compare as `str` compares them, whether they share a first byte or not.
         #[test]
         fn names_compare_in_str_order(a in "[a-c\\x{e9}]{0,4}", b in "[a-c\\x{e9}]{0,4}") {
@@ -319,6 +443,26 @@ mod tests {
         assert!(matches!(o.get("b"), Some(Json::Str(Cow::Borrowed("last")))));
         assert!(matches!(o.get("a"), Some(Json::Str(Cow::Owned(s))) if s == "tab\tbed"));
         assert!(o.get("a").is_some() && o.get("c").is_none());
+    }
+
+    #[test]
+    fn a_member_nobody_reads_is_still_read_as_serde_json_reads_it() {
+        // serde's IgnoredAny would take the out-of-range number; serde_json's tree does not.
+        for text in [r#"{"a":1,"x":1e400}"#, r#"{"x":[{"y":-1e999}],"a":1}"#] {
+            assert!(serde_json::from_str::<Value>(text).is_err(), "{text}");
+            assert!(parse(text).is_err() && pick(text, ["a"]).is_err(), "{text}");
+        }
+        let deep = format!(r#"{{"a":1,"x":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert!(pick(&deep, ["a"]).is_err());
+        assert_eq!(
+            pick(r#"{"a":1,"b":"x\ty","a":[2],"c":{"a":3}}"#, ["a", "b", "d"]).unwrap(),
+            [
+                Some(Json::Array(vec![Json::Number(2.into())])),
+                Some(Json::Str("x\ty".into())),
+                None
+            ]
+        );
+        assert!(pick("[1]", ["a"]).is_err() && pick(r#"{"a":1} x"#, ["a"]).is_err());
     }
 
     #[test]

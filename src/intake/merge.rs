@@ -318,7 +318,7 @@ impl DeviceState {
             }
         }
         if let Some(status) = &report.status {
-            merge_by_key(self.data.status(), status.iter().map(|(k, v)| (k, v)));
+            merge_by_key(self.data.status(), status.iter().cloned());
         }
         if let Some(l) = &report.location {
             let mut location = Map::new();
@@ -350,7 +350,10 @@ impl DeviceState {
         {
             return; // a status the device sent before the one already stored
         }
-        merge_by_key(self.data.status(), &status.fields);
+        merge_by_key(
+            self.data.status(),
+            status.fields(update.reading_time.as_deref()),
+        );
         if let Some(s) = &status.device_status {
             self.device_status = Some(s.to_string());
         }
@@ -437,15 +440,12 @@ fn later(stored: Option<NaiveDateTime>, new: NaiveDateTime) -> Option<NaiveDateT
 }
 
 /// Top-level keys of `patch` replace those in `target`; a `null` removes the key.
-fn merge_by_key<'a>(
-    target: &mut Map<String, Value>,
-    patch: impl IntoIterator<Item = (&'a String, &'a Value)>,
-) {
+fn merge_by_key(target: &mut Map<String, Value>, patch: impl IntoIterator<Item = (String, Value)>) {
     for (k, v) in patch {
         if v.is_null() {
-            target.remove(k);
+            target.remove(&k);
         } else {
-            target.insert(k.clone(), v.clone());
+            target.insert(k, v);
         }
     }
 }
@@ -529,10 +529,7 @@ mod tests {
                 .get("timestamp")
                 .and_then(Value::as_str)
                 .map(Into::into),
-            change: Change::Status(StatusReport {
-                fields,
-                device_status: device_status.map(Into::into),
-            }),
+            change: Change::Status(StatusReport::of(&fields, device_status.as_deref())),
         }
     }
 
@@ -826,10 +823,7 @@ mod tests {
                         }
                     }
                     if let Some(status) = &report.status {
-                        merge_by_key(
-                            object_at(data, "status"),
-                            status.iter().map(|(k, v)| (k, v)),
-                        );
+                        merge_by_key(object_at(data, "status"), status.iter().cloned());
                     }
                     if let Some(l) = &report.location {
                         data.insert(
@@ -854,7 +848,10 @@ mod tests {
                     {
                         return;
                     }
-                    merge_by_key(object_at(data, "status"), &status.fields);
+                    merge_by_key(
+                        object_at(data, "status"),
+                        status.fields(update.reading_time.as_deref()),
+                    );
                 }
                 Change::Heartbeat => {}
             }

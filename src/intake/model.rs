@@ -405,14 +405,36 @@ pub struct DataReport {
 /// The valid part of a `status` message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusReport {
-    /// The whole payload object, merged by key into the stored `status`.
-    pub fields: Map<String, Value>,
+    /// The payload's object as the device sent it, JSON text that reads as an object (checked
+    /// on the way in): merged by key into the stored `status` ([`Self::fields`]). Kept as text
+    /// rather than as serde_json's map: read into a map once, where it is merged, instead of
+    /// read into one here, held in the queue (seven keys and a tree node for the firmware's
+    /// status) and copied into the stored one there.
+    pub object: Box<str>,
     /// The payload's `status` scalar as text, written to `device_status` (cut to the column's
     /// length by the store).
     pub device_status: Option<Box<str>>,
 }
 
 impl StatusReport {
+    /// A status of `fields` (for tests and tools: the service's come from the payload reader).
+    pub fn of(fields: &Map<String, Value>, device_status: Option<&str>) -> Self {
+        Self {
+            object: Value::Object(fields.clone()).to_string().into(),
+            device_status: device_status.map(Into::into),
+        }
+    }
+
+    /// The fields to merge into the stored `status`, their `timestamp` as it is stored
+    /// ([`store_status_time`]) for the message's reading time `reading_time`.
+    pub fn fields(&self, reading_time: Option<&str>) -> Map<String, Value> {
+        // The text was read as an object when the message came in (the same reading as this
+        // one): an empty map, what an unusable stored status reads as too, is never met.
+        let mut fields: Map<String, Value> = serde_json::from_str(&self.object).unwrap_or_default();
+        store_status_time(&mut fields, reading_time);
+        fields
+    }
+
     /// `false` for a `status` of `"offline"` (a last will), else `true`: any status message is
     /// a sign of life. (Worked out rather than kept: a field would make every waiting update 8
     /// bytes larger.)
@@ -421,6 +443,23 @@ impl StatusReport {
             .device_status
             .as_deref()
             .is_some_and(|s| s.eq_ignore_ascii_case("offline"))
+    }
+}
+
+/// The status time as it is stored, which orders later status messages: the reading time as
+/// read (RFC 3339) when it dated anything; text that dated nothing is left out, so that a clock
+/// set to 9999 cannot make every later status "older". A number that dates nothing (the
+/// firmware's uptime) stays: a stored number orders nothing.
+pub(crate) fn store_status_time(fields: &mut Map<String, Value>, reading_time: Option<&str>) {
+    match reading_time {
+        Some(t) => {
+            fields.insert("timestamp".into(), Value::String(t.to_owned()));
+        }
+        None => {
+            if fields.get("timestamp").is_some_and(Value::is_string) {
+                fields.remove("timestamp");
+            }
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::ops::RangeInclusive;
 
 use chrono::{DateTime, FixedOffset, Utc};
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
 
 use crate::intake::json::{self, Json, Object};
 use crate::intake::model::{
@@ -397,20 +397,16 @@ pub fn process(
         // A heartbeat carries no data the service keeps: an empty one is fine.
         TopicKind::Heartbeat if text.is_empty() => Change::Heartbeat,
         TopicKind::Heartbeat => {
-            let timestamp = heartbeat_timestamp(text)?;
+            let [timestamp] = picked(text, ["timestamp"])?;
             reading_time = r.time(|| "timestamp".into(), timestamp.as_ref());
             Change::Heartbeat
         }
-        // A status is kept whole (merged into the stored `status`): read into serde_json's own
-        // map, which is what it is stored as, rather than borrowed and then copied.
+        // A status is kept whole, as its text (merged into the stored `status` when it is
+        // written): only its `timestamp` and `status` are read here.
         TopicKind::Status => {
-            let mut fields = parse_map(text)?;
-            reading_time = r.time(
-                || "timestamp".into(),
-                fields.get("timestamp").map(Json::from).as_ref(),
-            );
-            store_status_time(&mut fields, reading_time.as_deref());
-            Change::Status(status_report(fields, &mut r))
+            let [timestamp, status] = picked(text, ["timestamp", "status"])?;
+            reading_time = r.time(|| "timestamp".into(), timestamp.as_ref());
+            Change::Status(status_report(text, status.as_ref(), &mut r))
         }
         TopicKind::Data => {
             let object = parse_object(text)?;
@@ -437,53 +433,28 @@ pub fn process(
     })
 }
 
-/// The one field of a heartbeat the service reads; the rest of the object is checked for
-/// syntax and skipped (`IgnoredAny`) instead of being built and dropped.
-#[derive(serde::Deserialize)]
-struct HeartbeatFields<'a> {
-    #[serde(borrow, default)]
-    timestamp: Option<Json<'a>>,
-}
-
-/// A heartbeat's `timestamp`, or why the payload is refused. Only a payload that opens an
-/// object takes the light path; anything else, and any error there (a duplicate `timestamp`,
-/// say, which the full parse takes as the last), gets [`parse_object`]'s answer.
-fn heartbeat_timestamp(text: &str) -> Result<Option<Json<'_>>, Rejection> {
-    if text.trim_start().starts_with('{')
-        && let Ok(fields) = serde_json::from_str::<HeartbeatFields<'_>>(text)
-    {
-        return Ok(fields.timestamp.filter(|v| !v.is_null()));
-    }
-    parse_object(text).map(|object| object.get("timestamp").cloned())
-}
-
-/// The payload as a JSON object, names and strings borrowed from `text`.
-fn parse_object(text: &str) -> Result<Object<'_>, Rejection> {
-    read_object(text, json::parse, |v| match v {
-        Json::Object(object) => Some(object),
-        _ => None,
-    })
-}
-
-/// The payload as serde_json's own map (the same answers as [`parse_object`]).
-fn parse_map(text: &str) -> Result<Map<String, Value>, Rejection> {
-    read_object(text, serde_json::from_str::<Value>, |v| match v {
-        Value::Object(map) => Some(map),
-        _ => None,
-    })
-}
-
-/// `text` read by `parse`, its top value taken by `object` if it is an object; or why not.
-fn read_object<'a, T, O>(
+/// The members `names` of the payload's object (the last of a name given twice), the rest
+/// checked and skipped ([`json::pick`]) instead of being built and dropped; or why the payload
+/// is refused, which the full reading ([`parse_object`]) says.
+fn picked<'a, const N: usize>(
     text: &'a str,
-    parse: impl FnOnce(&'a str) -> Result<T, serde_json::Error>,
-    object: impl FnOnce(T) -> Option<O>,
-) -> Result<O, Rejection> {
+    names: [&str; N],
+) -> Result<[Option<Json<'a>>; N], Rejection> {
+    if let Ok(picked) = json::pick(text, names) {
+        return Ok(picked);
+    }
+    // The two accept the same texts (a property test in `json`): this is the reason.
+    parse_object(text).map(|object| names.map(|name| object.get(name).cloned()))
+}
+
+/// The payload as a JSON object, names and strings borrowed from `text`; or why not.
+fn parse_object(text: &str) -> Result<Object<'_>, Rejection> {
     if text.is_empty() {
         return Err(Rejection::NotJson("empty payload".into()));
     }
-    match parse(text) {
-        Ok(tree) => object(tree).ok_or(Rejection::NotObject),
+    match json::parse(text) {
+        Ok(Json::Object(object)) => Ok(object),
+        Ok(_) => Err(Rejection::NotObject),
         Err(e) => Err(Rejection::NotJson(e.to_string())),
     }
 }
@@ -603,7 +574,7 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
             let mut fields = status.to_map();
             if let Some(t) = status.get("timestamp") {
                 let time = r.time(|| "status.timestamp".into(), Some(t));
-                store_status_time(&mut fields, time.as_deref());
+                crate::intake::model::store_status_time(&mut fields, time.as_deref());
             }
             // Sized exactly: collected, a map's members would get room for four and a copy.
             let mut exact = Vec::with_capacity(fields.len());
@@ -752,27 +723,10 @@ fn type_name(v: &Json<'_>) -> &'static str {
     }
 }
 
-/// The status time as it is stored, which orders later status messages: the reading time as
-/// read (RFC 3339) when it dated anything; text that dated nothing is left out, so that a clock
-/// set to 9999 cannot make every later status "older". A number that dates nothing (the
-/// firmware's uptime) stays: a stored number orders nothing.
-fn store_status_time(fields: &mut Map<String, Value>, reading_time: Option<&str>) {
-    match reading_time {
-        Some(t) => {
-            fields.insert("timestamp".into(), Value::String(t.to_owned()));
-        }
-        None => {
-            if fields.get("timestamp").is_some_and(Value::is_string) {
-                fields.remove("timestamp");
-            }
-        }
-    }
-}
-
 /// A status message: merged whole into `status`; its `status` scalar, if any, becomes
 /// `device_status`; any status but `"offline"` marks the device online.
-fn status_report(fields: Map<String, Value>, r: &mut Reader<'_>) -> StatusReport {
-    let device_status = match fields.get("status").map(Json::from).as_ref() {
+fn status_report(text: &str, status: Option<&Json<'_>>, r: &mut Reader<'_>) -> StatusReport {
+    let device_status = match status {
         None | Some(Json::Null) => None,
         Some(Json::Str(s)) => Some(s.as_ref().to_owned()),
         Some(Json::Number(n)) => Some(n.to_string()),
@@ -789,7 +743,7 @@ fn status_report(fields: Map<String, Value>, r: &mut Reader<'_>) -> StatusReport
         }
     };
     StatusReport {
-        fields,
+        object: text.into(),
         device_status: device_status.map(Into::into),
     }
 }

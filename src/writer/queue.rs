@@ -271,10 +271,7 @@ mod tests {
     }
 
     fn status(device: &str, secs: i64) -> Job {
-        let change = Change::Status(StatusReport {
-            fields: Default::default(),
-            device_status: None,
-        });
+        let change = Change::Status(StatusReport::of(&Default::default(), None));
         job(device, secs, change)
     }
 
