@@ -85,6 +85,17 @@ impl<'a> From<&'a Value> for Json<'a> {
 impl<'a> Object<'a> {
     /// The value of `name`.
     pub fn get(&self, name: &str) -> Option<&Json<'a>> {
+        // A payload's objects have a handful of members, whose names often share a first byte
+        // (`sensor`, `sensors`, `status`; `sensor_name`, `sensor_type`): looked at one by one,
+        // by length before text, they cost fewer instructions than a binary search's
+        // comparisons.
+        if self.0.len() <= 8 {
+            return self
+                .0
+                .iter()
+                .find(|(k, _)| k.len() == name.len() && k.as_ref() == name)
+                .map(|(_, v)| v);
+        }
         self.0
             .binary_search_by(|(k, _)| name_cmp(k, name))
             .ok()
@@ -463,6 +474,32 @@ mod tests {
             ]
         );
         assert!(pick("[1]", ["a"]).is_err() && pick(r#"{"a":1} x"#, ["a"]).is_err());
+    }
+
+    #[test]
+    fn a_member_is_found_in_small_and_large_objects() {
+        for n in [1, 8, 9, 40] {
+            let text = format!(
+                "{{{}}}",
+                (0..n)
+                    .rev()
+                    .map(|i| format!(r#""k{i}":{i}"#))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let Ok(Json::Object(o)) = parse(&text) else {
+                panic!("an object");
+            };
+            for i in 0..n {
+                assert_eq!(
+                    o.get(&format!("k{i}")),
+                    Some(&Json::Number(i.into())),
+                    "{text}"
+                );
+            }
+            assert_eq!(o.get("k"), None);
+            assert_eq!(o.get(&format!("k{n}")), None);
+        }
     }
 
     #[test]
