@@ -33,10 +33,24 @@ pub enum Json<'a> {
     Object(Object<'a>),
 }
 
-/// An object's members, sorted by name, each name once (the last value of a repeated name), as
-/// `serde_json::Map` holds them. A vector: the payloads' objects have a handful of members.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// An object's members, each name once (the last value of a repeated name), as
+/// `serde_json::Map` holds them: in the document's order in an object of up to
+/// [`SMALL_OBJECT`] members, sorted by name in a larger one. A vector: the payloads' objects
+/// have a handful of members.
+#[derive(Debug, Clone, Default)]
 pub struct Object<'a>(Vec<(Cow<'a, str>, Json<'a>)>);
+
+/// Objects are equal when they hold the same members, in whatever order each keeps them.
+impl PartialEq for Object<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().all(|(name, v)| other.get(name) == Some(v))
+    }
+}
+
+/// Up to this many members, an object is kept in the document's order and searched one member
+/// at a time: sorting the members cost more than the few lookups it spares (the firmware's
+/// objects have six or seven members, the seed's three or four).
+const SMALL_OBJECT: usize = 8;
 
 /// Reads `text` as one JSON value (serde_json's grammar and errors).
 pub fn parse(text: &str) -> Result<Json<'_>, serde_json::Error> {
@@ -89,7 +103,7 @@ impl<'a> Object<'a> {
         // (`sensor`, `sensors`, `status`; `sensor_name`, `sensor_type`): looked at one by one,
         // by length before text, they cost fewer instructions than a binary search's
         // comparisons.
-        if self.0.len() <= 8 {
+        if self.0.len() <= SMALL_OBJECT {
             return self
                 .0
                 .iter()
@@ -102,7 +116,7 @@ impl<'a> Object<'a> {
             .map(|i| &self.0[i].1)
     }
 
-    /// The members in name order.
+    /// The members, each name once: in no order a caller may count on (see [`Object`]).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
         self.0.iter().map(|(k, v)| (k.as_ref(), v))
     }
@@ -114,10 +128,37 @@ impl<'a> Object<'a> {
             .collect()
     }
 
-    /// Members in document order, put in name order with a repeated name keeping its last
-    /// value (what inserting them one by one into a `serde_json::Map` gives).
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No members.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Members in document order, each name once with its last value (what inserting them
+    /// one by one into a `serde_json::Map` gives); put in name order if there are many.
     fn from_members(mut members: Vec<(Cow<'a, str>, Json<'a>)>) -> Self {
-        in_name_order_last_wins(&mut members, |(name, _)| name);
+        if members.len() > SMALL_OBJECT {
+            in_name_order_last_wins(&mut members, |(name, _)| name);
+            return Self(members);
+        }
+        // A name given again later is dropped here (rare: one scan of the few members after
+        // it, by length before text).
+        let mut i = 0;
+        while i < members.len() {
+            let name = &members[i].0;
+            if members[i + 1..]
+                .iter()
+                .any(|(later, _)| later.len() == name.len() && later == name)
+            {
+                members.remove(i);
+            } else {
+                i += 1;
+            }
+        }
         Self(members)
     }
 }

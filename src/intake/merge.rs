@@ -486,14 +486,16 @@ pub fn is_older(new: &str, stored: &str) -> bool {
 /// `Z` or `±HH:MM`, with digits where digits go: two such texts of one length and offset put
 /// the same field at the same place, so their text order is their time order.
 fn offset_at(s: &[u8]) -> Option<usize> {
-    const DIGITS: [usize; 14] = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18];
+    // `0` stands for a digit.
+    const LAYOUT: &[u8; 19] = b"0000-00-00T00:00:00";
     let laid_out = s.len() >= 20
-        && s[4] == b'-'
-        && s[7] == b'-'
-        && s[10] == b'T'
-        && s[13] == b':'
-        && s[16] == b':'
-        && DIGITS.iter().all(|&i| s[i].is_ascii_digit());
+        && s[..19].iter().zip(LAYOUT).all(|(&b, &l)| {
+            if l == b'0' {
+                b.is_ascii_digit()
+            } else {
+                b == l
+            }
+        });
     if !laid_out {
         return None;
     }

@@ -483,8 +483,8 @@ pub struct Update {
     /// what DATETIME columns get); becomes `last_seen`.
     pub received_at: DateTime<FixedOffset>,
     /// The message's own top-level `timestamp` as RFC 3339, when it dated anything: the
-    /// reading time that order-safe merging compares.
-    pub reading_time: Option<Box<str>>,
+    /// reading time that order-safe merging compares (shared with the readings it dated).
+    pub reading_time: Option<Arc<str>>,
     /// What to change.
     pub change: Change,
 }

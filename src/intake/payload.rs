@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset, Utc};
 use serde_json::{Number, Value};
@@ -319,6 +320,9 @@ struct Reader<'a> {
     received: DateTime<FixedOffset>,
     skipped: Vec<Skipped>,
     undated: Undated,
+    /// The last device text that dated anything, as kept: a message's readings often carry
+    /// the message's own time, which is then read once and shared.
+    dated: Option<Arc<str>>,
 }
 
 impl Reader<'_> {
@@ -354,10 +358,21 @@ impl Reader<'_> {
         &mut self,
         part: impl FnOnce() -> std::borrow::Cow<'static, str>,
         value: Option<&Json<'_>>,
-    ) -> Option<String> {
+    ) -> Option<Arc<str>> {
         let value = value.filter(|v| !v.is_null())?;
+        // Text that reads as the last kept reads the same (kept text is RFC 3339 that dated
+        // something at this receive time).
+        if let (Json::Str(text), Some(last)) = (value, &self.dated)
+            && **last == **text
+        {
+            return Some(last.clone());
+        }
         match timestamp::read(value, self.received, &self.rules.time) {
-            Ok(text) => Some(text),
+            Ok(text) => {
+                let text: Arc<str> = text.into();
+                self.dated = Some(text.clone());
+                Some(text)
+            }
             Err(reason) => {
                 self.undated.push(UndatedTimestamp {
                     part: part(),
@@ -391,6 +406,7 @@ pub fn process(
         received,
         skipped: Vec::new(),
         undated: Undated::new(),
+        dated: None,
     };
     let mut reading_time = None;
     let change = match kind {
@@ -413,7 +429,7 @@ pub fn process(
             reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
             let report = match object.get("sensors") {
                 Some(Json::Array(_)) => full_format(&object, &mut r),
-                _ => simple_format(&object, reading_time.as_deref(), &mut r),
+                _ => simple_format(&object, reading_time.as_ref(), &mut r),
             };
             if report.sensors.is_empty() && report.status.is_none() && report.location.is_none() {
                 return Err(Rejection::NoValidData(summarize(&r.skipped)));
@@ -425,7 +441,7 @@ pub fn process(
         update: Update {
             device,
             received_at: received,
-            reading_time: reading_time.map(Into::into),
+            reading_time,
             change,
         },
         skipped: r.skipped,
@@ -556,7 +572,7 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
                 || format!("sensors[{i}].timestamp").into(),
                 entry.get("timestamp"),
             ) {
-                Some(t) => ReadingTime::from(t),
+                Some(t) => ReadingTime::Device(t),
                 None => r.received(),
             };
             let value = entry.get("value").unwrap_or(&Json::Null);
@@ -569,17 +585,24 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
     report.sensors = readings.into_iter().collect();
     match object.get("status") {
         None | Some(Json::Null) => {}
-        // In key order, as the object keeps them; a vector holds a few fields in far less memory.
+        // A vector holds a few fields in far less memory than a map; sized exactly (an update
+        // may wait a while) and in key order (a fold finds a field by binary search).
         Some(Json::Object(status)) => {
-            let mut fields = status.to_map();
-            if let Some(t) = status.get("timestamp") {
-                let time = r.time(|| "status.timestamp".into(), Some(t));
-                crate::intake::model::store_status_time(&mut fields, time.as_deref());
+            // The timestamp as it is stored (what `store_status_time` does to a map).
+            let time = status
+                .get("timestamp")
+                .map(|t| r.time(|| "status.timestamp".into(), Some(t)));
+            let mut fields = Vec::with_capacity(status.len());
+            for (name, value) in status.iter() {
+                let value = match (name, &time) {
+                    ("timestamp", Some(Some(t))) => Value::String(t.to_string()),
+                    ("timestamp", Some(None)) if matches!(value, Json::Str(_)) => continue,
+                    _ => value.to_value(),
+                };
+                fields.push((name.to_owned(), value));
             }
-            // Sized exactly: collected, a map's members would get room for four and a copy.
-            let mut exact = Vec::with_capacity(fields.len());
-            exact.extend(fields);
-            report.status = Some(exact.into_boxed_slice());
+            fields.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            report.status = Some(fields.into_boxed_slice());
         }
         Some(_) => r.skip("status".into(), "not an object"),
     }
@@ -599,12 +622,12 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
 /// beside its readings): passed over without a warning.
 fn simple_format(
     object: &Object<'_>,
-    reading_time: Option<&str>,
+    reading_time: Option<&Arc<str>>,
     r: &mut Reader<'_>,
 ) -> DataReport {
     let mut report = DataReport::default();
     let timestamp = match reading_time {
-        Some(t) => ReadingTime::from(t),
+        Some(t) => ReadingTime::Device(t.clone()),
         None => r.received(),
     };
     let sensor_type = match object.get("sensor") {
