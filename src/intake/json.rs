@@ -116,6 +116,21 @@ impl<'a> Object<'a> {
             .map(|i| &self.0[i].1)
     }
 
+    /// The values of `names` (each a different name), in one pass over the members (for a few
+    /// names, cheaper than a lookup for each).
+    pub fn pick<const N: usize>(&self, names: [&str; N]) -> [Option<&Json<'a>>; N] {
+        let mut picked = [None; N];
+        for (name, value) in &self.0 {
+            if let Some(i) = names
+                .iter()
+                .position(|n| n.len() == name.len() && *n == name.as_ref())
+            {
+                picked[i] = Some(value);
+            }
+        }
+        picked
+    }
+
     /// The members, each name once: in no order a caller may count on (see [`Object`]).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Json<'a>)> {
         self.0.iter().map(|(k, v)| (k.as_ref(), v))
@@ -538,6 +553,9 @@ mod tests {
                     "{text}"
                 );
             }
+            let name = format!("k{}", n.max(2) - 1);
+            let [first, last, none] = o.pick(["k0", &name, "k"]);
+            assert_eq!((first, last, none), (o.get("k0"), o.get(&name), None));
             assert_eq!(o.get("k"), None);
             assert_eq!(o.get(&format!("k{n}")), None);
         }

@@ -395,7 +395,7 @@ pub fn absorb(into: &mut Update, next: Update) -> Result<(), Update> {
     }
     if let (Change::Data(a), Change::Data(b)) = (&mut into.change, next.change) {
         for reading in b.sensors {
-            match a.sensors.get_mut(reading.name()) {
+            match a.sensors.get_mut_like(&reading) {
                 Some(held) => {
                     if !reading_is_older(&reading.timestamp, &held.timestamp) {
                         *held = reading;

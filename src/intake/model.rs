@@ -227,7 +227,7 @@ impl Sensor {
         SENSORS.with_borrow_mut(|(kept, next)| {
             if let Some(s) = kept
                 .iter()
-                .find(|s| *s.name == *name && *s.unit == *unit && s.kind.as_deref() == kind)
+                .find(|s| same(&s.name, name) && same(&s.unit, unit) && s.kind.as_deref() == kind)
             {
                 return s.clone();
             }
@@ -245,6 +245,11 @@ impl Sensor {
             s
         })
     }
+}
+
+/// `a == b`, without a call to compare no bytes: most readings have no unit.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && (a.is_empty() || a == b)
 }
 
 /// One sensor's accepted reading, in the stored shape.
@@ -313,6 +318,19 @@ impl Sensors {
     /// The reading of `name`, to change in place.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut SensorReading> {
         self.find(name).ok().map(|i| &mut self.0[i])
+    }
+
+    /// The reading of the sensor `reading` is of, to change in place: by the shared sensor
+    /// first (a board's readings share theirs, and comparing it costs no text), else by name.
+    pub fn get_mut_like(&mut self, reading: &SensorReading) -> Option<&mut SensorReading> {
+        match self
+            .0
+            .iter()
+            .position(|held| Arc::ptr_eq(&held.sensor, &reading.sensor))
+        {
+            Some(i) => Some(&mut self.0[i]),
+            None => self.get_mut(reading.name()),
+        }
     }
 
     /// Whether `name` has a reading.
@@ -580,6 +598,28 @@ mod sensors_tests {
             (r.name(), r.unit(), r.sensor_type()),
             ("temperature", "°C", "DHT11")
         );
+    }
+
+    #[test]
+    fn a_reading_finds_its_sensor_s_by_the_shared_sensor_or_by_name() {
+        let mut s: Sensors = [r("a", 1), r("m", 2)].into_iter().collect();
+        // The same shared sensor.
+        assert_eq!(
+            s.get_mut_like(&r("m", 9)).map(|x| x.name().to_owned()),
+            Some("m".into())
+        );
+        // Another sensor of the same name (a unit of its own): found by name.
+        let other = SensorReading::of(
+            Sensor::shared("a", "%", None),
+            Number::from(3).into(),
+            "2026-01-01T00:00:00Z".into(),
+        );
+        assert!(!Arc::ptr_eq(&other.sensor, &s["a"].sensor));
+        assert_eq!(
+            s.get_mut_like(&other).map(|x| x.unit().to_owned()),
+            Some(String::new())
+        );
+        assert!(s.get_mut_like(&r("z", 1)).is_none());
     }
 
     #[test]

@@ -426,9 +426,10 @@ pub fn process(
         }
         TopicKind::Data => {
             let object = parse_object(text)?;
-            reading_time = r.time(|| "timestamp".into(), object.get("timestamp"));
-            let report = match object.get("sensors") {
-                Some(Json::Array(_)) => full_format(&object, &mut r),
+            let [timestamp, sensors] = object.pick(["timestamp", "sensors"]);
+            reading_time = r.time(|| "timestamp".into(), timestamp);
+            let report = match sensors {
+                Some(Json::Array(entries)) => full_format(&object, entries, &mut r),
                 _ => simple_format(&object, reading_time.as_ref(), &mut r),
             };
             if report.sensors.is_empty() && report.status.is_none() && report.location.is_none() {
@@ -526,64 +527,61 @@ fn shown_value(value: &Json<'_>) -> ShownValue {
 }
 
 /// The full ("HTTP API") format: `{"sensors": [...], "status": {...}, "location": {...}}`.
-fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
+fn full_format(object: &Object<'_>, entries: &[Json<'_>], r: &mut Reader<'_>) -> DataReport {
     let mut report = DataReport::default();
-    let mut readings = Vec::new();
-    if let Some(Json::Array(entries)) = object.get("sensors") {
-        readings.reserve_exact(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let Json::Object(entry) = entry else {
-                r.skip(format!("sensors[{i}]"), "not an object");
-                continue;
-            };
-            let sensor_type = match entry.get("sensor_type") {
-                Some(Json::Str(t)) if !t.is_empty() => Some(t.as_ref()),
-                _ => None,
-            };
-            let name = match entry.get("sensor_name") {
-                Some(Json::Str(name)) => r
-                    .rules
-                    .renames
-                    .rename(sensor_type.unwrap_or(""), name)
-                    .unwrap_or(name),
-                Some(_) => {
-                    r.skip(format!("sensors[{i}]"), "sensor_name is not a string");
-                    continue;
-                }
-                None => {
-                    r.skip(format!("sensors[{i}]"), "sensor_name is missing");
-                    continue;
-                }
-            };
-            if !r.name_ok(name) {
+    let mut readings = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let Json::Object(entry) = entry else {
+            r.skip(format!("sensors[{i}]"), "not an object");
+            continue;
+        };
+        let [sensor_type, name, unit, timestamp, value] =
+            entry.pick(["sensor_type", "sensor_name", "unit", "timestamp", "value"]);
+        let sensor_type = match sensor_type {
+            Some(Json::Str(t)) if !t.is_empty() => Some(t.as_ref()),
+            _ => None,
+        };
+        let name = match name {
+            Some(Json::Str(name)) => r
+                .rules
+                .renames
+                .rename(sensor_type.unwrap_or(""), name)
+                .unwrap_or(name),
+            Some(_) => {
+                r.skip(format!("sensors[{i}]"), "sensor_name is not a string");
                 continue;
             }
-            // Built only when a part is skipped: formatting it for every sensor costs.
-            let part = || format!("sensor {}", shown(name));
-            let unit = match entry.get("unit") {
-                None | Some(Json::Null) => "",
-                Some(Json::Str(unit)) => unit.as_ref(),
-                Some(_) => {
-                    r.skip(part(), "unit is not a string");
-                    continue;
-                }
-            };
-            let timestamp = match r.time(
-                || format!("sensors[{i}].timestamp").into(),
-                entry.get("timestamp"),
-            ) {
-                Some(t) => ReadingTime::Device(t),
-                None => r.received(),
-            };
-            let value = entry.get("value").unwrap_or(&Json::Null);
-            match reading(name, value, unit, timestamp, sensor_type, r.rules) {
-                Ok(reading) => readings.push(reading),
-                Err(reason) => r.skip(part(), reason),
+            None => {
+                r.skip(format!("sensors[{i}]"), "sensor_name is missing");
+                continue;
             }
+        };
+        if !r.name_ok(name) {
+            continue;
+        }
+        // Built only when a part is skipped: formatting it for every sensor costs.
+        let part = || format!("sensor {}", shown(name));
+        let unit = match unit {
+            None | Some(Json::Null) => "",
+            Some(Json::Str(unit)) => unit.as_ref(),
+            Some(_) => {
+                r.skip(part(), "unit is not a string");
+                continue;
+            }
+        };
+        let timestamp = match r.time(|| format!("sensors[{i}].timestamp").into(), timestamp) {
+            Some(t) => ReadingTime::Device(t),
+            None => r.received(),
+        };
+        let value = value.unwrap_or(&Json::Null);
+        match reading(name, value, unit, timestamp, sensor_type, r.rules) {
+            Ok(reading) => readings.push(reading),
+            Err(reason) => r.skip(part(), reason),
         }
     }
     report.sensors = readings.into_iter().collect();
-    match object.get("status") {
+    let [status, located] = object.pick(["status", "location"]);
+    match status {
         None | Some(Json::Null) => {}
         // A vector holds a few fields in far less memory than a map; sized exactly (an update
         // may wait a while) and in key order (a fold finds a field by binary search).
@@ -606,7 +604,7 @@ fn full_format(object: &Object<'_>, r: &mut Reader<'_>) -> DataReport {
         }
         Some(_) => r.skip("status".into(), "not an object"),
     }
-    match object.get("location") {
+    match located {
         None | Some(Json::Null) => {}
         Some(value) => match location(value) {
             Ok(l) => report.location = Some(Box::new(l)),

@@ -48,15 +48,21 @@ impl TopicLayout {
             .strip_prefix(self.prefix.as_str())
             .and_then(|r| r.strip_prefix('/'))
             .ok_or(Rejection::BadTopic)?;
-        let (device, kind) = rest.split_once('/').ok_or(Rejection::BadTopic)?;
+        // The kind is the last level: found from the end, a few bytes away, where the device
+        // id before it would be searched through from the front.
+        let (device, kind) = rest.rsplit_once('/').ok_or(Rejection::BadTopic)?;
         let kind = match kind {
             "data" => TopicKind::Data,
             "status" => TopicKind::Status,
             "heartbeat" => TopicKind::Heartbeat,
             _ => return Err(Rejection::BadTopic),
         };
-        let device = DeviceUuid::parse(device).ok_or(Rejection::BadDeviceId)?;
-        Ok((device, kind))
+        match DeviceUuid::parse(device) {
+            Some(device) => Ok((device, kind)),
+            // More levels than three is a topic of another layout, not a bad device id.
+            None if device.contains('/') => Err(Rejection::BadTopic),
+            None => Err(Rejection::BadDeviceId),
+        }
     }
 }
 
@@ -102,6 +108,17 @@ mod tests {
             "/devices/x/data",
         ] {
             assert!(l.parse(t).is_err(), "{t:?} should be rejected");
+        }
+        // Which refusal (they are counted apart): a level too many is another layout; an
+        // empty level where the id goes is a bad id.
+        for (t, why) in [
+            ("devices/a/b/data", Rejection::BadTopic),
+            ("devices/x/data/extra", Rejection::BadTopic),
+            ("devices/x/other", Rejection::BadTopic),
+            ("devices//data", Rejection::BadDeviceId),
+            ("devices/a b/status", Rejection::BadDeviceId),
+        ] {
+            assert_eq!(l.parse(t), Err(why), "{t:?}");
         }
     }
 
