@@ -88,6 +88,20 @@ enum Offer {
     Closed(Job),
 }
 
+/// Pushes `ack`, growing `acks` by half when full (from four) rather than doubling: thousands of
+/// devices' folded acknowledgements wait at once, and doubling left up to half of each vector
+/// empty (nine tokens in room for sixteen: 56 bytes a device).
+fn push_grown_by_half(acks: &mut Vec<AckToken>, ack: AckToken) {
+    if acks.len() == acks.capacity() {
+        acks.reserve_exact(if acks.is_empty() {
+            4
+        } else {
+            acks.len().div_ceil(2)
+        });
+    }
+    acks.push(ack);
+}
+
 /// Most messages a queue holds per unit of capacity, folded ones included: each folded message
 /// keeps a 16-byte acknowledgement.
 const MESSAGES_PER_SLOT: usize = 64;
@@ -153,7 +167,9 @@ impl Queue {
             match absorb(&mut last.job.update, update) {
                 Ok(()) => {
                     last.folded += 1;
-                    last.folded_acks.extend(ack);
+                    if let Some(ack) = ack {
+                        push_grown_by_half(&mut last.folded_acks, ack);
+                    }
                     state.messages += 1;
                     return Offer::Folded;
                 }
@@ -273,6 +289,20 @@ mod tests {
     fn status(device: &str, secs: i64) -> Job {
         let change = Change::Status(StatusReport::of(&Default::default(), None));
         job(device, secs, change)
+    }
+
+    #[test]
+    fn folded_acknowledgements_grow_by_half_and_keep_their_order() {
+        let mut acks = Vec::new();
+        let mut capacities = Vec::new();
+        for seq in 0..20 {
+            push_grown_by_half(&mut acks, AckToken { connection: 1, seq });
+            if capacities.last() != Some(&acks.capacity()) {
+                capacities.push(acks.capacity());
+            }
+        }
+        assert_eq!(capacities, [4, 6, 9, 14, 21]);
+        assert!(acks.iter().map(|t| t.seq).eq(0..20));
     }
 
     fn put(q: &Queue, j: Job) -> &'static str {
