@@ -247,7 +247,7 @@ impl Sensor {
     }
 }
 
-/// `a == b`, without a call to compare no bytes: most readings have no unit.
+/// `a == b`, without a call to `memcmp` for two empty strings: most readings have no unit.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && (a.is_empty() || a == b)
 }
