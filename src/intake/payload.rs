@@ -6,15 +6,14 @@
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
-use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset, Utc};
 use serde_json::{Number, Value};
 
 use crate::intake::json::{self, Json, Object};
 use crate::intake::model::{
-    Change, DataReport, DeviceUuid, Location, ReadingTime, Sensor, SensorReading, SensorValue,
-    StatusReport, TopicKind, Update,
+    Change, DataReport, DeviceTime, DeviceUuid, Location, ReadingTime, Sensor, SensorReading,
+    SensorValue, StatusReport, TopicKind, Update,
 };
 use crate::intake::rejection::Rejection;
 use crate::intake::timestamp::{self, TimeRules, Undatable};
@@ -322,7 +321,7 @@ struct Reader<'a> {
     undated: Undated,
     /// The last device text that dated anything, as kept: a message's readings often carry
     /// the message's own time, which is then read once and shared.
-    dated: Option<Arc<str>>,
+    dated: Option<DeviceTime>,
 }
 
 impl Reader<'_> {
@@ -358,7 +357,7 @@ impl Reader<'_> {
         &mut self,
         part: impl FnOnce() -> std::borrow::Cow<'static, str>,
         value: Option<&Json<'_>>,
-    ) -> Option<Arc<str>> {
+    ) -> Option<DeviceTime> {
         let value = value.filter(|v| !v.is_null())?;
         // Text that reads as the last kept reads the same (kept text is RFC 3339 that dated
         // something at this receive time).
@@ -369,7 +368,7 @@ impl Reader<'_> {
         }
         match timestamp::read(value, self.received, &self.rules.time) {
             Ok(text) => {
-                let text: Arc<str> = text.into();
+                let text = DeviceTime::from(text);
                 self.dated = Some(text.clone());
                 Some(text)
             }
@@ -620,7 +619,7 @@ fn full_format(object: &Object<'_>, entries: &[Json<'_>], r: &mut Reader<'_>) ->
 /// beside its readings): passed over without a warning.
 fn simple_format(
     object: &Object<'_>,
-    reading_time: Option<&Arc<str>>,
+    reading_time: Option<&DeviceTime>,
     r: &mut Reader<'_>,
 ) -> DataReport {
     let mut report = DataReport::default();
