@@ -250,7 +250,7 @@ pub const DIFFERENCES: &[Difference] = &[
         Some(Class::SensorNameRule),
     ),
     row(
-        "`NaN`, `Infinity`",
+        "`NaN`, `Infinity`, a number beyond a double (`1e400`)",
         "accepted (then the JSON write fails, or `nan` is stored)",
         "not JSON: the message is rejected (`not_json`)",
         "not valid JSON, no meaningful reading",

@@ -650,6 +650,23 @@ fn heartbeat_by_the_light_parse(text: &str) -> Result<Option<Value>, Rejection> 
     picked(text, ["timestamp"]).map(|[t]| t.filter(|v| !v.is_null()).as_ref().map(Json::to_value))
 }
 
+/// A number beyond a double is not JSON (serde_json's tree refuses it) in any kind of message,
+/// in a member the service reads or not.
+#[test]
+fn a_number_beyond_a_double_is_not_json_in_any_message() {
+    for kind in TopicKind::ALL {
+        for text in [
+            r#"{"x": 1e400, "timestamp": 1}"#,
+            r#"{"sensors": [], "x": {"y": -1e999}}"#,
+        ] {
+            assert!(
+                matches!(run(kind, text), Err(Rejection::NotJson(_))),
+                "{kind:?} {text}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_light_heartbeat_parse_agrees_with_the_full_one() {
     for text in [
@@ -657,6 +674,7 @@ fn the_light_heartbeat_parse_agrees_with_the_full_one() {
         r#"{"timestamp": "2025-12-19T14:30:00+08:00"}"#,
         r#"{"timestamp": null, "x": [1, {"y": 2}]}"#,
         r#"{"timestamp": 1, "timestamp": 2}"#,
+        r#"{"timestamp": 1, "x": [1e400]}"#,
         r#"  {"a": 1}"#,
         "{}",
         "[1]",
