@@ -482,9 +482,12 @@ pub fn is_older(new: &str, stored: &str) -> bool {
     matches!((parse(new), parse(stored)), (Some(n), Some(s)) if n < s)
 }
 
-/// Where the offset of `s` starts, when `s` is laid out as `YYYY-MM-DDTHH:MM:SS[.F…]` and then
-/// `Z` or `±HH:MM`, with digits where digits go: two such texts of one length and offset put
-/// the same field at the same place, so their text order is their time order.
+/// Where the offset of `s` starts, when `s` is laid out as `YYYY-MM-DDTHH:MM:SS[.F…]` (up to
+/// nine fraction digits) and then `Z` or `±HH:MM`, with digits where digits go: two such texts
+/// of one length and offset put the same field at the same place, so their text order is their
+/// time order. Their fields' ranges are not checked: the texts compared are the payload
+/// reader's and the service's own, which parse (text laid out alike that chrono would refuse,
+/// a 30 February, compares as text, as the service's own format always did).
 fn offset_at(s: &[u8]) -> Option<usize> {
     // `0` stands for a digit.
     const LAYOUT: &[u8; 19] = b"0000-00-00T00:00:00";
@@ -505,7 +508,9 @@ fn offset_at(s: &[u8]) -> Option<usize> {
             .iter()
             .take_while(|b| b.is_ascii_digit())
             .count();
-        if digits == 0 {
+        // chrono reads nine digits and ignores the rest: two texts that differ past the ninth
+        // are the same time, which text order would not say.
+        if digits == 0 || digits > 9 {
             return None;
         }
         at += 1 + digits;
@@ -583,15 +588,15 @@ mod tests {
             .as_f64()
     }
 
-    /// RFC 3339 text of `secs` (since 2026-01-01) and `nanos`, with `fraction` digits (0-9) at
-    /// `offset` minutes, or `Z`.
-    fn rfc3339(secs: i64, nanos: u32, fraction: usize, offset: Option<i32>) -> String {
+    /// RFC 3339 text of `secs` (since 2026-01-01) and `nanos`, with `fraction` digits (0-12;
+    /// those past the ninth from `beyond`) at `offset` minutes, or `Z`.
+    fn rfc3339(secs: i64, nanos: u32, fraction: usize, beyond: u16, offset: Option<i32>) -> String {
         let t = Utc.timestamp_opt(1_767_225_600 + secs, nanos).unwrap();
         let zone = FixedOffset::east_opt(offset.unwrap_or(0) * 60).unwrap();
         let local = t.with_timezone(&zone);
         let mut text = local.format("%Y-%m-%dT%H:%M:%S").to_string();
         if fraction > 0 {
-            let digits = format!("{:09}", local.timestamp_subsec_nanos());
+            let digits = format!("{:09}{:03}", local.timestamp_subsec_nanos(), beyond % 1000);
             text.push('.');
             text.push_str(&digits[..fraction]);
         }
@@ -607,12 +612,15 @@ mod tests {
         /// and offset, alike or not.
         #[test]
         fn older_by_text_is_older_by_time(
-            a in (0i64..200, 0u32..1_000_000_000, 0usize..10, proptest::option::of(-3i32..3)),
-            b in (0i64..200, 0u32..1_000_000_000, 0usize..10, proptest::option::of(-3i32..3)),
+            a in (0i64..200, 0u32..1_000_000_000, 0usize..13, proptest::prelude::any::<u16>(), proptest::option::of(-3i32..3)),
+            b in (0i64..200, 0u32..1_000_000_000, 0usize..13, proptest::prelude::any::<u16>(), proptest::option::of(-3i32..3)),
+            same in proptest::prelude::any::<bool>(),
         ) {
+            // Half the pairs differ only past the ninth digit, if at all.
+            let b = if same { (a.0, a.1, a.2, b.3, a.4) } else { b };
             let (a, b) = (
-                rfc3339(a.0, a.1, a.2, a.3.map(|h| h * 60)),
-                rfc3339(b.0, b.1, b.2, b.3.map(|h| h * 60)),
+                rfc3339(a.0, a.1, a.2, a.3, a.4.map(|h| h * 60)),
+                rfc3339(b.0, b.1, b.2, b.3, b.4.map(|h| h * 60)),
             );
             let parse = |s: &str| DateTime::parse_from_rfc3339(s).unwrap();
             proptest::prop_assert_eq!(is_older(&a, &b), parse(&a) < parse(&b), "{} {}", a, b);

@@ -472,9 +472,14 @@ impl StatusReport {
     /// The fields to merge into the stored `status`, their `timestamp` as it is stored
     /// ([`store_status_time`]) for the message's reading time `reading_time`.
     pub fn fields(&self, reading_time: Option<&str>) -> Map<String, Value> {
-        // The text was read as an object when the message came in (the same reading as this
-        // one): an empty map, what an unusable stored status reads as too, is never met.
-        let mut fields: Map<String, Value> = serde_json::from_str(&self.object).unwrap_or_default();
+        // Read by the reader that checked it when the message came in (`json`, which takes
+        // every member name as a name: serde_json's own tree reader, with the `raw_value`
+        // feature, takes `$serde_json::private::RawValue` as a command), so it is an object
+        // now too: the empty map, what an unusable stored status reads as, is never met.
+        let mut fields = match crate::intake::json::parse(&self.object) {
+            Ok(crate::intake::json::Json::Object(object)) => object.to_map(),
+            _ => Map::new(),
+        };
         store_status_time(&mut fields, reading_time);
         fields
     }

@@ -633,23 +633,35 @@ fn simple_format(
     };
     let is_reading =
         |name: &str, value: &Json<'_>| !is_metadata(name) && !matches!(value, Json::Str(_));
+    let members = || object.iter().filter(|(n, v)| is_reading(n, v));
     // Sized for the readings, not the members: the vector is kept while the update waits.
-    let mut readings = Vec::with_capacity(object.iter().filter(|(n, v)| is_reading(n, v)).count());
-    for (name, value) in object.iter() {
-        if !is_reading(name, value) {
-            continue;
-        }
+    let mut readings = Vec::with_capacity(members().count());
+    let renaming = !r.rules.renames.is_empty();
+    let mut read = |name: &str, value: &Json<'_>| {
         let name = r
             .rules
             .renames
             .rename(sensor_type.unwrap_or(""), name)
             .unwrap_or(name);
         if !r.name_ok(name) {
-            continue;
+            return;
         }
         match reading(name, value, "", timestamp.clone(), sensor_type, r.rules) {
             Ok(reading) => readings.push(reading),
             Err(reason) => r.skip(format!("sensor {}", shown(name)), reason),
+        }
+    };
+    if !renaming {
+        for (name, value) in members() {
+            read(name, value);
+        }
+    } else {
+        // Two keys may become one name (`rain`, and `is_raining` renamed to it): the one whose
+        // key sorts last wins, whatever the payload's order, so the members go in name order.
+        let mut sorted: Vec<_> = members().collect();
+        sorted.sort_by(|a, b| json::name_cmp(a.0, b.0));
+        for (name, value) in sorted {
+            read(name, value);
         }
     }
     report.sensors = readings.into_iter().collect();

@@ -233,6 +233,31 @@ fn the_status_time_is_stored_as_read() {
     assert_eq!(*d.status.unwrap(), [("rssi".to_owned(), json!(-1))]);
 }
 
+/// Two keys that become one name: the one whose key sorts last wins, in whichever order the
+/// payload has them and however many members it has.
+#[test]
+fn a_rename_onto_a_sent_name_does_not_depend_on_the_payload_s_order() {
+    let rules = Rules {
+        renames: Renames::codehubot(),
+        ..Rules::default()
+    };
+    let rain = |payload: String| {
+        let a = process(TopicKind::Data, dev(), payload.as_bytes(), at(), &rules).unwrap();
+        let Change::Data(d) = a.update.change else {
+            panic!()
+        };
+        d.sensors["rain"].value.as_f64()
+    };
+    let many: String = (0..10).map(|i| format!(r#","x{i}":{i}"#)).collect();
+    for extra in ["", many.as_str()] {
+        for body in [r#""rain":0,"is_raining":1"#, r#""is_raining":1,"rain":0"#] {
+            let payload = format!(r#"{{"sensor":"RAIN_SENSOR",{body}{extra}}}"#);
+            // `rain` sorts after `is_raining`: the device's own `rain` wins.
+            assert_eq!(rain(payload.clone()), Some(0.0), "{payload}");
+        }
+    }
+}
+
 #[test]
 fn renames_parse_and_apply() {
     assert_eq!(Renames::codehubot().0.len(), 2);
@@ -648,6 +673,25 @@ fn heartbeat_by_the_full_parse(text: &str) -> Result<Option<Value>, Rejection> {
 /// The light path's answer, in the same terms.
 fn heartbeat_by_the_light_parse(text: &str) -> Result<Option<Value>, Rejection> {
     picked(text, ["timestamp"]).map(|[t]| t.filter(|v| !v.is_null()).as_ref().map(Json::to_value))
+}
+
+/// A member name is a name, whatever it says: serde_json's own tree reader (with the
+/// `raw_value` feature this crate uses) would take this one as a command to read its value as
+/// JSON text, so the status would change.
+#[test]
+fn serde_json_s_private_member_name_is_a_name_in_a_status() {
+    let payload = r#"{"$serde_json::private::RawValue":"{\"status\":\"offline\"}"}"#;
+    let (s, _) = status(payload);
+    assert_eq!((s.device_status.as_deref(), s.online()), (None, true));
+    assert_eq!(
+        Value::Object(status_fields(payload)),
+        json!({"$serde_json::private::RawValue": "{\"status\":\"offline\"}"})
+    );
+    let nested = r#"{"status":"online","x":{"$serde_json::private::RawValue":"[1"}}"#;
+    assert_eq!(
+        Value::Object(status_fields(nested)),
+        json!({"status": "online", "x": {"$serde_json::private::RawValue": "[1"}})
+    );
 }
 
 /// A number beyond a double is not JSON (serde_json's tree refuses it) in any kind of message,
