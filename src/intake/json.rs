@@ -85,11 +85,7 @@ impl<'a> Object<'a> {
         // by length before text, they cost fewer instructions than a binary search's
         // comparisons.
         if self.0.len() <= SMALL_OBJECT {
-            return self
-                .0
-                .iter()
-                .find(|(k, _)| k.len() == name.len() && k.as_ref() == name)
-                .map(|(_, v)| v);
+            return self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v);
         }
         self.0
             .binary_search_by(|(k, _)| name_cmp(k, name))
@@ -102,10 +98,7 @@ impl<'a> Object<'a> {
     pub fn pick<const N: usize>(&self, names: [&str; N]) -> [Option<&Json<'a>>; N] {
         let mut picked = [None; N];
         for (name, value) in &self.0 {
-            if let Some(i) = names
-                .iter()
-                .position(|n| n.len() == name.len() && *n == name.as_ref())
-            {
+            if let Some(i) = names.iter().position(|n| *n == name) {
                 picked[i] = Some(value);
             }
         }
@@ -146,10 +139,7 @@ impl<'a> Object<'a> {
         let mut i = 0;
         while i < members.len() {
             let name = &members[i].0;
-            if members[i + 1..]
-                .iter()
-                .any(|(later, _)| later.len() == name.len() && later == name)
-            {
+            if members[i + 1..].iter().any(|(later, _)| later == name) {
                 members.remove(i);
             } else {
                 i += 1;

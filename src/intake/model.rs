@@ -461,8 +461,9 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
-    /// A status of `fields` (for tests and tools: the service's come from the payload reader).
-    pub fn of(fields: &Map<String, Value>, device_status: Option<&str>) -> Self {
+    /// A status of `fields`, for tests (the service's come from the payload reader).
+    #[cfg(test)]
+    pub(crate) fn of(fields: &Map<String, Value>, device_status: Option<&str>) -> Self {
         Self {
             object: Value::Object(fields.clone()).to_string().into(),
             device_status: device_status.map(Into::into),
@@ -500,14 +501,37 @@ impl StatusReport {
 /// set to 9999 cannot make every later status "older". A number that dates nothing (the
 /// firmware's uptime) stays: a stored number orders nothing.
 pub(crate) fn store_status_time(fields: &mut Map<String, Value>, reading_time: Option<&str>) {
-    match reading_time {
-        Some(t) => {
+    let sent_text = fields.get("timestamp").is_some_and(Value::is_string);
+    match StatusTime::of(sent_text, reading_time) {
+        StatusTime::Read(t) => {
             fields.insert("timestamp".into(), Value::String(t.to_owned()));
         }
-        None => {
-            if fields.get("timestamp").is_some_and(Value::is_string) {
-                fields.remove("timestamp");
-            }
+        StatusTime::Dropped => {
+            fields.remove("timestamp");
+        }
+        StatusTime::AsSent => {}
+    }
+}
+
+/// What a status's `timestamp` is stored as ([`store_status_time`]'s rule, for a status kept
+/// as a map or as a list of fields).
+pub(crate) enum StatusTime<'a> {
+    /// The reading time as read.
+    Read(&'a str),
+    /// Left out: text that dated nothing.
+    Dropped,
+    /// As sent (a number that dates nothing, or no timestamp).
+    AsSent,
+}
+
+impl<'a> StatusTime<'a> {
+    /// The rule for a sent timestamp that is text (`sent_text`) or not, and the reading time
+    /// it gave.
+    pub(crate) fn of(sent_text: bool, reading_time: Option<&'a str>) -> Self {
+        match reading_time {
+            Some(t) => StatusTime::Read(t),
+            None if sent_text => StatusTime::Dropped,
+            None => StatusTime::AsSent,
         }
     }
 }

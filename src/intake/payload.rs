@@ -13,7 +13,7 @@ use serde_json::{Number, Value};
 use crate::intake::json::{self, Json, Object};
 use crate::intake::model::{
     Change, DataReport, DeviceTime, DeviceUuid, Location, ReadingTime, Sensor, SensorReading,
-    SensorValue, StatusReport, TopicKind, Update,
+    SensorValue, StatusReport, StatusTime, TopicKind, Update,
 };
 use crate::intake::rejection::Rejection;
 use crate::intake::timestamp::{self, TimeRules, Undatable};
@@ -585,16 +585,20 @@ fn full_format(object: &Object<'_>, entries: &[Json<'_>], r: &mut Reader<'_>) ->
         // A vector holds a few fields in far less memory than a map; sized exactly (an update
         // may wait a while) and in key order (a fold finds a field by binary search).
         Some(Json::Object(status)) => {
-            // The timestamp as it is stored (what `store_status_time` does to a map).
             let time = status
                 .get("timestamp")
-                .map(|t| r.time(|| "status.timestamp".into(), Some(t)));
+                .and_then(|t| r.time(|| "status.timestamp".into(), Some(t)));
             let mut fields = Vec::with_capacity(status.len());
             for (name, value) in status.iter() {
-                let value = match (name, &time) {
-                    ("timestamp", Some(Some(t))) => Value::String(t.to_string()),
-                    ("timestamp", Some(None)) if matches!(value, Json::Str(_)) => continue,
-                    _ => value.to_value(),
+                let value = if name == "timestamp" {
+                    let sent_text = matches!(value, Json::Str(_));
+                    match StatusTime::of(sent_text, time.as_deref()) {
+                        StatusTime::Read(t) => Value::String(t.to_owned()),
+                        StatusTime::Dropped => continue,
+                        StatusTime::AsSent => value.to_value(),
+                    }
+                } else {
+                    value.to_value()
                 };
                 fields.push((name.to_owned(), value));
             }

@@ -103,7 +103,7 @@ fn push_grown_by_half(acks: &mut Vec<AckToken>, ack: AckToken) {
 }
 
 /// Most messages a queue holds per unit of capacity, folded ones included: each folded message
-/// keeps a 16-byte acknowledgement.
+/// keeps an 8-byte acknowledgement.
 const MESSAGES_PER_SLOT: usize = 64;
 
 impl Queue {
